@@ -1,0 +1,390 @@
+//! `compile`: ApiPlans + ApiKeys + token hashes + the previous configuration → the next
+//! [`GatewayConfig`] and the status every object should show. Pure: no clock, no I/O, no
+//! randomness, so the controller, `slotgate up` and the tests all call the same function.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kube::ResourceExt;
+
+use super::{CompiledKey, CompiledPlan, GatewayConfig, KeyLimits, RateLimit, SCHEMA_VERSION, SlotLimit};
+use crate::api::{ApiKey, ApiPlan, ConditionSpec, EffectiveLimits};
+
+use super::tokens::{TokenHashes, TokenState};
+
+/// Condition types and reasons, in one place so docs, tests and dashboards agree.
+pub mod reason {
+    /// Condition type: the object is fully in force.
+    pub const READY: &str = "Ready";
+    /// Condition type (ApiKey): its plan exists.
+    pub const PLAN_RESOLVED: &str = "PlanResolved";
+    /// Condition type (ApiKey): its token Secret holds a usable, unique token.
+    pub const TOKEN_READY: &str = "TokenReady";
+
+    /// The plan compiled and its keys can use it.
+    pub const COMPILED: &str = "Compiled";
+    /// The plan sets neither concurrency nor a rate limit.
+    pub const UNLIMITED: &str = "Unlimited";
+    /// The plan (or key override) sets zero slots: every covered request is refused.
+    pub const ZERO_CONCURRENCY: &str = "ZeroConcurrency";
+    /// The plan spec cannot be enforced.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The key is admitted with its limits.
+    pub const ADMITTED: &str = "Admitted";
+    /// The key's plan exists.
+    pub const RESOLVED: &str = "Resolved";
+    /// The key names a plan that does not exist.
+    pub const PLAN_NOT_FOUND: &str = "PlanNotFound";
+    /// The key's token was found.
+    pub const TOKEN_FOUND: &str = "TokenFound";
+    /// The key's Secret does not exist.
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    /// The key's Secret has no such entry, or it is blank.
+    pub const TOKEN_EMPTY: &str = "TokenEmpty";
+    /// Another, older key already uses the same token.
+    pub const DUPLICATE_TOKEN: &str = "DuplicateToken";
+    /// The key is suspended.
+    pub const SUSPENDED: &str = "Suspended";
+}
+
+/// Status of one ApiPlan as compile sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PlanReport {
+    /// ApiKeys whose spec names the plan.
+    pub keys: u32,
+    /// `Ready`.
+    pub conditions: Vec<ConditionSpec>,
+}
+
+/// Status of one ApiKey as compile sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyReport {
+    /// Whether the gateways will admit requests with this key's token.
+    pub admitted: bool,
+    /// Limits in force, when admitted.
+    pub effective: Option<EffectiveLimits>,
+    /// `PlanResolved`, `TokenReady`, `Ready`.
+    pub conditions: Vec<ConditionSpec>,
+}
+
+/// The output of [`compile`].
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// What the gateways must enforce next.
+    pub config: GatewayConfig,
+    /// Status of every ApiPlan, by name.
+    pub plans: BTreeMap<String, PlanReport>,
+    /// Status of every ApiKey, by `namespace/name`.
+    pub keys: BTreeMap<String, KeyReport>,
+}
+
+/// Compiles plans and keys into the next gateway configuration.
+///
+/// - A key on a missing plan that was already serving keeps its last compiled limits (the old
+///   plan entry is retained); a new key on a missing plan is not admitted.
+/// - A key whose Secret is missing or blank is not admitted.
+/// - Two keys with one token: the older (by creation time, then `namespace/name`) keeps it.
+/// - `version` grows by one exactly when the content differs from `previous`.
+pub fn compile(
+    plans: &[ApiPlan],
+    keys: &[ApiKey],
+    tokens: &TokenHashes,
+    previous: Option<&GatewayConfig>,
+) -> Compiled {
+    use reason::*;
+
+    let mut out_plans = BTreeMap::new();
+    let mut plan_reports = BTreeMap::new();
+    let mut key_counts: HashMap<&str, u32> = HashMap::new();
+    for key in keys {
+        *key_counts.entry(key.spec.plan.as_str()).or_default() += 1;
+    }
+
+    let mut sorted_plans: Vec<&ApiPlan> = plans.iter().collect();
+    sorted_plans.sort_by_key(|p| p.name_any());
+    for plan in sorted_plans {
+        let name = plan.name_any();
+        let count = key_counts.get(name.as_str()).copied().unwrap_or(0);
+        let ready = match compile_plan(plan) {
+            Ok(compiled) => {
+                let ready = plan_ready(&compiled);
+                out_plans.insert(name.clone(), compiled);
+                ready
+            }
+            Err(why) => ConditionSpec::fail(READY, INVALID_SPEC, why),
+        };
+        plan_reports.insert(
+            name,
+            PlanReport {
+                keys: count,
+                conditions: vec![ready],
+            },
+        );
+    }
+
+    // Older keys first, so the older of two keys sharing a token keeps it whatever the input order.
+    let mut sorted_keys: Vec<(&ApiKey, String)> = keys.iter().map(|k| (k, k.id())).collect();
+    sorted_keys.sort_by(|(a, aid), (b, bid)| {
+        let at = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let bt = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        at.cmp(&bt).then_with(|| aid.cmp(bid))
+    });
+
+    let previous_by_id: HashMap<&str, &CompiledKey> = previous
+        .map(|p| p.keys.values().map(|k| (k.id.as_str(), k)).collect())
+        .unwrap_or_default();
+    let mut token_owner: HashMap<String, String> = HashMap::new();
+    let mut out_keys = BTreeMap::new();
+    let mut key_reports = BTreeMap::new();
+
+    for (key, id) in sorted_keys {
+        let namespace = key.namespace().unwrap_or_default();
+        let secret = key.token_ref();
+        let token = match tokens.lookup(&namespace, &secret.name, &secret.key) {
+            TokenState::SecretNotFound => Err(ConditionSpec::fail(
+                TOKEN_READY,
+                SECRET_NOT_FOUND,
+                format!(
+                    "Secret {namespace}/{} does not exist; create it with the token in entry {:?}",
+                    secret.name, secret.key
+                ),
+            )),
+            TokenState::Empty => Err(ConditionSpec::fail(
+                TOKEN_READY,
+                TOKEN_EMPTY,
+                format!(
+                    "Secret {namespace}/{} has no token in entry {:?}; put the token there",
+                    secret.name, secret.key
+                ),
+            )),
+            TokenState::Hash(hash) => match token_owner.get(hash) {
+                Some(owner) => Err(ConditionSpec::fail(
+                    TOKEN_READY,
+                    DUPLICATE_TOKEN,
+                    format!(
+                        "the token is already used by ApiKey {owner}, which is older; give this key its own token"
+                    ),
+                )),
+                None => {
+                    token_owner.insert(hash.to_string(), id.clone());
+                    Ok(hash.to_string())
+                }
+            },
+        };
+        let token_condition = match &token {
+            Ok(_) => ConditionSpec::ok(
+                TOKEN_READY,
+                TOKEN_FOUND,
+                format!("token read from Secret {}", secret.name),
+            ),
+            Err(c) => c.clone(),
+        };
+
+        let plan_name = &key.spec.plan;
+        let plan_condition = if out_plans.contains_key(plan_name) {
+            ConditionSpec::ok(PLAN_RESOLVED, RESOLVED, format!("on plan {plan_name}"))
+        } else if plan_reports.contains_key(plan_name) {
+            ConditionSpec::fail(
+                PLAN_RESOLVED,
+                PLAN_NOT_FOUND,
+                format!("plan {plan_name} exists but is invalid; fix the ApiPlan"),
+            )
+        } else {
+            ConditionSpec::fail(
+                PLAN_RESOLVED,
+                PLAN_NOT_FOUND,
+                format!("ApiPlan {plan_name} does not exist; create it or move the key to an existing plan"),
+            )
+        };
+
+        let compiled = CompiledKey {
+            id: id.clone(),
+            plan: plan_name.clone(),
+            overrides: key.spec.overrides.clone(),
+            suspended: key.spec.suspended,
+            expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
+        };
+
+        let (admitted, ready) = match (token, plan_condition.status) {
+            (Err(c), _) => (
+                None,
+                ConditionSpec::fail(READY, c.reason, format!("not admitted: {}", c.message)),
+            ),
+            (Ok(hash), true) => {
+                let ready = key_ready(&compiled, &out_plans[plan_name]);
+                (Some((hash, compiled)), ready)
+            }
+            (Ok(hash), false) => match previous_by_id.get(id.as_str()) {
+                // Last known good: the key keeps serving on the plan it was last compiled with.
+                Some(last) => {
+                    let kept = (*last).clone();
+                    let kept_plan = kept.plan.clone();
+                    if !out_plans.contains_key(&kept_plan)
+                        && let Some(old) = previous.and_then(|p| p.plans.get(&kept_plan))
+                    {
+                        out_plans.insert(
+                            kept_plan.clone(),
+                            CompiledPlan {
+                                retained: true,
+                                ..old.clone()
+                            },
+                        );
+                    }
+                    let message = format!(
+                        "{}; still admitted with the limits of plan {kept_plan} it was last compiled with",
+                        plan_condition.message
+                    );
+                    (
+                        Some((hash, kept)),
+                        ConditionSpec::fail(READY, PLAN_NOT_FOUND, message),
+                    )
+                }
+                None => (
+                    None,
+                    ConditionSpec::fail(
+                        READY,
+                        PLAN_NOT_FOUND,
+                        format!("not admitted: {}", plan_condition.message),
+                    ),
+                ),
+            },
+        };
+
+        let effective = admitted.as_ref().and_then(|(_, k)| {
+            out_plans
+                .get(&k.plan)
+                .map(|p| KeyLimits::resolve(p, k.overrides.as_ref()).effective())
+        });
+        let is_admitted = admitted.is_some();
+        if let Some((hash, k)) = admitted {
+            out_keys.insert(hash, k);
+        }
+        key_reports.insert(
+            id,
+            KeyReport {
+                admitted: is_admitted,
+                effective,
+                conditions: vec![plan_condition, token_condition, ready],
+            },
+        );
+    }
+
+    let mut config = GatewayConfig {
+        schema: SCHEMA_VERSION,
+        version: 0,
+        hash: String::new(),
+        plans: out_plans,
+        keys: out_keys,
+    };
+    config.hash = config.content_hash();
+    config.version = match previous {
+        Some(p) if p.hash == config.hash => p.version,
+        Some(p) => p.version + 1,
+        None => 1,
+    };
+    Compiled {
+        config,
+        plans: plan_reports,
+        keys: key_reports,
+    }
+}
+
+fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {
+    let spec = &plan.spec;
+    let concurrency = spec.concurrency.as_ref().map(|c| SlotLimit {
+        max: c.max_concurrent_requests,
+        paths: c.paths.clone(),
+    });
+    let rate_limit = match &spec.rate_limit {
+        Some(r) if r.requests_per_second == 0 => {
+            return Err("rateLimit.requestsPerSecond must be at least 1".into());
+        }
+        Some(r) if r.burst == Some(0) => return Err("rateLimit.burst must be at least 1".into()),
+        Some(r) => Some(RateLimit {
+            per_second: r.requests_per_second,
+            burst: r.effective_burst(),
+            per: r.per,
+            paths: r.paths.clone(),
+        }),
+        None => None,
+    };
+    let paths = concurrency
+        .iter()
+        .flat_map(|c| &c.paths)
+        .chain(rate_limit.iter().flat_map(|r| &r.paths));
+    for p in paths {
+        super::check_pattern(p)?;
+    }
+    Ok(CompiledPlan {
+        display_name: spec.display_name.clone(),
+        concurrency,
+        rate_limit,
+        retained: false,
+    })
+}
+
+fn plan_ready(plan: &CompiledPlan) -> ConditionSpec {
+    use reason::*;
+    match (&plan.concurrency, &plan.rate_limit) {
+        (Some(c), _) if c.max == 0 => ConditionSpec::ok(
+            READY,
+            ZERO_CONCURRENCY,
+            format!(
+                "maxConcurrentRequests is 0: every request on {} is refused with 429",
+                c.paths.join(", ")
+            ),
+        ),
+        (None, None) => ConditionSpec::ok(
+            READY,
+            UNLIMITED,
+            "no concurrency or rate limit: keys on this plan are authenticated but not limited",
+        ),
+        (c, r) => ConditionSpec::ok(READY, COMPILED, describe(c.as_ref(), r.as_ref())),
+    }
+}
+
+fn key_ready(key: &CompiledKey, plan: &CompiledPlan) -> ConditionSpec {
+    use reason::*;
+    let limits = KeyLimits::resolve(plan, key.overrides.as_ref());
+    if key.suspended {
+        return ConditionSpec::fail(
+            READY,
+            SUSPENDED,
+            "the key is suspended: requests get 403 key_suspended",
+        );
+    }
+    match &limits.slots {
+        Some(s) if s.max == 0 => ConditionSpec::ok(
+            READY,
+            ZERO_CONCURRENCY,
+            format!(
+                "admitted with 0 slots: every request on {} is refused with 429",
+                s.paths.join(", ")
+            ),
+        ),
+        _ => ConditionSpec::ok(
+            READY,
+            ADMITTED,
+            format!(
+                "admitted on plan {}: {}",
+                key.plan,
+                describe(limits.slots.as_ref(), limits.rate.as_ref())
+            ),
+        ),
+    }
+}
+
+fn describe(slots: Option<&SlotLimit>, rate: Option<&RateLimit>) -> String {
+    let slots = match slots {
+        Some(s) => format!("{} concurrent requests", s.max),
+        None => "unlimited concurrency".into(),
+    };
+    let rate = match rate {
+        Some(r) => format!("{}/s burst {} per {:?}", r.per_second, r.burst, r.per),
+        None => "no rate limit".into(),
+    };
+    format!("{slots}, {rate}")
+}
+
+#[cfg(test)]
+#[path = "compile_tests.rs"]
+mod tests;

@@ -1,0 +1,66 @@
+//! Token hashes: what `compile` knows of tokens. Raw tokens are hashed as they are read and never
+//! kept.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+/// SHA-256 (hex) of a token as clients send it. Surrounding whitespace is not part of a token: a
+/// Secret made with `echo token > file` carries a newline the client never sends.
+pub fn hash_token(raw: &[u8]) -> String {
+    hex::encode(Sha256::digest(raw.trim_ascii()))
+}
+
+/// What a key's Secret holds, as far as `compile` may know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenState<'a> {
+    /// No such Secret.
+    SecretNotFound,
+    /// The Secret exists but the entry is absent or blank.
+    Empty,
+    /// The token's SHA-256 (hex).
+    Hash(&'a str),
+}
+
+/// Token hashes of the Secrets keys refer to, by namespace, Secret name and data entry.
+#[derive(Clone, Debug, Default)]
+pub struct TokenHashes {
+    secrets: HashMap<(String, String), HashMap<String, Option<String>>>,
+}
+
+impl TokenHashes {
+    /// Records one Secret, hashing each entry at once; blank entries are remembered as empty.
+    pub fn insert_secret<'a>(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) {
+        let hashed = entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), (!v.trim_ascii().is_empty()).then(|| hash_token(v))))
+            .collect();
+        self.secrets
+            .insert((namespace.to_string(), name.to_string()), hashed);
+    }
+
+    /// Records a Secret whose entries are already hashed (hex SHA-256), as a test or a cache has
+    /// them.
+    pub fn insert_hash(&mut self, namespace: &str, name: &str, entry: &str, hash: &str) {
+        self.secrets
+            .entry((namespace.to_string(), name.to_string()))
+            .or_default()
+            .insert(entry.to_string(), Some(hash.to_string()));
+    }
+
+    /// The state of one entry.
+    pub fn lookup(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
+        match self.secrets.get(&(namespace.to_string(), name.to_string())) {
+            None => TokenState::SecretNotFound,
+            Some(entries) => match entries.get(entry) {
+                Some(Some(hash)) => TokenState::Hash(hash),
+                _ => TokenState::Empty,
+            },
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! slotgate sells API plans by concurrency slots and rate limits, and enforces them in front of
+//! any HTTP upstream.
+//!
+//! - [`api`]: the `ApiPlan` and `ApiKey` custom resources users write;
+//! - [`config`]: the pure `compile` step from those resources to a [`config::GatewayConfig`];
+//!
+//! Dependencies point one way: `api` ← `config` ← `gateway`/`controller`; the limiter knows
+//! nothing of HTTP or Kubernetes.
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod standalone;
