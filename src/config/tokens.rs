@@ -25,7 +25,7 @@ pub enum TokenState<'a> {
 /// Token hashes of the Secrets keys refer to, by namespace, Secret name and data entry.
 #[derive(Clone, Debug, Default)]
 pub struct TokenHashes {
-    secrets: HashMap<(String, String), HashMap<String, Option<String>>>,
+    secrets: HashMap<String, HashMap<String, HashMap<String, Option<String>>>>,
 }
 
 impl TokenHashes {
@@ -36,26 +36,30 @@ impl TokenHashes {
         name: &str,
         entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) {
-        let hashed = entries
+        let hashed: HashMap<String, Option<String>> = entries
             .into_iter()
             .map(|(k, v)| (k.to_string(), (!v.trim_ascii().is_empty()).then(|| hash_token(v))))
             .collect();
         self.secrets
-            .insert((namespace.to_string(), name.to_string()), hashed);
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(name.to_string(), hashed);
     }
 
     /// Records a Secret whose entries are already hashed (hex SHA-256), as a test or a cache has
     /// them.
     pub fn insert_hash(&mut self, namespace: &str, name: &str, entry: &str, hash: &str) {
         self.secrets
-            .entry((namespace.to_string(), name.to_string()))
+            .entry(namespace.to_string())
+            .or_default()
+            .entry(name.to_string())
             .or_default()
             .insert(entry.to_string(), Some(hash.to_string()));
     }
 
-    /// The state of one entry.
+    /// The state of one entry; looked up without allocating, as compile does it once per key.
     pub fn lookup(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
-        match self.secrets.get(&(namespace.to_string(), name.to_string())) {
+        match self.secrets.get(namespace).and_then(|names| names.get(name)) {
             None => TokenState::SecretNotFound,
             Some(entries) => match entries.get(entry) {
                 Some(Some(hash)) => TokenState::Hash(hash),
