@@ -3,6 +3,7 @@
 //!
 //! - [`api`]: the `ApiPlan` and `ApiKey` custom resources users write;
 //! - [`config`]: the pure `compile` step from those resources to a [`config::GatewayConfig`];
+//! - [`limiter`]: slot pools and GCRA rate buckets, free of HTTP and Kubernetes;
 //!
 //! Dependencies point one way: `api` ← `config` ← `gateway`/`controller`; the limiter knows
 //! nothing of HTTP or Kubernetes.
@@ -11,4 +12,5 @@
 
 pub mod api;
 pub mod config;
+pub mod limiter;
 pub mod standalone;

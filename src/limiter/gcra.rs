@@ -1,0 +1,194 @@
+//! GCRA (generic cell rate algorithm): an exact token bucket kept as one timestamp, whose state can
+//! be read without consuming quota, so responses can report `Remaining` and an honest
+//! `Retry-After`.
+
+use std::sync::Mutex;
+
+/// Rate and burst of a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateParams {
+    /// Sustained requests per second (at least 1).
+    pub per_second: u32,
+    /// Requests a full bucket admits at once (at least 1).
+    pub burst: u32,
+}
+
+impl RateParams {
+    fn interval(self) -> u64 {
+        1_000_000_000 / u64::from(self.per_second.max(1))
+    }
+    fn tau(self) -> u64 {
+        self.interval() * u64::from(self.burst.max(1))
+    }
+}
+
+/// What a bucket says about one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateDecision {
+    /// Admitted; `remaining` more would be admitted right now.
+    Allowed {
+        /// Requests the bucket still admits at once.
+        remaining: u32,
+    },
+    /// Refused; a token is available after `retry_after_nanos`.
+    Limited {
+        /// Nanoseconds until the bucket admits one request.
+        retry_after_nanos: u64,
+    },
+}
+
+#[derive(Debug)]
+struct State {
+    /// Theoretical arrival time: the bucket is full again at `tat`.
+    tat: u64,
+    params: RateParams,
+}
+
+/// One rate bucket.
+#[derive(Debug)]
+pub struct Bucket {
+    state: Mutex<State>,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(params: RateParams) -> Self {
+        Self {
+            state: Mutex::new(State { tat: 0, params }),
+        }
+    }
+
+    /// Whether the bucket is full at `now`: an idle bucket is indistinguishable from a new one, so
+    /// it can be dropped without losing anything.
+    pub fn is_idle(&self, now: u64) -> bool {
+        self.lock().tat <= now
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the timestamp half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the bucket without consuming: requests it would admit now.
+    pub fn remaining(&self, now: u64, params: RateParams) -> u32 {
+        let mut s = self.lock();
+        rescale(&mut s, now, params);
+        remaining_at(s.tat.max(now), now, params)
+    }
+
+    /// Admits one request if the bucket has a token *and* `then` succeeds; only then is the token
+    /// consumed, so a request refused for another reason (no free slot) costs no quota.
+    pub fn admit_with<T, E>(
+        &self,
+        now: u64,
+        params: RateParams,
+        then: impl FnOnce() -> Result<T, E>,
+    ) -> Result<(T, RateDecision), Result<RateDecision, E>> {
+        let mut s = self.lock();
+        rescale(&mut s, now, params);
+        let (t, tau) = (params.interval(), params.tau());
+        let next = s.tat.max(now) + t;
+        if next > now + tau {
+            return Err(Ok(RateDecision::Limited {
+                retry_after_nanos: next - tau - now,
+            }));
+        }
+        let value = then().map_err(Err)?;
+        s.tat = next;
+        Ok((
+            value,
+            RateDecision::Allowed {
+                remaining: remaining_at(next, now, params),
+            },
+        ))
+    }
+}
+
+fn remaining_at(tat: u64, now: u64, params: RateParams) -> u32 {
+    let free = (now + params.tau()).saturating_sub(tat);
+    (free / params.interval()).min(u64::from(params.burst)) as u32
+}
+
+/// A plan change keeps the fraction of the burst already used: neither a fresh full bucket nor the
+/// old plan's remaining count.
+fn rescale(s: &mut State, now: u64, params: RateParams) {
+    if s.params == params {
+        return;
+    }
+    let used = s.tat.saturating_sub(now) as f64 / s.params.tau() as f64;
+    s.tat = now + (used.min(1.0) * params.tau() as f64) as u64;
+    s.params = params;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+    const P: RateParams = RateParams {
+        per_second: 10,
+        burst: 5,
+    };
+
+    fn take(b: &Bucket, now: u64, p: RateParams) -> RateDecision {
+        match b.admit_with(now, p, || Ok::<_, ()>(())) {
+            Ok((_, d)) => d,
+            Err(Ok(d)) => d,
+            Err(Err(())) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn burst_then_the_sustained_rate() {
+        let b = Bucket::new(P);
+        let now = 10 * SEC;
+        for expected in (0..5).rev() {
+            assert_eq!(take(&b, now, P), RateDecision::Allowed { remaining: expected });
+        }
+        assert_eq!(
+            take(&b, now, P),
+            RateDecision::Limited {
+                retry_after_nanos: SEC / 10
+            }
+        );
+        assert_eq!(b.remaining(now, P), 0);
+        // One interval later, exactly one more.
+        assert!(matches!(
+            take(&b, now + SEC / 10, P),
+            RateDecision::Allowed { remaining: 0 }
+        ));
+        assert!(matches!(
+            take(&b, now + SEC / 10, P),
+            RateDecision::Limited { .. }
+        ));
+        assert!(b.is_idle(now + 2 * SEC));
+    }
+
+    #[test]
+    fn a_refusal_for_another_reason_costs_no_quota() {
+        let b = Bucket::new(P);
+        for _ in 0..100 {
+            assert!(matches!(
+                b.admit_with(SEC, P, || Err::<(), _>("no slot")),
+                Err(Err("no slot"))
+            ));
+        }
+        assert_eq!(b.remaining(SEC, P), 5);
+    }
+
+    #[test]
+    fn a_plan_change_rescales_the_used_fraction() {
+        let b = Bucket::new(P);
+        let now = 10 * SEC;
+        for _ in 0..3 {
+            take(&b, now, P);
+        }
+        assert_eq!(b.remaining(now, P), 2);
+        // Upgrade to burst 50: 60% used stays 60% used, so 20 remain (not 50, not 2).
+        let up = RateParams {
+            per_second: 100,
+            burst: 50,
+        };
+        assert_eq!(b.remaining(now, up), 20);
+    }
+}
