@@ -40,21 +40,22 @@ impl TokenHashes {
             .into_iter()
             .map(|(k, v)| (k.to_string(), (!v.trim_ascii().is_empty()).then(|| hash_token(v))))
             .collect();
-        self.secrets
-            .entry(namespace.to_string())
-            .or_default()
-            .insert(name.to_string(), hashed);
+        *self.entries_mut(namespace, name) = hashed;
     }
 
     /// Records a Secret whose entries are already hashed (hex SHA-256), as a test or a cache has
     /// them.
     pub fn insert_hash(&mut self, namespace: &str, name: &str, entry: &str, hash: &str) {
+        self.entries_mut(namespace, name)
+            .insert(entry.to_string(), Some(hash.to_string()));
+    }
+
+    fn entries_mut(&mut self, namespace: &str, name: &str) -> &mut HashMap<String, Option<String>> {
         self.secrets
             .entry(namespace.to_string())
             .or_default()
             .entry(name.to_string())
             .or_default()
-            .insert(entry.to_string(), Some(hash.to_string()));
     }
 
     /// The state of one entry; looked up without allocating, as compile does it once per key.

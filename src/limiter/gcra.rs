@@ -22,19 +22,16 @@ impl RateParams {
     }
 }
 
-/// What a bucket says about one request.
+/// Why [`Bucket::admit_with`] refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RateDecision {
-    /// Admitted; `remaining` more would be admitted right now.
-    Allowed {
-        /// Requests the bucket still admits at once.
-        remaining: u32,
-    },
-    /// Refused; a token is available after `retry_after_nanos`.
+pub enum RateRefusal<E> {
+    /// The bucket is empty; it admits one request after `retry_after_nanos`.
     Limited {
         /// Nanoseconds until the bucket admits one request.
         retry_after_nanos: u64,
     },
+    /// The bucket had a token but the follow-up check (such as taking a slot) failed.
+    Other(E),
 }
 
 #[derive(Debug)]
@@ -77,30 +74,26 @@ impl Bucket {
     }
 
     /// Admits one request if the bucket has a token *and* `then` succeeds; only then is the token
-    /// consumed, so a request refused for another reason (no free slot) costs no quota.
+    /// consumed, so a request refused for another reason (no free slot) costs no quota. On success
+    /// also returns the requests the bucket still admits at once.
     pub fn admit_with<T, E>(
         &self,
         now: u64,
         params: RateParams,
         then: impl FnOnce() -> Result<T, E>,
-    ) -> Result<(T, RateDecision), Result<RateDecision, E>> {
+    ) -> Result<(T, u32), RateRefusal<E>> {
         let mut s = self.lock();
         rescale(&mut s, now, params);
         let (t, tau) = (params.interval(), params.tau());
         let next = s.tat.max(now) + t;
         if next > now + tau {
-            return Err(Ok(RateDecision::Limited {
+            return Err(RateRefusal::Limited {
                 retry_after_nanos: next - tau - now,
-            }));
+            });
         }
-        let value = then().map_err(Err)?;
+        let value = then().map_err(RateRefusal::Other)?;
         s.tat = next;
-        Ok((
-            value,
-            RateDecision::Allowed {
-                remaining: remaining_at(next, now, params),
-            },
-        ))
+        Ok((value, remaining_at(next, now, params)))
     }
 }
 
@@ -125,6 +118,12 @@ mod tests {
     use super::*;
 
     const SEC: u64 = 1_000_000_000;
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum RateDecision {
+        Allowed { remaining: u32 },
+        Limited { retry_after_nanos: u64 },
+    }
     const P: RateParams = RateParams {
         per_second: 10,
         burst: 5,
@@ -132,9 +131,9 @@ mod tests {
 
     fn take(b: &Bucket, now: u64, p: RateParams) -> RateDecision {
         match b.admit_with(now, p, || Ok::<_, ()>(())) {
-            Ok((_, d)) => d,
-            Err(Ok(d)) => d,
-            Err(Err(())) => unreachable!(),
+            Ok(((), remaining)) => RateDecision::Allowed { remaining },
+            Err(RateRefusal::Limited { retry_after_nanos }) => RateDecision::Limited { retry_after_nanos },
+            Err(RateRefusal::Other(())) => unreachable!(),
         }
     }
 
@@ -170,7 +169,7 @@ mod tests {
         for _ in 0..100 {
             assert!(matches!(
                 b.admit_with(SEC, P, || Err::<(), _>("no slot")),
-                Err(Err("no slot"))
+                Err(RateRefusal::Other("no slot"))
             ));
         }
         assert_eq!(b.remaining(SEC, P), 5);
