@@ -4,6 +4,8 @@
 //! - [`api`]: the `ApiPlan` and `ApiKey` custom resources users write;
 //! - [`config`]: the pure `compile` step from those resources to a [`config::GatewayConfig`];
 //! - [`limiter`]: slot pools and GCRA rate buckets, free of HTTP and Kubernetes;
+//! - [`gateway`]: the reverse proxy that enforces a configuration, and its configuration sources;
+//! - [`standalone`]: a folder of manifests read and compiled the way the controller would;
 //!
 //! Dependencies point one way: `api` ← `config` ← `gateway`/`controller`; the limiter knows
 //! nothing of HTTP or Kubernetes.
@@ -12,5 +14,7 @@
 
 pub mod api;
 pub mod config;
+pub mod demo;
+pub mod gateway;
 pub mod limiter;
 pub mod standalone;

@@ -1,0 +1,75 @@
+//! A demo upstream API: answers JSON and honours a `delay_ms` query parameter, so a newcomer (and a
+//! benchmark) can hold requests in flight and watch slots fill.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header::CONTENT_TYPE};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::gateway::ProxyBody;
+
+/// Longest delay the demo honours, so a typo cannot park a connection for hours.
+pub const MAX_DELAY_MS: u64 = 600_000;
+
+/// The demo upstream as a tower `Service`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DemoUpstream;
+
+fn delay_ms(query: Option<&str>) -> u64 {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|p| p.strip_prefix("delay_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        .min(MAX_DELAY_MS)
+}
+
+impl tower::Service<Request<Incoming>> for DemoUpstream {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let delay = delay_ms(req.uri().query());
+        let plan = req
+            .headers()
+            .get("x-slotgate-plan")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let path = req.uri().path().to_string();
+        Box::pin(async move {
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let body = serde_json::json!({
+                "ok": true,
+                "path": path,
+                "plan": plan,
+                "delay_ms": delay,
+            });
+            let mut bytes = serde_json::to_vec(&body).expect("json serialises");
+            bytes.push(b'\n');
+            let mut res = Response::new(
+                http_body_util::Full::new(Bytes::from(bytes))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            res.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(res)
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! A response body that holds the request's slots until its last byte is sent, or until it is
+//! dropped (client gone, connection reset, panic): streaming responses count as in flight.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::table::{Admitted, KeyState};
+
+/// What an admitted request holds while it is in flight.
+#[derive(Debug)]
+pub(super) struct Hold {
+    pub admitted: Admitted,
+    pub state: Arc<KeyState>,
+    pub started: Instant,
+    pub gauge: Option<Gauge>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.admitted.slot.is_some() {
+            self.state
+                .record_duration(self.started.elapsed().as_nanos() as u64);
+        }
+        if let Some(g) = &self.gauge {
+            g.dec();
+        }
+        // The slot guards in `admitted` drop next and return the slots.
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Wraps a body; the hold is released at end of stream, on error, or on drop.
+    pub(super) struct Held<B> {
+        #[pin]
+        inner: B,
+        hold: Option<Hold>,
+    }
+}
+
+impl<B> Held<B> {
+    pub(super) fn new(inner: B, hold: Hold) -> Self {
+        Self {
+            inner,
+            hold: Some(hold),
+        }
+    }
+}
+
+impl<B: Body> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.hold.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,220 @@
+//! What the gateway reads from and writes to HTTP messages: the presented key, the limit headers,
+//! and JSON error bodies.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header, request::Parts};
+
+use super::{
+    proxy::ProxyBody,
+    table::{RateView, SlotView},
+};
+
+/// Where a client may present its key, in the order they are looked at.
+pub(super) fn presented_key(parts: &Parts) -> Option<String> {
+    if let Some(v) = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && let Some((scheme, token)) = v.trim().split_once(' ')
+        && scheme.eq_ignore_ascii_case("bearer")
+        && !token.trim().is_empty()
+    {
+        return Some(token.trim().to_string());
+    }
+    if let Some(v) = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok())
+        && !v.trim().is_empty()
+    {
+        return Some(v.trim().to_string());
+    }
+    let query = parts.uri.query()?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(name, value)| *name == "apikey" && !value.is_empty())
+        .map(|(_, value)| percent_decode(value))
+}
+
+/// The query without any `apikey` parameter, or `None` when nothing is left.
+pub(super) fn strip_apikey(query: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("apikey"))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward, plus the key carriers and the
+/// headers the gateway itself sets for the upstream (so a client cannot forge them).
+pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove("x-api-key");
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
+        });
+    if bearer {
+        headers.remove(header::AUTHORIZATION);
+    }
+    headers.remove(KEY_ID);
+    headers.remove(PLAN);
+}
+
+/// Removes the hop-by-hop headers, including those named in `Connection`.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+}
+
+/// Tells the upstream which key (by id, never the token) and plan a request came with.
+pub(super) const KEY_ID: &str = "x-slotgate-key-id";
+/// See [`KEY_ID`].
+pub(super) const PLAN: &str = "x-slotgate-plan";
+
+fn num(n: impl itoa::Integer) -> HeaderValue {
+    let mut buf = itoa::Buffer::new();
+    HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
+}
+
+/// Writes the limit headers: the de-facto `X-Concurrent-*` and `X-RateLimit-*` names, the
+/// `Concurrency-*` names, and the IETF `RateLimit-Policy` / `RateLimit` fields.
+pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Option<RateView>) {
+    if let Some(s) = slots {
+        h.insert("x-concurrent-limit", num(s.limit));
+        h.insert("x-concurrent-current", num(s.current));
+        h.insert("x-concurrent-remaining", num(s.remaining));
+        h.insert("concurrency-limit", num(s.limit));
+        h.insert("concurrency-remaining", num(s.remaining));
+    }
+    if let Some(r) = rate {
+        h.insert("x-ratelimit-limit", num(r.per_second));
+        h.insert("x-ratelimit-remaining", num(r.remaining));
+        // The bucket refills completely in burst/rate seconds: that is the policy's window.
+        let window = u64::from(r.burst).div_ceil(u64::from(r.per_second.max(1))).max(1);
+        let refill = u64::from(r.burst - r.remaining.min(r.burst)).div_ceil(u64::from(r.per_second.max(1)));
+        if let Ok(v) = HeaderValue::from_str(&format!("\"default\";q={};w={window}", r.burst)) {
+            h.insert("ratelimit-policy", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r={};t={refill}", r.remaining)) {
+            h.insert("ratelimit", v);
+        }
+        h.insert("x-ratelimit-reset", num(refill));
+    }
+}
+
+/// A machine-readable error: `{"error": {"code", "message", "limit"}}`.
+pub(super) fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    limit: Option<u64>,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": { "code": code, "message": message, "limit": limit }
+    });
+    let mut res = Response::new(super::proxy::full(Bytes::from(
+        serde_json::to_vec(&body).expect("json serialises"),
+    )));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// Sets `Retry-After` in whole seconds.
+pub(super) fn retry_after(h: &mut HeaderMap, seconds: u64) {
+    h.insert(header::RETRY_AFTER, num(seconds));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn keys_are_found_in_each_carrier() {
+        assert_eq!(
+            presented_key(&parts("/", &[("authorization", "Bearer abc")])).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_key(&parts("/", &[("x-api-key", " abc ")])).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_key(&parts("/v1?x=1&apikey=a%2Bb", &[])).as_deref(),
+            Some("a+b")
+        );
+        assert_eq!(presented_key(&parts("/v1?apikey=", &[])), None);
+        assert_eq!(
+            presented_key(&parts("/", &[("authorization", "Basic Zm9v")])),
+            None
+        );
+    }
+
+    #[test]
+    fn apikey_is_stripped_from_the_query() {
+        assert_eq!(strip_apikey("a=1&apikey=s&b=2").as_deref(), Some("a=1&b=2"));
+        assert_eq!(strip_apikey("apikey=s"), None);
+        assert_eq!(strip_apikey("apikeys=1").as_deref(), Some("apikeys=1"));
+    }
+
+    #[test]
+    fn percent_decoding_survives_truncated_escapes() {
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%41%zz"), "A%zz");
+    }
+}

@@ -1,0 +1,183 @@
+//! Prometheus metrics of the gateway. Labels name plans, codes and reasons, never a key or token.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    refusals: Family<Labels, Counter>,
+    in_flight: Family<Labels, Gauge>,
+    capacity: Family<Labels, Gauge>,
+    /// Slot capacity by plan as of the last reload, for the utilisation ratios.
+    capacities: std::sync::Mutex<Vec<(String, i64)>>,
+    utilisation: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Configuration version enforced.
+    pub config_version: Gauge,
+    /// Keys admitted by the configuration enforced.
+    pub config_keys: Gauge,
+    /// Configurations applied.
+    pub reloads: Counter,
+    reload_failures: Family<Labels, Counter>,
+    /// Time from forwarding a request to the upstream's response headers.
+    pub upstream_latency: Histogram,
+    /// Endpoint buckets dropped because they were idle.
+    pub buckets_evicted: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `slotgate_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("slotgate");
+        let m = Self {
+            requests: Family::default(),
+            refusals: Family::default(),
+            in_flight: Family::default(),
+            capacity: Family::default(),
+            capacities: Default::default(),
+            utilisation: Family::default(),
+            config_version: Gauge::default(),
+            config_keys: Gauge::default(),
+            reloads: Counter::default(),
+            reload_failures: Family::default(),
+            upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            buckets_evicted: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by outcome (forwarded, refused, error) and code (HTTP status or error code)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests refused, by reason and plan",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Requests in flight holding a slot, by plan",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "slot_capacity",
+            "Concurrency slots of all keys on a plan",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "slot_utilisation_ratio",
+            "Slots in use over slots available, by plan",
+            m.utilisation.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Configuration version enforced",
+            m.config_version.clone(),
+        );
+        registry.register(
+            "config_keys",
+            "Keys admitted by the configuration enforced",
+            m.config_keys.clone(),
+        );
+        registry.register("config_reloads", "Configurations applied", m.reloads.clone());
+        registry.register(
+            "config_reload_failures",
+            "Configurations refused (the last good one kept serving), by reason",
+            m.reload_failures.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from forwarding a request to the upstream's response headers",
+            m.upstream_latency.clone(),
+        );
+        registry.register(
+            "endpoint_buckets_evicted",
+            "Idle per-endpoint rate buckets dropped",
+            m.buckets_evicted.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts an answered request.
+    pub fn request(&self, outcome: &'static str, code: &str) {
+        self.requests
+            .get_or_create(&vec![
+                ("outcome", outcome.to_string()),
+                ("code", code.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a refusal.
+    pub fn refusal(&self, reason: &'static str, plan: &str) {
+        self.refusals
+            .get_or_create(&vec![("reason", reason.to_string()), ("plan", plan.to_string())])
+            .inc();
+    }
+
+    /// The in-flight gauge of a plan, to keep for the life of a request.
+    pub fn in_flight(&self, plan: &str) -> Gauge {
+        self.in_flight
+            .get_or_create(&vec![("plan", plan.to_string())])
+            .clone()
+    }
+
+    /// Sets the slot capacity of each plan after a reload; plans no longer present read 0.
+    pub fn set_capacity<'a>(&self, plans: impl IntoIterator<Item = (&'a str, i64)>) {
+        self.capacity.clear();
+        let mut caps = self.capacities.lock().unwrap_or_else(|e| e.into_inner());
+        caps.clear();
+        for (plan, slots) in plans {
+            self.capacity
+                .get_or_create(&vec![("plan", plan.to_string())])
+                .set(slots);
+            caps.push((plan.to_string(), slots));
+        }
+    }
+
+    /// Counts a refused configuration.
+    pub fn reload_failure(&self, reason: &'static str) {
+        self.reload_failures
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// The text exposition format, with the utilisation ratios brought up to date.
+    pub fn render(&self) -> String {
+        self.utilisation.clear();
+        let capacities = self.capacities.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (plan, cap) in capacities {
+            let used = self.in_flight.get_or_create(&vec![("plan", plan.clone())]).get();
+            let ratio = if cap > 0 { used as f64 / cap as f64 } else { 0.0 };
+            self.utilisation.get_or_create(&vec![("plan", plan)]).set(ratio);
+        }
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}

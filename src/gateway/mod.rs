@@ -1,0 +1,162 @@
+//! The data plane: a hyper/tower reverse proxy that enforces a [`GatewayConfig`].
+//!
+//! Per request: extract the key, look up its SHA-256 in the current [`KeyTable`], take a rate
+//! token and a concurrency slot (never waiting), forward, and release the slot when the response
+//! body ends or the client goes away. The table is swapped atomically by [`Gateway::apply`], the
+//! one seam every configuration source (file, folder, Kubernetes) feeds.
+
+mod admin;
+mod body;
+mod headers;
+mod metrics;
+mod proxy;
+mod server;
+pub mod source;
+pub mod table;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+
+pub use admin::admin_service;
+pub use metrics::Metrics;
+pub use proxy::{GatewayService, ProxyBody, Upstream, UpstreamError};
+pub use server::{Listening, serve};
+pub use table::{KeyTable, UpstreamCap};
+
+use crate::config::{ConfigError, GatewayConfig};
+
+/// How a gateway reaches and protects its upstream.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// Where requests go.
+    pub upstream: Upstream,
+    /// How long to wait for the upstream's response headers before answering 504.
+    pub upstream_timeout: Duration,
+    /// Gateway-wide cap on requests in flight to the upstream, whatever the key.
+    pub max_upstream_in_flight: Option<u32>,
+}
+
+/// What a reload changed, for the one-line report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Version enforced before.
+    pub from_version: u64,
+    /// Version enforced now.
+    pub to_version: u64,
+    /// Keys admitted now.
+    pub keys: usize,
+    /// Whether the content differed from what was enforced.
+    pub changed: bool,
+}
+
+/// A running gateway's shared state.
+pub struct Gateway {
+    table: ArcSwap<KeyTable>,
+    ready: AtomicBool,
+    options: GatewayOptions,
+    cap: Option<UpstreamCap>,
+    client: proxy::Client,
+    /// The gateway's metrics.
+    pub metrics: Metrics,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("version", &self.table.load().config.version)
+            .field("upstream", &self.options.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway with no configuration yet: every key is unknown and `/readyz` answers 503 until
+    /// the first [`Gateway::apply`].
+    pub fn new(options: GatewayOptions) -> Arc<Self> {
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(KeyTable::empty()),
+            ready: AtomicBool::new(false),
+            cap: options.max_upstream_in_flight.map(|limit| UpstreamCap {
+                pool: Arc::default(),
+                limit,
+            }),
+            client: proxy::client(),
+            options,
+            metrics: Metrics::new(),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Swaps in a new configuration. Requests in flight keep their slots; each key's live state is
+    /// carried over by key id, so the new limits apply to the same pools at once.
+    pub fn apply(&self, config: GatewayConfig) -> ReloadReport {
+        let old = self.table.load_full();
+        let changed = old.config.hash != config.hash || !self.is_ready();
+        let table = KeyTable::build(Arc::new(config), Some(&old));
+        let report = ReloadReport {
+            from_version: old.config.version,
+            to_version: table.config.version,
+            keys: table.len(),
+            changed,
+        };
+        let mut capacity: std::collections::BTreeMap<&str, i64> =
+            table.config.plans.keys().map(|p| (p.as_str(), 0)).collect();
+        for e in table.entries() {
+            if let Some(s) = &e.limits.slots
+                && let Some(c) = capacity.get_mut(&*e.plan)
+            {
+                *c += i64::from(s.max);
+            }
+        }
+        self.metrics.set_capacity(capacity);
+        self.metrics.config_version.set(report.to_version as i64);
+        self.metrics.config_keys.set(report.keys as i64);
+        if changed {
+            self.metrics.reloads.inc();
+        }
+        self.table.store(Arc::new(table));
+        self.ready.store(true, Ordering::Release);
+        report
+    }
+
+    /// Records a configuration that was refused; the last good one keeps serving.
+    pub fn reject(&self, origin: &str, error: &ConfigError) {
+        self.metrics.reload_failure(error.metric_label());
+        tracing::error!(
+            origin,
+            error = %error,
+            version = self.table.load().config.version,
+            "configuration refused; the last good configuration keeps serving"
+        );
+    }
+
+    /// The table enforced now.
+    pub fn table(&self) -> Arc<KeyTable> {
+        self.table.load_full()
+    }
+
+    /// Whether a configuration has been loaded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Monotonic nanoseconds since the gateway started: the limiter's clock.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Drops idle endpoint buckets of every key; run now and then so memory follows the traffic.
+    pub fn sweep(&self) {
+        let now = self.now();
+        let dropped: usize = self.table.load().entries().map(|e| e.state.sweep(now)).sum();
+        self.metrics.buckets_evicted.inc_by(dropped as u64);
+    }
+}

@@ -1,0 +1,383 @@
+//! The request path: authenticate, admit, forward, and answer with the limit headers.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    str::FromStr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderValue, Request, Response, StatusCode, Uri,
+    header::{self, HOST},
+    uri::{Authority, PathAndQuery, Scheme},
+};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client as HyperClient, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use sha2::{Digest, Sha256};
+
+use super::{
+    Gateway,
+    body::{Held, Hold},
+    headers::{
+        KEY_ID, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
+        strip_hop_by_hop, strip_request_headers,
+    },
+    table::{self, Refusal},
+};
+
+/// Any error a response body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response the gateway sends.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub(super) type Client = HyperClient<HttpConnector, Incoming>;
+
+pub(super) fn client() -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+pub(super) fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Where the gateway forwards requests: `http://host:port[/base/path]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    authority: Authority,
+    base_path: String,
+}
+
+/// Why an upstream URL was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Not a URL.
+    #[error("upstream {0:?} is not a URL like http://127.0.0.1:8000")]
+    Invalid(String),
+    /// A scheme the gateway cannot speak.
+    #[error(
+        "upstream {0:?}: only http:// upstreams are supported (terminate TLS in front of slotgate, and reach the upstream over the cluster network)"
+    )]
+    Scheme(String),
+}
+
+impl FromStr for Upstream {
+    type Err = UpstreamError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let uri: Uri = s.parse().map_err(|_| UpstreamError::Invalid(s.to_string()))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(UpstreamError::Scheme(s.to_string()));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamError::Invalid(s.to_string()))?;
+        Ok(Self {
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.base_path)
+    }
+}
+
+impl Upstream {
+    fn uri(&self, path: &str, query: Option<&str>) -> Option<Uri> {
+        let pq = match query {
+            Some(q) => format!("{}{path}?{q}", self.base_path),
+            None => format!("{}{path}", self.base_path),
+        };
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::from_str(&pq).ok()?)
+            .build()
+            .ok()
+    }
+}
+
+fn refused(refusal: Refusal) -> Response<ProxyBody> {
+    match refusal {
+        Refusal::Concurrency {
+            slots,
+            rate,
+            retry_after: secs,
+        } => {
+            let mut res = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "concurrency_limit_exceeded",
+                &format!(
+                    "All {} concurrent request slots of this key are in use. Retry when one of your requests completes (about {secs} s), or upgrade the plan for more slots.",
+                    slots.limit
+                ),
+                Some(u64::from(slots.limit)),
+            );
+            limit_headers(res.headers_mut(), Some(slots), rate);
+            retry_after(res.headers_mut(), secs);
+            res
+        }
+        Refusal::Rate {
+            slots,
+            rate,
+            retry_after: secs,
+        } => {
+            let mut res = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit",
+                &format!(
+                    "Rate limit of {} requests per second (burst {}) reached. Retry after {secs} s.",
+                    rate.per_second, rate.burst
+                ),
+                Some(u64::from(rate.per_second)),
+            );
+            limit_headers(res.headers_mut(), slots, Some(rate));
+            retry_after(res.headers_mut(), secs);
+            res
+        }
+        Refusal::Upstream { limit } => {
+            let mut res = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_concurrency_limit_exceeded",
+                &format!(
+                    "The service is handling its maximum of {limit} requests at once. Retry in a moment."
+                ),
+                Some(u64::from(limit)),
+            );
+            retry_after(res.headers_mut(), 1);
+            res
+        }
+    }
+}
+
+impl Gateway {
+    /// Answers one request: authenticate, admit, forward.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: Option<SocketAddr>,
+    ) -> Response<ProxyBody> {
+        let (code, res) = self.route(req, remote).await;
+        let outcome = match code {
+            Code::Forwarded => "forwarded",
+            Code::Refused(_) => "refused",
+            Code::Error(_) => "error",
+        };
+        match code {
+            Code::Forwarded => self.metrics.request(outcome, res.status().as_str()),
+            Code::Refused(c) | Code::Error(c) => self.metrics.request(outcome, c),
+        }
+        res
+    }
+
+    async fn route(&self, req: Request<Incoming>, remote: Option<SocketAddr>) -> (Code, Response<ProxyBody>) {
+        let (mut parts, body) = req.into_parts();
+        let Some(token) = presented_key(&parts) else {
+            self.metrics.refusal("missing_api_key", "-");
+            return refuse_auth(
+                StatusCode::UNAUTHORIZED,
+                "missing_api_key",
+                "No API key. Send it as `Authorization: Bearer <key>`, an `X-API-Key` header, or an `apikey` query parameter.",
+            );
+        };
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        drop(token);
+
+        let table = self.table.load();
+        let Some(entry) = table.get(&digest) else {
+            self.metrics.refusal("invalid_api_key", "-");
+            return refuse_auth(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "This API key is not valid. Check it for typos, or create a new key.",
+            );
+        };
+        if entry.suspended {
+            self.metrics.refusal("key_suspended", &entry.plan);
+            return refuse_auth(
+                StatusCode::FORBIDDEN,
+                "key_suspended",
+                "This API key is suspended. Contact the API provider to re-enable it.",
+            );
+        }
+        if let Some(at) = entry.expires_at {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if now >= at {
+                self.metrics.refusal("key_expired", &entry.plan);
+                return refuse_auth(
+                    StatusCode::UNAUTHORIZED,
+                    "key_expired",
+                    "This API key has expired. Create a new key or extend this one.",
+                );
+            }
+        }
+
+        let admitted = match table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                let (reason, code) = match refusal {
+                    Refusal::Concurrency { .. } => ("concurrency", "concurrency_limit_exceeded"),
+                    Refusal::Rate { .. } => ("rate", "rate_limit"),
+                    Refusal::Upstream { .. } => {
+                        ("upstream_concurrency", "upstream_concurrency_limit_exceeded")
+                    }
+                };
+                self.metrics.refusal(reason, &entry.plan);
+                return (Code::Refused(code), refused(refusal));
+            }
+        };
+        let (slots, rate) = (admitted.slots, admitted.rate);
+        let gauge = admitted.slot.as_ref().map(|_| {
+            let g = self.metrics.in_flight(&entry.plan);
+            g.inc();
+            g
+        });
+        let hold = Hold {
+            admitted,
+            state: Arc::clone(&entry.state),
+            started: Instant::now(),
+            gauge,
+        };
+        let key_id = HeaderValue::from_str(&entry.id).ok();
+        let plan = HeaderValue::from_str(&entry.plan).ok();
+        // The table guard must not be held across the upstream await.
+        drop(table);
+
+        let query = parts.uri.query().and_then(strip_apikey);
+        let Some(uri) = self.options.upstream.uri(parts.uri.path(), query.as_deref()) else {
+            let mut res = error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "The request path cannot be forwarded.",
+                None,
+            );
+            limit_headers(res.headers_mut(), slots, rate);
+            return (Code::Error("invalid_request"), res);
+        };
+        let original_host = parts.headers.get(HOST).cloned();
+        strip_request_headers(&mut parts.headers);
+        parts.headers.remove(HOST);
+        if let Some(h) = original_host {
+            parts.headers.insert("x-forwarded-host", h);
+        }
+        if let Some(addr) = remote
+            && let Ok(v) = HeaderValue::from_str(&addr.ip().to_string())
+        {
+            parts.headers.append("x-forwarded-for", v);
+        }
+        if let Some(v) = key_id {
+            parts.headers.insert(KEY_ID, v);
+        }
+        if let Some(v) = plan {
+            parts.headers.insert(PLAN, v);
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, body);
+
+        let sent = Instant::now();
+        let result =
+            tokio::time::timeout(self.options.upstream_timeout, self.client.request(upstream_req)).await;
+        self.metrics
+            .upstream_latency
+            .observe(sent.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(res)) => {
+                let (mut parts, body) = res.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                limit_headers(&mut parts.headers, slots, rate);
+                let body = Held::new(body.map_err(|e| Box::new(e) as BoxError), hold).boxed_unsync();
+                (Code::Forwarded, Response::from_parts(parts, body))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream unavailable");
+                let mut res = error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "The upstream service could not be reached. Retry shortly.",
+                    None,
+                );
+                limit_headers(res.headers_mut(), slots, rate);
+                (Code::Error("upstream_unavailable"), res)
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %self.options.upstream, timeout = ?self.options.upstream_timeout, "upstream timed out");
+                let mut res = error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    &format!(
+                        "The upstream service did not answer within {} ms.",
+                        self.options.upstream_timeout.as_millis()
+                    ),
+                    None,
+                );
+                limit_headers(res.headers_mut(), slots, rate);
+                (Code::Error("upstream_timeout"), res)
+            }
+        }
+    }
+}
+
+/// How a request ended, for the `requests` metric.
+enum Code {
+    Forwarded,
+    Refused(&'static str),
+    Error(&'static str),
+}
+
+fn refuse_auth(status: StatusCode, code: &'static str, message: &str) -> (Code, Response<ProxyBody>) {
+    let mut res = error_response(status, code, message, None);
+    if status == StatusCode::UNAUTHORIZED {
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"slotgate\""),
+        );
+    }
+    (Code::Refused(code), res)
+}
+
+/// The gateway as a tower `Service`, one per connection (it knows the client's address).
+#[derive(Clone, Debug)]
+pub struct GatewayService {
+    /// The shared gateway.
+    pub gateway: Arc<Gateway>,
+    /// The client's address.
+    pub remote: Option<SocketAddr>,
+}
+
+impl tower::Service<Request<Incoming>> for GatewayService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let gateway = Arc::clone(&self.gateway);
+        let remote = self.remote;
+        Box::pin(async move { Ok(gateway.handle(req, remote).await) })
+    }
+}

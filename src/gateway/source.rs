@@ -1,0 +1,205 @@
+//! Configuration sources. Every source ends in [`Gateway::apply`] or [`Gateway::reject`]: a
+//! document that does not parse or validate never replaces the one being enforced.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use notify::{RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{Gateway, ReloadReport};
+use crate::config::{ConfigError, GatewayConfig};
+
+/// Why a configuration file could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The document was refused.
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: ConfigError,
+    },
+    /// The file system cannot be watched.
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// Reads a configuration file and applies it, or records the refusal and keeps the last good
+/// configuration.
+pub fn load_file(gateway: &Gateway, path: &Path) -> Result<ReloadReport, SourceError> {
+    let bytes = std::fs::read(path).map_err(|source| SourceError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    apply_bytes(gateway, path, &bytes)
+}
+
+fn apply_bytes(gateway: &Gateway, path: &Path, bytes: &[u8]) -> Result<ReloadReport, SourceError> {
+    match GatewayConfig::from_json(bytes) {
+        Ok(config) => Ok(gateway.apply(config)),
+        Err(source) => {
+            gateway.reject(&path.display().to_string(), &source);
+            Err(SourceError::Config {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+}
+
+/// A debounced stream of "something under these paths changed" signals. Watches the parent
+/// folders, so editors that replace a file by renaming a new one over it are seen too, and polls
+/// modification times as a fallback where file events are not delivered (some network and
+/// overlay file systems).
+pub struct ChangeStream {
+    _watcher: notify::RecommendedWatcher,
+    rx: mpsc::UnboundedReceiver<()>,
+    paths: Vec<PathBuf>,
+    stamps: Vec<Option<(SystemTime, u64)>>,
+}
+
+impl std::fmt::Debug for ChangeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeStream")
+            .field("paths", &self.paths)
+            .finish()
+    }
+}
+
+/// Quiet time after an event before reading: editors write a file in several steps.
+const DEBOUNCE: Duration = Duration::from_millis(25);
+const POLL: Duration = Duration::from_secs(1);
+
+impl ChangeStream {
+    /// Watches files or folders.
+    pub fn new(paths: Vec<PathBuf>) -> Result<Self, SourceError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
+        })
+        .map_err(|source| SourceError::Watch {
+            path: PathBuf::new(),
+            source,
+        })?;
+        for p in &paths {
+            let dir = if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf()
+            };
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .map_err(|source| SourceError::Watch { path: dir, source })?;
+        }
+        let stamps = paths.iter().map(|p| stamp(p)).collect();
+        Ok(Self {
+            _watcher: watcher,
+            rx,
+            paths,
+            stamps,
+        })
+    }
+
+    /// Waits for the next change.
+    pub async fn changed(&mut self) {
+        let mut poll = tokio::time::interval(POLL);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                Some(()) = self.rx.recv() => break,
+                _ = poll.tick() => {
+                    let now: Vec<_> = self.paths.iter().map(|p| stamp(p)).collect();
+                    if now != self.stamps {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        while self.rx.try_recv().is_ok() {}
+        self.stamps = self.paths.iter().map(|p| stamp(p)).collect();
+    }
+}
+
+/// Newest modification time and total size under a path (a file, or a folder's direct entries).
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return Some((meta.modified().ok()?, meta.len()));
+    }
+    let mut newest = meta.modified().ok()?;
+    let mut size = 0;
+    for entry in std::fs::read_dir(path).ok()?.flatten() {
+        if let Ok(m) = entry.metadata() {
+            newest = newest.max(m.modified().unwrap_or(newest));
+            size += m.len();
+        }
+    }
+    Some((newest, size))
+}
+
+/// Applies `path` now, then again whenever it changes; runs until the task is dropped.
+pub async fn watch_file(gateway: Arc<Gateway>, path: PathBuf) -> Result<(), SourceError> {
+    let mut changes = ChangeStream::new(vec![path.clone()])?;
+    let mut last: Option<[u8; 32]> = None;
+    let apply = |gateway: &Gateway, last: &mut Option<[u8; 32]>| {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                // A file being replaced is briefly missing; the next event brings it back.
+                tracing::warn!(path = %path.display(), error = %e, "configuration file unreadable; keeping the last good configuration");
+                return;
+            }
+        };
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if *last == Some(digest) {
+            return;
+        }
+        *last = Some(digest);
+        let started = std::time::Instant::now();
+        if let Ok(r) = apply_bytes(gateway, &path, &bytes)
+            && r.changed
+        {
+            tracing::info!(
+                path = %path.display(),
+                from = r.from_version,
+                to = r.to_version,
+                keys = r.keys,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "configuration applied"
+            );
+        }
+    };
+    apply(&gateway, &mut last);
+    loop {
+        changes.changed().await;
+        apply(&gateway, &mut last);
+    }
+}

@@ -1,0 +1,510 @@
+//! The key table a gateway enforces: one [`GatewayConfig`] turned into a lookup by token digest,
+//! with each key's live limiter state carried over from the previous table.
+//!
+//! The live state (slot pool, rate buckets, recent request durations) belongs to the key's id,
+//! not to the configuration, so a reload that changes a plan or moves a key to another plan keeps
+//! the requests in flight and the quota already used.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use crate::{
+    api::BucketScope,
+    config::{GatewayConfig, KeyLimits, matches_any},
+    limiter::{Bucket, RateParams, RateRefusal, SlotGuard, SlotPool, SlotsFull},
+};
+
+/// Endpoint buckets one key may hold. A client walking random paths reaches this bound; beyond
+/// it, full (idle) buckets are dropped first, and if none is idle the extra endpoints share one
+/// overflow bucket, so memory stays bounded and the limit still holds.
+pub const MAX_ENDPOINT_BUCKETS: usize = 1024;
+
+/// A SHA-256 digest is already uniformly distributed: hashing it again only costs time.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+}
+
+type DigestMap<V> = HashMap<[u8; 32], V, BuildHasherDefault<DigestHasher>>;
+
+/// The live limiter state of one key, shared across configuration reloads.
+#[derive(Debug)]
+pub struct KeyState {
+    slots: Arc<SlotPool>,
+    key_bucket: Bucket,
+    endpoints: Mutex<HashMap<Box<str>, Arc<Bucket>>>,
+    overflow: Bucket,
+    /// Exponentially weighted mean of request durations, in nanoseconds (0: none seen yet).
+    mean_duration: AtomicU64,
+}
+
+impl KeyState {
+    fn new(params: RateParams) -> Self {
+        Self {
+            slots: Arc::default(),
+            key_bucket: Bucket::new(params),
+            endpoints: Mutex::default(),
+            overflow: Bucket::new(params),
+            mean_duration: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests of this key in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.slots.in_flight()
+    }
+
+    /// Records how long an admitted request held its slot, for the `Retry-After` estimate.
+    pub fn record_duration(&self, nanos: u64) {
+        // Weight 1/8: follows a change of the upstream's latency within a few dozen requests.
+        let old = self.mean_duration.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            nanos
+        } else {
+            old - old / 8 + nanos / 8
+        };
+        self.mean_duration.store(new, Ordering::Relaxed);
+    }
+
+    /// Seconds until a slot is likely to free: with `in_flight` requests of mean duration `d`
+    /// started at random times, one ends every `d / in_flight` on average. At least 1 s, since
+    /// `Retry-After` counts whole seconds.
+    fn slot_retry_after(&self, in_flight: u32) -> u64 {
+        let mean = self.mean_duration.load(Ordering::Relaxed);
+        let wait = mean / u64::from(in_flight.max(1));
+        wait.div_ceil(1_000_000_000).max(1)
+    }
+
+    fn bucket_for(&self, scope: BucketScope, path: &str, now: u64, params: RateParams) -> BucketRef<'_> {
+        if scope == BucketScope::Key {
+            return BucketRef::Borrowed(&self.key_bucket);
+        }
+        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(path) {
+            return BucketRef::Shared(Arc::clone(b));
+        }
+        if map.len() >= MAX_ENDPOINT_BUCKETS {
+            map.retain(|_, b| !b.is_idle(now));
+            if map.len() >= MAX_ENDPOINT_BUCKETS {
+                return BucketRef::Borrowed(&self.overflow);
+            }
+        }
+        let b = Arc::new(Bucket::new(params));
+        map.insert(path.into(), Arc::clone(&b));
+        BucketRef::Shared(b)
+    }
+
+    /// Drops endpoint buckets that are full again: they hold no information.
+    pub fn sweep(&self, now: u64) -> usize {
+        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, b| !b.is_idle(now));
+        before - map.len()
+    }
+
+    /// Endpoint buckets held now.
+    pub fn endpoint_buckets(&self) -> usize {
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+enum BucketRef<'a> {
+    Borrowed(&'a Bucket),
+    Shared(Arc<Bucket>),
+}
+
+impl std::ops::Deref for BucketRef<'_> {
+    type Target = Bucket;
+    fn deref(&self) -> &Bucket {
+        match self {
+            Self::Borrowed(b) => b,
+            Self::Shared(b) => b,
+        }
+    }
+}
+
+/// An admitted key as one configuration defines it.
+#[derive(Debug)]
+pub struct KeyEntry {
+    /// `namespace/name` of the ApiKey (safe to log).
+    pub id: Arc<str>,
+    /// Plan name (safe to log and to use as a metric label).
+    pub plan: Arc<str>,
+    /// Limits in force for this key.
+    pub limits: KeyLimits,
+    /// Refused with 403.
+    pub suspended: bool,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    /// Live state, shared with earlier and later tables.
+    pub state: Arc<KeyState>,
+}
+
+/// A configuration ready to enforce.
+#[derive(Debug)]
+pub struct KeyTable {
+    /// The configuration this table was built from.
+    pub config: Arc<GatewayConfig>,
+    keys: DigestMap<KeyEntry>,
+}
+
+impl KeyTable {
+    /// The table of an empty configuration.
+    pub fn empty() -> Self {
+        Self::build(Arc::new(GatewayConfig::empty()), None)
+    }
+
+    /// Builds the table for `config`, carrying over each key's live state from `previous` by key id.
+    pub fn build(config: Arc<GatewayConfig>, previous: Option<&KeyTable>) -> Self {
+        let old: HashMap<&str, &Arc<KeyState>> = previous
+            .map(|p| p.keys.values().map(|e| (&*e.id, &e.state)).collect())
+            .unwrap_or_default();
+        let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut keys = DigestMap::default();
+        keys.reserve(config.keys.len());
+        for (hex_digest, key) in &config.keys {
+            let mut digest = [0u8; 32];
+            // `GatewayConfig::check` guarantees 64 hex digits; skip rather than panic if not.
+            if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
+                continue;
+            }
+            let Some(limits) = config.limits_for(key) else {
+                continue;
+            };
+            let params = rate_params(&limits);
+            let state = old
+                .get(key.id.as_str())
+                .map(|s| Arc::clone(s))
+                .unwrap_or_else(|| Arc::new(KeyState::new(params)));
+            let plan = plans.entry(&key.plan).or_insert_with(|| key.plan.as_str().into());
+            keys.insert(
+                digest,
+                KeyEntry {
+                    id: key.id.as_str().into(),
+                    plan: Arc::clone(plan),
+                    limits,
+                    suspended: key.suspended,
+                    expires_at: key.expires_at,
+                    state,
+                },
+            );
+        }
+        Self { config, keys }
+    }
+
+    /// The key whose token has this SHA-256 digest.
+    pub fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
+        self.keys.get(digest)
+    }
+
+    /// Every admitted key.
+    pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
+        self.keys.values()
+    }
+
+    /// Number of admitted keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is admitted.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+fn rate_params(limits: &KeyLimits) -> RateParams {
+    limits
+        .rate
+        .as_ref()
+        .map(|r| RateParams {
+            per_second: r.per_second,
+            burst: r.burst,
+        })
+        .unwrap_or(RateParams {
+            per_second: 1,
+            burst: 1,
+        })
+}
+
+/// Concurrency figures for the limit headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotView {
+    /// Slots of the key.
+    pub limit: u32,
+    /// In flight for this key, counting this request when it was admitted.
+    pub current: u32,
+    /// Free slots left when the request was received.
+    pub remaining: u32,
+}
+
+/// Rate figures for the limit headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateView {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests a full bucket admits at once (the quota of the `RateLimit-Policy` window).
+    pub burst: u32,
+    /// Requests the bucket admits at once after this one.
+    pub remaining: u32,
+}
+
+/// What a request was admitted with: held until the response ends.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The key's slot, when its path is under the plan's concurrency patterns.
+    pub slot: Option<SlotGuard>,
+    /// The gateway-wide upstream slot, when a cap is configured.
+    pub upstream: Option<SlotGuard>,
+    /// Concurrency figures, when a slot limit applies.
+    pub slots: Option<SlotView>,
+    /// Rate figures, when a rate limit applies.
+    pub rate: Option<RateView>,
+}
+
+/// Why a request was refused by the limiter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every slot of the key is taken.
+    Concurrency {
+        /// Concurrency figures.
+        slots: SlotView,
+        /// Rate figures (unchanged: a refused request costs no quota).
+        rate: Option<RateView>,
+        /// Estimated seconds until a slot frees.
+        retry_after: u64,
+    },
+    /// The key's (or endpoint's) bucket is empty.
+    Rate {
+        /// Concurrency figures (no slot was taken).
+        slots: Option<SlotView>,
+        /// Rate figures.
+        rate: RateView,
+        /// Seconds until the bucket admits one request.
+        retry_after: u64,
+    },
+    /// The gateway-wide cap of requests to the upstream is reached.
+    Upstream {
+        /// The cap.
+        limit: u32,
+    },
+}
+
+/// The gateway-wide cap on requests in flight to the upstream.
+#[derive(Debug)]
+pub struct UpstreamCap {
+    /// Requests in flight to the upstream.
+    pub pool: Arc<SlotPool>,
+    /// The cap.
+    pub limit: u32,
+}
+
+enum Inner {
+    Slots(SlotsFull),
+    Upstream,
+}
+
+/// The per-request limiter decision: rate bucket around slot acquisition, so a request refused for
+/// want of a slot (or of upstream capacity) consumes no rate quota. Never waits.
+pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) -> Result<Admitted, Refusal> {
+    let slot_limit = entry
+        .limits
+        .slots
+        .as_ref()
+        .filter(|s| matches_any(&s.paths, path))
+        .map(|s| s.max);
+    let take = || -> Result<(Option<SlotGuard>, Option<SlotGuard>), Inner> {
+        let slot = match slot_limit {
+            Some(limit) => Some(entry.state.slots.try_acquire(limit).map_err(Inner::Slots)?),
+            None => None,
+        };
+        let upstream = match cap {
+            Some(c) => Some(c.pool.try_acquire(c.limit).map_err(|_| Inner::Upstream)?),
+            None => None,
+        };
+        Ok((slot, upstream))
+    };
+    let slot_view = |g: &Option<SlotGuard>| {
+        slot_limit.zip(g.as_ref()).map(|(limit, g)| SlotView {
+            limit,
+            current: g.in_flight,
+            remaining: limit.saturating_sub(g.in_flight),
+        })
+    };
+    let full = |limit: u32, f: SlotsFull| Refusal::Concurrency {
+        slots: SlotView {
+            limit,
+            current: f.in_flight,
+            remaining: 0,
+        },
+        rate: None,
+        retry_after: entry.state.slot_retry_after(f.in_flight),
+    };
+
+    let rate = entry.limits.rate.as_ref().filter(|r| matches_any(&r.paths, path));
+    let Some(rate) = rate else {
+        return match take() {
+            Ok((slot, upstream)) => Ok(Admitted {
+                slots: slot_view(&slot),
+                slot,
+                upstream,
+                rate: None,
+            }),
+            Err(Inner::Slots(f)) => Err(full(slot_limit.unwrap_or(0), f)),
+            Err(Inner::Upstream) => Err(Refusal::Upstream {
+                limit: cap.map_or(0, |c| c.limit),
+            }),
+        };
+    };
+    let params = RateParams {
+        per_second: rate.per_second,
+        burst: rate.burst,
+    };
+    let bucket = entry.state.bucket_for(rate.per, path, now, params);
+    let view = |remaining| RateView {
+        per_second: params.per_second,
+        burst: params.burst,
+        remaining,
+    };
+    match bucket.admit_with(now, params, take) {
+        Ok(((slot, upstream), remaining)) => Ok(Admitted {
+            slots: slot_view(&slot),
+            slot,
+            upstream,
+            rate: Some(view(remaining)),
+        }),
+        Err(RateRefusal::Limited { retry_after_nanos }) => Err(Refusal::Rate {
+            slots: slot_limit.map(|limit| {
+                let current = entry.state.slots.in_flight();
+                SlotView {
+                    limit,
+                    current,
+                    remaining: limit.saturating_sub(current),
+                }
+            }),
+            rate: view(0),
+            retry_after: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+        }),
+        Err(RateRefusal::Other(Inner::Slots(f))) => {
+            let mut refusal = full(slot_limit.unwrap_or(0), f);
+            if let Refusal::Concurrency { rate: r, .. } = &mut refusal {
+                *r = Some(view(bucket.remaining(now, params)));
+            }
+            Err(refusal)
+        }
+        Err(RateRefusal::Other(Inner::Upstream)) => Err(Refusal::Upstream {
+            limit: cap.map_or(0, |c| c.limit),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CompiledKey, CompiledPlan, RateLimit, SlotLimit};
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn config(slots: u32, per: BucketScope) -> Arc<GatewayConfig> {
+        let mut c = GatewayConfig::empty();
+        c.plans.insert(
+            "p".into(),
+            CompiledPlan {
+                display_name: None,
+                concurrency: Some(SlotLimit {
+                    max: slots,
+                    paths: vec!["/v1/*".into()],
+                }),
+                rate_limit: Some(RateLimit {
+                    per_second: 1,
+                    burst: 2,
+                    per,
+                    paths: vec!["/v1/*".into()],
+                }),
+                retained: false,
+            },
+        );
+        c.keys.insert(
+            "ab".repeat(32),
+            CompiledKey {
+                id: "ns/k".into(),
+                plan: "p".into(),
+                overrides: None,
+                suspended: false,
+                expires_at: None,
+            },
+        );
+        c.hash = c.content_hash();
+        Arc::new(c)
+    }
+
+    #[test]
+    fn endpoints_get_their_own_buckets_and_the_map_stays_bounded() {
+        let t = KeyTable::build(config(100, BucketScope::Endpoint), None);
+        let e = t.get(&[0xab; 32]).unwrap();
+        assert!(admit(e, "/v1/a", SEC, None).is_ok());
+        assert!(admit(e, "/v1/a", SEC, None).is_ok());
+        assert!(matches!(admit(e, "/v1/a", SEC, None), Err(Refusal::Rate { .. })));
+        assert!(admit(e, "/v1/b", SEC, None).is_ok());
+        for i in 0..5 * MAX_ENDPOINT_BUCKETS {
+            let _ = admit(e, &format!("/v1/random/{i}"), SEC, None);
+        }
+        assert!(e.state.endpoint_buckets() <= MAX_ENDPOINT_BUCKETS);
+        assert_eq!(e.state.sweep(100 * SEC), MAX_ENDPOINT_BUCKETS);
+    }
+
+    #[test]
+    fn state_survives_a_reload_and_a_slot_refusal_costs_no_quota() {
+        let t1 = KeyTable::build(config(1, BucketScope::Key), None);
+        let e1 = t1.get(&[0xab; 32]).unwrap();
+        let held = admit(e1, "/v1/a", SEC, None).unwrap();
+        assert_eq!(
+            held.slots,
+            Some(SlotView {
+                limit: 1,
+                current: 1,
+                remaining: 0
+            })
+        );
+        let Err(Refusal::Concurrency { rate, .. }) = admit(e1, "/v1/a", SEC, None) else {
+            panic!("expected a concurrency refusal");
+        };
+        assert_eq!(rate.unwrap().remaining, 1);
+        // Upgrade to 3 slots: the held request still counts.
+        let t2 = KeyTable::build(config(3, BucketScope::Key), Some(&t1));
+        let e2 = t2.get(&[0xab; 32]).unwrap();
+        let second = admit(e2, "/v1/a", SEC, None).unwrap();
+        assert_eq!(second.slots.unwrap().current, 2);
+        drop((held, second));
+        assert_eq!(e2.state.in_flight(), 0);
+    }
+
+    #[test]
+    fn paths_outside_the_patterns_are_not_limited() {
+        let t = KeyTable::build(config(0, BucketScope::Key), None);
+        let e = t.get(&[0xab; 32]).unwrap();
+        let a = admit(e, "/health", SEC, None).unwrap();
+        assert!(a.slots.is_none() && a.rate.is_none() && a.slot.is_none());
+        assert!(matches!(
+            admit(e, "/v1/x", SEC, None),
+            Err(Refusal::Concurrency { .. })
+        ));
+    }
+}

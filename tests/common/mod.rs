@@ -1,0 +1,379 @@
+//! Shared harness for black-box tests: the real `slotgate` binary on loopback ports the OS picks,
+//! a stub upstream that counts requests in flight, and a plain HTTP client.
+#![allow(dead_code)]
+
+use std::{
+    convert::Infallible,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::net::TcpListener;
+
+pub const SLOTGATE: &str = env!("CARGO_BIN_EXE_slotgate");
+
+/// What the stub upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+/// An upstream that answers 200 after `?delay_ms=N`, streams its body over `?stream_ms=N`, and
+/// records the peak number of requests in flight.
+#[derive(Clone, Default)]
+pub struct Stub {
+    pub addr: Option<SocketAddr>,
+    pub in_flight: Arc<AtomicUsize>,
+    pub peak: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+fn query_ms(uri: &http::Uri, name: &str) -> u64 {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Count(Arc<AtomicUsize>);
+impl Drop for Count {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Stub {
+    pub async fn start() -> Stub {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut stub = Stub {
+            addr: Some(listener.local_addr().unwrap()),
+            ..Default::default()
+        };
+        let s = stub.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(s.answer(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        stub.addr = stub.addr.take();
+        stub
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        self.seen.lock().unwrap().push(Seen {
+            uri: req.uri().to_string(),
+            headers: req.headers().clone(),
+        });
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let count = Count(Arc::clone(&self.in_flight));
+        let delay = query_ms(req.uri(), "delay_ms");
+        let stream = query_ms(req.uri(), "stream_ms");
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if stream > 0 {
+            // Headers now, the body's last chunk after `stream` ms: the request stays in flight.
+            let chunks = futures::stream::unfold((0, count), move |(i, count)| async move {
+                match i {
+                    0 => Some((
+                        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first\n"))),
+                        (1, count),
+                    )),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(stream)).await;
+                        Some((Ok(Frame::data(Bytes::from_static(b"last\n"))), (2, count)))
+                    }
+                    _ => None,
+                }
+            });
+            return Response::new(BoxBody::new(StreamBody::new(chunks)));
+        }
+        drop(count);
+        Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr.unwrap())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    pub async fn wait_in_flight(&self, n: usize) {
+        wait_until("stub in-flight count", || self.in_flight() == n).await;
+    }
+}
+
+/// Polls `cond` every 10 ms; fails the test after 20 s (a hang guard, not a timing assertion).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A folder of manifests compiled into a configuration file the gateway watches.
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub previous: Option<slotgate::config::GatewayConfig>,
+}
+
+impl ConfigDir {
+    pub fn new(manifests: &str) -> ConfigDir {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.json");
+        let mut c = ConfigDir {
+            dir,
+            config,
+            previous: None,
+        };
+        c.write(manifests);
+        c
+    }
+
+    /// Compiles `manifests` as the controller would and replaces the file atomically.
+    pub fn write(&mut self, manifests: &str) -> u64 {
+        let src = self.dir.path().join("manifests");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("all.yaml"), manifests).unwrap();
+        let folder = slotgate::standalone::load_dir(&src).unwrap();
+        let compiled = folder.compile(self.previous.as_ref());
+        let version = compiled.config.version;
+        self.write_raw(&compiled.config.to_json());
+        self.previous = Some(compiled.config);
+        version
+    }
+
+    pub fn write_raw(&self, bytes: &[u8]) {
+        let tmp = self.dir.path().join(".gateway.json.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+}
+
+/// A running `slotgate` process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub stderr: PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Starts `slotgate ARGS`, and waits for its "listening on http://A (admin http://B)" line.
+    pub fn start(args: &[&str]) -> Proc {
+        let logs = tempfile::tempdir().unwrap();
+        let stderr = logs.path().join("stderr.log");
+        let mut child = Command::new(SLOTGATE)
+            .args(args)
+            .env("SLOTGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("slotgate starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("listening on http://") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!(
+                "slotgate did not start: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        };
+        let addrs: Vec<SocketAddr> = line
+            .split("http://")
+            .skip(1)
+            .filter_map(|s| s.split([' ', ')']).next()?.parse().ok())
+            .collect();
+        Proc {
+            child,
+            proxy: addrs[0],
+            admin: addrs.get(1).copied(),
+            stderr,
+            _logs: logs,
+        }
+    }
+
+    pub fn gateway(config: &Path, upstream: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "gateway",
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream",
+            upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(&args)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let res = get(&format!("http://{}/metrics", self.admin.unwrap()), &[]).await;
+        res.body
+    }
+
+    /// The value of one metric line (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    pub async fn wait_metric(&self, series: &str, want: impl Fn(f64) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.metric(series).await;
+            if want(v) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {series} (last {v})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A response read to its end.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn num(&self, name: &str) -> u64 {
+        self.header(name)
+            .unwrap_or_else(|| panic!("missing header {name} in {:?}", self.headers))
+            .parse()
+            .unwrap()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+/// GET with headers, on a fresh connection, body read to the end.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Got {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client()
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A plan and one key (token `tok-<name>`) per entry of `keys`, as manifests.
+pub fn plan_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: slotgate.dev/v1alpha1\nkind: ApiPlan\nmetadata:\n  name: {name}\nspec:\n{spec}\n---\n"
+    )
+}
+
+pub fn key_yaml(name: &str, plan: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: slotgate.dev/v1alpha1\nkind: ApiKey\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  plan: {plan}\n{extra}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-token\n  namespace: default\nstringData:\n  token: tok-{name}\n---\n"
+    )
+}
+
+pub fn slots_plan(name: &str, slots: u32) -> String {
+    plan_yaml(
+        name,
+        &format!("  concurrency:\n    maxConcurrentRequests: {slots}\n    paths: [\"/v1/*\"]"),
+    )
+}
