@@ -1,1 +1,89 @@
-fn main() {}
+//! The per-request limiter decision: key lookup by token digest, rate bucket, slot acquire and
+//! release, with 1,000 to 1,000,000 keys loaded. Target: under 100 ns, flat as keys grow.
+//!
+//! `cargo bench --bench limiter`
+
+use std::{hint::black_box, sync::Arc};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use sha2::{Digest, Sha256};
+use slotgate::{
+    api::BucketScope,
+    config::{CompiledKey, CompiledPlan, GatewayConfig, RateLimit, SlotLimit},
+    gateway::{
+        Metrics,
+        table::{KeyTable, admit},
+    },
+};
+
+fn digest(i: usize) -> [u8; 32] {
+    Sha256::digest(format!("token-{i}")).into()
+}
+
+fn table(keys: usize, per: BucketScope) -> KeyTable {
+    let mut c = GatewayConfig::empty();
+    c.plans.insert(
+        "startup".into(),
+        CompiledPlan {
+            display_name: None,
+            concurrency: Some(SlotLimit {
+                max: 25,
+                paths: vec!["/v1/*".into()],
+            }),
+            rate_limit: Some(RateLimit {
+                // High enough that the bench measures admissions, not refusals.
+                per_second: 1_000_000,
+                burst: 1_000_000,
+                per,
+                paths: vec!["/v1/*".into()],
+            }),
+            retained: false,
+        },
+    );
+    for i in 0..keys {
+        c.keys.insert(
+            hex::encode(digest(i)),
+            CompiledKey {
+                id: format!("default/key-{i}"),
+                plan: "startup".into(),
+                overrides: None,
+                suspended: false,
+                expires_at: None,
+            },
+        );
+    }
+    c.hash = c.content_hash();
+    KeyTable::build(Arc::new(c), None, &Metrics::new())
+}
+
+fn decision(c: &mut Criterion) {
+    let mut group = c.benchmark_group("limiter_decision");
+    for keys in [1_000usize, 100_000, 1_000_000] {
+        for (label, per) in [
+            ("key_bucket", BucketScope::Key),
+            ("endpoint_bucket", BucketScope::Endpoint),
+        ] {
+            let t = table(keys, per);
+            // Requests spread over 4,096 keys drawn across the table, so lookups miss the cache
+            // the way real traffic does.
+            let probes: Vec<[u8; 32]> = (0..4096)
+                .map(|i| digest(i * (keys / 4096).max(1) % keys))
+                .collect();
+            let mut i = 0usize;
+            let mut now = 1_000_000_000u64;
+            group.bench_with_input(BenchmarkId::new(label, keys), &keys, |b, _| {
+                b.iter(|| {
+                    i = (i + 1) & 4095;
+                    now += 1_000;
+                    let entry = t.get(&probes[i]).expect("key loaded");
+                    let admitted = admit(entry, black_box("/v1/monitor/chatgpt"), now, None);
+                    black_box(admitted.is_ok())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision);
+criterion_main!(benches);

@@ -92,13 +92,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all();
-    if let Some(n) = worker_threads {
-        anyhow::ensure!(n >= 1, "--worker-threads must be at least 1");
-        b.worker_threads(n);
-    }
-    Ok(b.build()?)
+    // One worker: a current-thread runtime does the same work without cross-thread wake-ups.
+    let mut b = match worker_threads {
+        Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    Ok(b.enable_all().build()?)
 }
 
 fn init_tracing() {

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header, request::Parts};
 
 use super::{
+    metrics::ErrorCode,
     proxy::ProxyBody,
     table::{RateView, SlotView},
 };
@@ -21,7 +22,7 @@ pub(super) fn presented_key(parts: &Parts) -> Option<String> {
     {
         return Some(token.trim().to_string());
     }
-    if let Some(v) = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok())
+    if let Some(v) = parts.headers.get(X_API_KEY).and_then(|v| v.to_str().ok())
         && !v.trim().is_empty()
     {
         return Some(v.trim().to_string());
@@ -70,7 +71,7 @@ fn percent_decode(s: &str) -> String {
 /// headers the gateway itself sets for the upstream (so a client cannot forge them).
 pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    headers.remove("x-api-key");
+    headers.remove(X_API_KEY);
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -113,54 +114,73 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Tells the upstream which key (by id, never the token) and plan a request came with.
-pub(super) const KEY_ID: &str = "x-slotgate-key-id";
+pub(super) const KEY_ID: HeaderName = HeaderName::from_static("x-slotgate-key-id");
 /// See [`KEY_ID`].
-pub(super) const PLAN: &str = "x-slotgate-plan";
+pub(super) const PLAN: HeaderName = HeaderName::from_static("x-slotgate-plan");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 fn num(n: impl itoa::Integer) -> HeaderValue {
     let mut buf = itoa::Buffer::new();
     HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
 }
 
+const X_CONCURRENT_LIMIT: HeaderName = HeaderName::from_static("x-concurrent-limit");
+const X_CONCURRENT_CURRENT: HeaderName = HeaderName::from_static("x-concurrent-current");
+const X_CONCURRENT_REMAINING: HeaderName = HeaderName::from_static("x-concurrent-remaining");
+const CONCURRENCY_LIMIT: HeaderName = HeaderName::from_static("concurrency-limit");
+const CONCURRENCY_REMAINING: HeaderName = HeaderName::from_static("concurrency-remaining");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 /// Writes the limit headers: the de-facto `X-Concurrent-*` and `X-RateLimit-*` names, the
 /// `Concurrency-*` names, and the IETF `RateLimit-Policy` / `RateLimit` fields.
 pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Option<RateView>) {
     if let Some(s) = slots {
-        h.insert("x-concurrent-limit", num(s.limit));
-        h.insert("x-concurrent-current", num(s.current));
-        h.insert("x-concurrent-remaining", num(s.remaining));
-        h.insert("concurrency-limit", num(s.limit));
-        h.insert("concurrency-remaining", num(s.remaining));
+        h.insert(X_CONCURRENT_LIMIT, num(s.limit));
+        h.insert(X_CONCURRENT_CURRENT, num(s.current));
+        h.insert(X_CONCURRENT_REMAINING, num(s.remaining));
+        h.insert(CONCURRENCY_LIMIT, num(s.limit));
+        h.insert(CONCURRENCY_REMAINING, num(s.remaining));
     }
     if let Some(r) = rate {
-        h.insert("x-ratelimit-limit", num(r.per_second));
-        h.insert("x-ratelimit-remaining", num(r.remaining));
+        h.insert(X_RATELIMIT_LIMIT, num(r.per_second));
+        h.insert(X_RATELIMIT_REMAINING, num(r.remaining));
         // The bucket refills completely in burst/rate seconds: that is the policy's window.
         let window = u64::from(r.burst).div_ceil(u64::from(r.per_second.max(1))).max(1);
         let refill = u64::from(r.burst - r.remaining.min(r.burst)).div_ceil(u64::from(r.per_second.max(1)));
         if let Ok(v) = HeaderValue::from_str(&format!("\"default\";q={};w={window}", r.burst)) {
-            h.insert("ratelimit-policy", v);
+            h.insert(RATELIMIT_POLICY, v);
         }
         if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r={};t={refill}", r.remaining)) {
-            h.insert("ratelimit", v);
+            h.insert(RATELIMIT, v);
         }
-        h.insert("x-ratelimit-reset", num(refill));
+        h.insert(X_RATELIMIT_RESET, num(refill));
     }
 }
 
 /// A machine-readable error: `{"error": {"code", "message", "limit"}}`.
 pub(super) fn error_response(
     status: StatusCode,
-    code: &str,
+    code: ErrorCode,
     message: &str,
     limit: Option<u64>,
 ) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "error": { "code": code, "message": message, "limit": limit }
-    });
-    let mut res = Response::new(super::proxy::full(Bytes::from(
-        serde_json::to_vec(&body).expect("json serialises"),
-    )));
+    // Written by hand: this is the refusal path, which must stay cheap under a flood.
+    let mut body = String::with_capacity(96 + message.len());
+    body.push_str("{\"error\":{\"code\":\"");
+    body.push_str(code.as_str());
+    body.push_str("\",\"message\":");
+    body.push_str(&serde_json::to_string(message).expect("a string serialises"));
+    body.push_str(",\"limit\":");
+    match limit {
+        Some(n) => body.push_str(itoa::Buffer::new().format(n)),
+        None => body.push_str("null"),
+    }
+    body.push_str("}}");
+    let mut res = Response::new(super::proxy::full(Bytes::from(body)));
     *res.status_mut() = status;
     res.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

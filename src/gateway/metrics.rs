@@ -1,6 +1,6 @@
 //! Prometheus metrics of the gateway. Labels name plans, codes and reasons, never a key or token.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -14,6 +14,92 @@ use prometheus_client::{
 };
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The machine-readable codes of the gateway's own answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 401: no key presented.
+    MissingApiKey,
+    /// 401: unknown key.
+    InvalidApiKey,
+    /// 403: key suspended.
+    KeySuspended,
+    /// 401: key past its expiry.
+    KeyExpired,
+    /// 429: every slot of the key in use.
+    ConcurrencyLimitExceeded,
+    /// 429: rate bucket empty.
+    RateLimit,
+    /// 503: gateway-wide upstream cap reached.
+    UpstreamConcurrencyLimitExceeded,
+    /// 502: upstream unreachable.
+    UpstreamUnavailable,
+    /// 504: upstream too slow.
+    UpstreamTimeout,
+    /// 400: request that cannot be forwarded.
+    InvalidRequest,
+}
+
+impl ErrorCode {
+    const COUNT: usize = 10;
+
+    /// The code as clients and metrics see it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingApiKey => "missing_api_key",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::KeySuspended => "key_suspended",
+            Self::KeyExpired => "key_expired",
+            Self::ConcurrencyLimitExceeded => "concurrency_limit_exceeded",
+            Self::RateLimit => "rate_limit",
+            Self::UpstreamConcurrencyLimitExceeded => "upstream_concurrency_limit_exceeded",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::InvalidRequest => "invalid_request",
+        }
+    }
+
+    /// `refused` for decisions of the gateway, `error` for failures.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::InvalidRequest => "error",
+            _ => "refused",
+        }
+    }
+}
+
+/// Per-plan metric handles, resolved once per reload so the request path only touches atomics.
+pub struct PlanMetrics {
+    plan: String,
+    /// Requests of the plan holding a slot.
+    pub in_flight: Gauge,
+    refusals: [OnceLock<Counter>; ErrorCode::COUNT],
+    family: Family<Labels, Counter>,
+}
+
+impl std::fmt::Debug for PlanMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanMetrics")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PlanMetrics {
+    /// Counts a refusal of a key on this plan.
+    pub fn refusal(&self, code: ErrorCode) {
+        self.refusals[code as usize]
+            .get_or_init(|| {
+                self.family
+                    .get_or_create(&vec![
+                        ("reason", code.as_str().to_string()),
+                        ("plan", self.plan.clone()),
+                    ])
+                    .clone()
+            })
+            .inc();
+    }
+}
 
 /// Every metric the gateway exports.
 pub struct Metrics {
@@ -36,6 +122,9 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     /// Endpoint buckets dropped because they were idle.
     pub buckets_evicted: Counter,
+    forwarded: Box<[OnceLock<Counter>]>,
+    coded: [OnceLock<Counter>; ErrorCode::COUNT],
+    unknown_plan: Arc<PlanMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -68,7 +157,21 @@ impl Metrics {
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             buckets_evicted: Counter::default(),
             registry: Registry::default(),
+            forwarded: (0..600).map(|_| OnceLock::new()).collect(),
+            coded: Default::default(),
+            unknown_plan: Arc::new(PlanMetrics {
+                plan: String::new(),
+                in_flight: Gauge::default(),
+                refusals: Default::default(),
+                family: Family::default(),
+            }),
         };
+        let unknown_plan = Arc::new(PlanMetrics {
+            plan: "-".into(),
+            in_flight: Gauge::default(),
+            refusals: Default::default(),
+            family: m.refusals.clone(),
+        });
         registry.register(
             "requests",
             "Requests answered, by outcome (forwarded, refused, error) and code (HTTP status or error code)",
@@ -120,31 +223,59 @@ impl Metrics {
             "Idle per-endpoint rate buckets dropped",
             m.buckets_evicted.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry,
+            unknown_plan,
+            ..m
+        }
     }
 
-    /// Counts an answered request.
-    pub fn request(&self, outcome: &'static str, code: &str) {
-        self.requests
-            .get_or_create(&vec![
-                ("outcome", outcome.to_string()),
-                ("code", code.to_string()),
-            ])
+    /// Counts a request forwarded to the upstream, by the status it answered.
+    pub fn forwarded(&self, status: u16) {
+        let Some(slot) = self.forwarded.get(usize::from(status)) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.requests
+                .get_or_create(&vec![
+                    ("outcome", "forwarded".into()),
+                    ("code", status.to_string()),
+                ])
+                .clone()
+        })
+        .inc();
+    }
+
+    /// Counts a request the gateway answered itself.
+    pub fn answered(&self, code: ErrorCode) {
+        self.coded[code as usize]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&vec![
+                        ("outcome", code.outcome().into()),
+                        ("code", code.as_str().into()),
+                    ])
+                    .clone()
+            })
             .inc();
     }
 
-    /// Counts a refusal.
-    pub fn refusal(&self, reason: &'static str, plan: &str) {
-        self.refusals
-            .get_or_create(&vec![("reason", reason.to_string()), ("plan", plan.to_string())])
-            .inc();
+    /// Counts a refusal of a request whose key (and so plan) is unknown.
+    pub fn refusal_without_plan(&self, code: ErrorCode) {
+        self.unknown_plan.refusal(code);
     }
 
-    /// The in-flight gauge of a plan, to keep for the life of a request.
-    pub fn in_flight(&self, plan: &str) -> Gauge {
-        self.in_flight
-            .get_or_create(&vec![("plan", plan.to_string())])
-            .clone()
+    /// The metric handles of a plan.
+    pub fn plan(&self, plan: &str) -> Arc<PlanMetrics> {
+        Arc::new(PlanMetrics {
+            plan: plan.to_string(),
+            in_flight: self
+                .in_flight
+                .get_or_create(&vec![("plan", plan.to_string())])
+                .clone(),
+            refusals: Default::default(),
+            family: self.refusals.clone(),
+        })
     }
 
     /// Sets the slot capacity of each plan after a reload; plans no longer present read 0.

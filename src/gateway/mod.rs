@@ -8,7 +8,7 @@
 mod admin;
 mod body;
 mod headers;
-mod metrics;
+pub mod metrics;
 mod proxy;
 mod server;
 pub mod source;
@@ -25,7 +25,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 pub use admin::admin_service;
-pub use metrics::Metrics;
+pub use metrics::{ErrorCode, Metrics, PlanMetrics};
 pub use proxy::{GatewayService, ProxyBody, Upstream, UpstreamError};
 pub use server::{Listening, serve};
 pub use table::{KeyTable, UpstreamCap};
@@ -100,7 +100,7 @@ impl Gateway {
     pub fn apply(&self, config: GatewayConfig) -> ReloadReport {
         let old = self.table.load_full();
         let changed = old.config.hash != config.hash || !self.is_ready();
-        let table = KeyTable::build(Arc::new(config), Some(&old));
+        let table = KeyTable::build(Arc::new(config), Some(&old), &self.metrics);
         let report = ReloadReport {
             from_version: old.config.version,
             to_version: table.config.version,

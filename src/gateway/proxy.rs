@@ -32,6 +32,7 @@ use super::{
         KEY_ID, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
         strip_hop_by_hop, strip_request_headers,
     },
+    metrics::ErrorCode,
     table::{self, Refusal},
 };
 
@@ -125,7 +126,7 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
         } => {
             let mut res = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
-                "concurrency_limit_exceeded",
+                ErrorCode::ConcurrencyLimitExceeded,
                 &format!(
                     "All {} concurrent request slots of this key are in use. Retry when one of your requests completes (about {secs} s), or upgrade the plan for more slots.",
                     slots.limit
@@ -143,7 +144,7 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
         } => {
             let mut res = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit",
+                ErrorCode::RateLimit,
                 &format!(
                     "Rate limit of {} requests per second (burst {}) reached. Retry after {secs} s.",
                     rate.per_second, rate.burst
@@ -157,7 +158,7 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
         Refusal::Upstream { limit } => {
             let mut res = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_concurrency_limit_exceeded",
+                ErrorCode::UpstreamConcurrencyLimitExceeded,
                 &format!(
                     "The service is handling its maximum of {limit} requests at once. Retry in a moment."
                 ),
@@ -177,25 +178,25 @@ impl Gateway {
         remote: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
         let (code, res) = self.route(req, remote).await;
-        let outcome = match code {
-            Code::Forwarded => "forwarded",
-            Code::Refused(_) => "refused",
-            Code::Error(_) => "error",
-        };
         match code {
-            Code::Forwarded => self.metrics.request(outcome, res.status().as_str()),
-            Code::Refused(c) | Code::Error(c) => self.metrics.request(outcome, c),
+            Some(c) => self.metrics.answered(c),
+            None => self.metrics.forwarded(res.status().as_u16()),
         }
         res
     }
 
-    async fn route(&self, req: Request<Incoming>, remote: Option<SocketAddr>) -> (Code, Response<ProxyBody>) {
+    /// Answers a request; the code is `None` when the upstream answered.
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        remote: Option<SocketAddr>,
+    ) -> (Option<ErrorCode>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         let Some(token) = presented_key(&parts) else {
-            self.metrics.refusal("missing_api_key", "-");
+            self.metrics.refusal_without_plan(ErrorCode::MissingApiKey);
             return refuse_auth(
                 StatusCode::UNAUTHORIZED,
-                "missing_api_key",
+                ErrorCode::MissingApiKey,
                 "No API key. Send it as `Authorization: Bearer <key>`, an `X-API-Key` header, or an `apikey` query parameter.",
             );
         };
@@ -204,18 +205,18 @@ impl Gateway {
 
         let table = self.table.load();
         let Some(entry) = table.get(&digest) else {
-            self.metrics.refusal("invalid_api_key", "-");
+            self.metrics.refusal_without_plan(ErrorCode::InvalidApiKey);
             return refuse_auth(
                 StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
+                ErrorCode::InvalidApiKey,
                 "This API key is not valid. Check it for typos, or create a new key.",
             );
         };
         if entry.suspended {
-            self.metrics.refusal("key_suspended", &entry.plan);
+            entry.metrics.refusal(ErrorCode::KeySuspended);
             return refuse_auth(
                 StatusCode::FORBIDDEN,
-                "key_suspended",
+                ErrorCode::KeySuspended,
                 "This API key is suspended. Contact the API provider to re-enable it.",
             );
         }
@@ -224,10 +225,10 @@ impl Gateway {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             if now >= at {
-                self.metrics.refusal("key_expired", &entry.plan);
+                entry.metrics.refusal(ErrorCode::KeyExpired);
                 return refuse_auth(
                     StatusCode::UNAUTHORIZED,
-                    "key_expired",
+                    ErrorCode::KeyExpired,
                     "This API key has expired. Create a new key or extend this one.",
                 );
             }
@@ -236,20 +237,18 @@ impl Gateway {
         let admitted = match table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref()) {
             Ok(a) => a,
             Err(refusal) => {
-                let (reason, code) = match refusal {
-                    Refusal::Concurrency { .. } => ("concurrency", "concurrency_limit_exceeded"),
-                    Refusal::Rate { .. } => ("rate", "rate_limit"),
-                    Refusal::Upstream { .. } => {
-                        ("upstream_concurrency", "upstream_concurrency_limit_exceeded")
-                    }
+                let code = match refusal {
+                    Refusal::Concurrency { .. } => ErrorCode::ConcurrencyLimitExceeded,
+                    Refusal::Rate { .. } => ErrorCode::RateLimit,
+                    Refusal::Upstream { .. } => ErrorCode::UpstreamConcurrencyLimitExceeded,
                 };
-                self.metrics.refusal(reason, &entry.plan);
-                return (Code::Refused(code), refused(refusal));
+                entry.metrics.refusal(code);
+                return (Some(code), refused(refusal));
             }
         };
         let (slots, rate) = (admitted.slots, admitted.rate);
         let gauge = admitted.slot.as_ref().map(|_| {
-            let g = self.metrics.in_flight(&entry.plan);
+            let g = entry.metrics.in_flight.clone();
             g.inc();
             g
         });
@@ -259,8 +258,7 @@ impl Gateway {
             started: Instant::now(),
             gauge,
         };
-        let key_id = HeaderValue::from_str(&entry.id).ok();
-        let plan = HeaderValue::from_str(&entry.plan).ok();
+        let upstream_headers = entry.upstream_headers.clone();
         // The table guard must not be held across the upstream await.
         drop(table);
 
@@ -268,12 +266,12 @@ impl Gateway {
         let Some(uri) = self.options.upstream.uri(parts.uri.path(), query.as_deref()) else {
             let mut res = error_response(
                 StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "The request path cannot be forwarded.",
                 None,
             );
             limit_headers(res.headers_mut(), slots, rate);
-            return (Code::Error("invalid_request"), res);
+            return (Some(ErrorCode::InvalidRequest), res);
         };
         let original_host = parts.headers.get(HOST).cloned();
         strip_request_headers(&mut parts.headers);
@@ -286,11 +284,9 @@ impl Gateway {
         {
             parts.headers.append("x-forwarded-for", v);
         }
-        if let Some(v) = key_id {
-            parts.headers.insert(KEY_ID, v);
-        }
-        if let Some(v) = plan {
-            parts.headers.insert(PLAN, v);
+        if let Some((id, plan)) = upstream_headers {
+            parts.headers.insert(KEY_ID, id);
+            parts.headers.insert(PLAN, plan);
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -308,24 +304,24 @@ impl Gateway {
                 strip_hop_by_hop(&mut parts.headers);
                 limit_headers(&mut parts.headers, slots, rate);
                 let body = Held::new(body.map_err(|e| Box::new(e) as BoxError), hold).boxed_unsync();
-                (Code::Forwarded, Response::from_parts(parts, body))
+                (None, Response::from_parts(parts, body))
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream unavailable");
                 let mut res = error_response(
                     StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
+                    ErrorCode::UpstreamUnavailable,
                     "The upstream service could not be reached. Retry shortly.",
                     None,
                 );
                 limit_headers(res.headers_mut(), slots, rate);
-                (Code::Error("upstream_unavailable"), res)
+                (Some(ErrorCode::UpstreamUnavailable), res)
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.options.upstream, timeout = ?self.options.upstream_timeout, "upstream timed out");
                 let mut res = error_response(
                     StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
+                    ErrorCode::UpstreamTimeout,
                     &format!(
                         "The upstream service did not answer within {} ms.",
                         self.options.upstream_timeout.as_millis()
@@ -333,20 +329,17 @@ impl Gateway {
                     None,
                 );
                 limit_headers(res.headers_mut(), slots, rate);
-                (Code::Error("upstream_timeout"), res)
+                (Some(ErrorCode::UpstreamTimeout), res)
             }
         }
     }
 }
 
-/// How a request ended, for the `requests` metric.
-enum Code {
-    Forwarded,
-    Refused(&'static str),
-    Error(&'static str),
-}
-
-fn refuse_auth(status: StatusCode, code: &'static str, message: &str) -> (Code, Response<ProxyBody>) {
+fn refuse_auth(
+    status: StatusCode,
+    code: ErrorCode,
+    message: &str,
+) -> (Option<ErrorCode>, Response<ProxyBody>) {
     let mut res = error_response(status, code, message, None);
     if status == StatusCode::UNAUTHORIZED {
         res.headers_mut().insert(
@@ -354,7 +347,7 @@ fn refuse_auth(status: StatusCode, code: &'static str, message: &str) -> (Code, 
             HeaderValue::from_static("Bearer realm=\"slotgate\""),
         );
     }
-    (Code::Refused(code), res)
+    (Some(code), res)
 }
 
 /// The gateway as a tower `Service`, one per connection (it knows the client's address).

@@ -14,6 +14,7 @@ use std::{
     },
 };
 
+use super::metrics::{Metrics, PlanMetrics};
 use crate::{
     api::BucketScope,
     config::{GatewayConfig, KeyLimits, matches_any},
@@ -49,7 +50,7 @@ type DigestMap<V> = HashMap<[u8; 32], V, BuildHasherDefault<DigestHasher>>;
 pub struct KeyState {
     slots: Arc<SlotPool>,
     key_bucket: Bucket,
-    endpoints: Mutex<HashMap<Box<str>, Arc<Bucket>>>,
+    endpoints: Mutex<HashMap<Box<str>, Bucket, foldhash::fast::RandomState>>,
     overflow: Bucket,
     /// Exponentially weighted mean of request durations, in nanoseconds (0: none seen yet).
     mean_duration: AtomicU64,
@@ -92,23 +93,31 @@ impl KeyState {
         wait.div_ceil(1_000_000_000).max(1)
     }
 
-    fn bucket_for(&self, scope: BucketScope, path: &str, now: u64, params: RateParams) -> BucketRef<'_> {
+    /// Runs `f` on the bucket a request draws on. An endpoint bucket is used under the lock of
+    /// the key's endpoint map, which is uncontended unless one key sends from many cores at once.
+    fn with_bucket<R>(
+        &self,
+        scope: BucketScope,
+        path: &str,
+        now: u64,
+        params: RateParams,
+        f: impl FnOnce(&Bucket) -> R,
+    ) -> R {
         if scope == BucketScope::Key {
-            return BucketRef::Borrowed(&self.key_bucket);
+            return f(&self.key_bucket);
         }
         let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = map.get(path) {
-            return BucketRef::Shared(Arc::clone(b));
+            return f(b);
         }
         if map.len() >= MAX_ENDPOINT_BUCKETS {
             map.retain(|_, b| !b.is_idle(now));
             if map.len() >= MAX_ENDPOINT_BUCKETS {
-                return BucketRef::Borrowed(&self.overflow);
+                drop(map);
+                return f(&self.overflow);
             }
         }
-        let b = Arc::new(Bucket::new(params));
-        map.insert(path.into(), Arc::clone(&b));
-        BucketRef::Shared(b)
+        f(map.entry(path.into()).or_insert_with(|| Bucket::new(params)))
     }
 
     /// Drops endpoint buckets that are full again: they hold no information.
@@ -125,21 +134,6 @@ impl KeyState {
     }
 }
 
-enum BucketRef<'a> {
-    Borrowed(&'a Bucket),
-    Shared(Arc<Bucket>),
-}
-
-impl std::ops::Deref for BucketRef<'_> {
-    type Target = Bucket;
-    fn deref(&self) -> &Bucket {
-        match self {
-            Self::Borrowed(b) => b,
-            Self::Shared(b) => b,
-        }
-    }
-}
-
 /// An admitted key as one configuration defines it.
 #[derive(Debug)]
 pub struct KeyEntry {
@@ -147,14 +141,18 @@ pub struct KeyEntry {
     pub id: Arc<str>,
     /// Plan name (safe to log and to use as a metric label).
     pub plan: Arc<str>,
-    /// Limits in force for this key.
-    pub limits: KeyLimits,
+    /// Limits in force for this key; shared by every key of a plan without overrides.
+    pub limits: Arc<KeyLimits>,
     /// Refused with 403.
     pub suspended: bool,
     /// Unix seconds after which the key is refused.
     pub expires_at: Option<i64>,
     /// Live state, shared with earlier and later tables.
     pub state: Arc<KeyState>,
+    /// Metric handles of the key's plan.
+    pub metrics: Arc<PlanMetrics>,
+    /// The key id and plan as header values for the upstream, built once per reload.
+    pub upstream_headers: Option<(http::HeaderValue, http::HeaderValue)>,
 }
 
 /// A configuration ready to enforce.
@@ -168,15 +166,15 @@ pub struct KeyTable {
 impl KeyTable {
     /// The table of an empty configuration.
     pub fn empty() -> Self {
-        Self::build(Arc::new(GatewayConfig::empty()), None)
+        Self::build(Arc::new(GatewayConfig::empty()), None, &Metrics::new())
     }
 
     /// Builds the table for `config`, carrying over each key's live state from `previous` by key id.
-    pub fn build(config: Arc<GatewayConfig>, previous: Option<&KeyTable>) -> Self {
+    pub fn build(config: Arc<GatewayConfig>, previous: Option<&KeyTable>, metrics: &Metrics) -> Self {
         let old: HashMap<&str, &Arc<KeyState>> = previous
             .map(|p| p.keys.values().map(|e| (&*e.id, &e.state)).collect())
             .unwrap_or_default();
-        let mut plans: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut plans: HashMap<&str, (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>)> = HashMap::new();
         let mut keys = DigestMap::default();
         keys.reserve(config.keys.len());
         for (hex_digest, key) in &config.keys {
@@ -185,15 +183,26 @@ impl KeyTable {
             if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
                 continue;
             }
-            let Some(limits) = config.limits_for(key) else {
+            let Some(plan_def) = config.plans.get(&key.plan) else {
                 continue;
+            };
+            let (plan, shared, plan_metrics) = plans.entry(&key.plan).or_insert_with(|| {
+                let limits = KeyLimits::resolve(plan_def, None);
+                (
+                    key.plan.as_str().into(),
+                    Arc::new(limits),
+                    metrics.plan(&key.plan),
+                )
+            });
+            let limits = match &key.overrides {
+                None => Arc::clone(shared),
+                Some(o) => Arc::new(KeyLimits::resolve(plan_def, Some(o))),
             };
             let params = rate_params(&limits);
             let state = old
                 .get(key.id.as_str())
                 .map(|s| Arc::clone(s))
                 .unwrap_or_else(|| Arc::new(KeyState::new(params)));
-            let plan = plans.entry(&key.plan).or_insert_with(|| key.plan.as_str().into());
             keys.insert(
                 digest,
                 KeyEntry {
@@ -203,6 +212,10 @@ impl KeyTable {
                     suspended: key.suspended,
                     expires_at: key.expires_at,
                     state,
+                    metrics: Arc::clone(plan_metrics),
+                    upstream_headers: http::HeaderValue::from_str(&key.id)
+                        .ok()
+                        .zip(http::HeaderValue::from_str(&key.plan).ok()),
                 },
             );
         }
@@ -377,13 +390,19 @@ pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) 
         per_second: rate.per_second,
         burst: rate.burst,
     };
-    let bucket = entry.state.bucket_for(rate.per, path, now, params);
     let view = |remaining| RateView {
         per_second: params.per_second,
         burst: params.burst,
         remaining,
     };
-    match bucket.admit_with(now, params, take) {
+    let decision = entry.state.with_bucket(rate.per, path, now, params, |bucket| {
+        let d = bucket.admit_with(now, params, take);
+        // A refusal for want of a slot reports the quota left, read without consuming it.
+        let left =
+            matches!(d, Err(RateRefusal::Other(Inner::Slots(_)))).then(|| bucket.remaining(now, params));
+        (d, left)
+    });
+    match decision.0 {
         Ok(((slot, upstream), remaining)) => Ok(Admitted {
             slots: slot_view(&slot),
             slot,
@@ -405,7 +424,7 @@ pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) 
         Err(RateRefusal::Other(Inner::Slots(f))) => {
             let mut refusal = full(slot_limit.unwrap_or(0), f);
             if let Refusal::Concurrency { rate: r, .. } = &mut refusal {
-                *r = Some(view(bucket.remaining(now, params)));
+                *r = decision.1.map(view);
             }
             Err(refusal)
         }
@@ -457,7 +476,7 @@ mod tests {
 
     #[test]
     fn endpoints_get_their_own_buckets_and_the_map_stays_bounded() {
-        let t = KeyTable::build(config(100, BucketScope::Endpoint), None);
+        let t = KeyTable::build(config(100, BucketScope::Endpoint), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
         assert!(admit(e, "/v1/a", SEC, None).is_ok());
         assert!(admit(e, "/v1/a", SEC, None).is_ok());
@@ -472,7 +491,7 @@ mod tests {
 
     #[test]
     fn state_survives_a_reload_and_a_slot_refusal_costs_no_quota() {
-        let t1 = KeyTable::build(config(1, BucketScope::Key), None);
+        let t1 = KeyTable::build(config(1, BucketScope::Key), None, &Metrics::new());
         let e1 = t1.get(&[0xab; 32]).unwrap();
         let held = admit(e1, "/v1/a", SEC, None).unwrap();
         assert_eq!(
@@ -488,7 +507,7 @@ mod tests {
         };
         assert_eq!(rate.unwrap().remaining, 1);
         // Upgrade to 3 slots: the held request still counts.
-        let t2 = KeyTable::build(config(3, BucketScope::Key), Some(&t1));
+        let t2 = KeyTable::build(config(3, BucketScope::Key), Some(&t1), &Metrics::new());
         let e2 = t2.get(&[0xab; 32]).unwrap();
         let second = admit(e2, "/v1/a", SEC, None).unwrap();
         assert_eq!(second.slots.unwrap().current, 2);
@@ -498,7 +517,7 @@ mod tests {
 
     #[test]
     fn paths_outside_the_patterns_are_not_limited() {
-        let t = KeyTable::build(config(0, BucketScope::Key), None);
+        let t = KeyTable::build(config(0, BucketScope::Key), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
         let a = admit(e, "/health", SEC, None).unwrap();
         assert!(a.slots.is_none() && a.rate.is_none() && a.slot.is_none());

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Load benchmark of `slotgate gateway` against its peers, side by side in one interleaved run
+# (A B C D A B C D ...). Run by hand, not in CI:  bash benches/load.sh [SECONDS] [REPEATS]
+#
+#   direct    wrk -> demo upstream
+#   bare      wrk -> bare hyper reverse proxy (benches/bare_proxy.rs, no limits) -> upstream
+#   nginx     wrk -> nginx (Debian) with limit_conn + limit_req for the same limits -> upstream
+#   slotgate  wrk -> slotgate gateway (release) -> upstream
+#   refusal   wrk -> slotgate gateway, key on a 0-slot plan: every answer is a 429
+#
+# The proxy under test and the upstream share CPU 0 and wrk has CPU 1; every proxy and the
+# upstream get one worker, so the added CPU per request, 1/rps(proxy) - 1/rps(direct), compares.
+# Needs wrk and nginx (apt-get install wrk nginx-light); installs them when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+REPEATS=${2:-3}
+CONNS=64
+KEY=sg_bench_Zq8Lp3Rk7Vw2Tn5Xc
+ZERO_KEY=sg_bench_zero_Hy4Mb9Qe6Ju1Gd
+
+command -v wrk >/dev/null && command -v nginx >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null; }
+cargo build --release --locked --bins --benches -q
+BARE=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -1)
+SG=target/release/slotgate
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+UP=$(free_port); BARE_P=$(free_port); NGINX_P=$(free_port); SG_P=$(free_port); SG_ADMIN=$(free_port)
+
+# Same limits everywhere: 1,000 slots and 1,000,000 req/s per key, so nothing is refused and
+# the cost of keeping the books is what is measured.
+mkdir -p "$WORK/manifests"
+cat > "$WORK/manifests/bench.yaml" <<EOF
+apiVersion: slotgate.dev/v1alpha1
+kind: ApiPlan
+metadata: {name: bench}
+spec:
+  concurrency: {maxConcurrentRequests: 1000, paths: ["/*"]}
+  rateLimit: {requestsPerSecond: 1000000, burst: 1000000, per: Key, paths: ["/*"]}
+---
+apiVersion: slotgate.dev/v1alpha1
+kind: ApiPlan
+metadata: {name: zero}
+spec:
+  concurrency: {maxConcurrentRequests: 0, paths: ["/*"]}
+---
+apiVersion: slotgate.dev/v1alpha1
+kind: ApiKey
+metadata: {name: bench, namespace: default}
+spec: {plan: bench}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: bench-token, namespace: default}
+stringData: {token: $KEY}
+---
+apiVersion: slotgate.dev/v1alpha1
+kind: ApiKey
+metadata: {name: zero, namespace: default}
+spec: {plan: zero}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: zero-token, namespace: default}
+stringData: {token: $ZERO_KEY}
+EOF
+"$SG" compile "$WORK/manifests" -o "$WORK/gateway.json" 2>/dev/null
+
+cat > "$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx-body;
+  proxy_temp_path $WORK/nginx-proxy;
+  limit_conn_zone \$http_x_api_key zone=slots:10m;
+  limit_req_zone \$http_x_api_key zone=rate:10m rate=1000000r/s;
+  upstream up { server 127.0.0.1:$UP; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_P;
+    location / {
+      limit_conn slots 1000;
+      limit_req zone=rate burst=1000000 nodelay;
+      limit_conn_status 429;
+      limit_req_status 429;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://up;
+    }
+  }
+}
+EOF
+
+taskset -c 0 "$SG" demo-upstream --listen 127.0.0.1:$UP --worker-threads 1 >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 0 "$BARE" 127.0.0.1:$BARE_P http://127.0.0.1:$UP 1 >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 0 nginx -c "$WORK/nginx.conf" >/dev/null 2>&1 & PIDS+=($!)
+SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
+  --listen 127.0.0.1:$SG_P --admin-listen 127.0.0.1:$SG_ADMIN --worker-threads 1 >/dev/null 2>&1 & PIDS+=($!)
+for p in $UP $BARE_P $NGINX_P $SG_P; do wait_port "$p"; done
+
+# One run: prints "rps p50_ms p99_ms non2xx".
+run() {
+  local port=$1 key=$2 out
+  out=$(taskset -c 1 wrk -t1 -c$CONNS -d"${SECS}s" --latency -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench")
+  awk -v o="$out" 'BEGIN {
+    n = split(o, L, "\n"); rps = 0; p50 = ""; p99 = ""; bad = 0
+    for (i = 1; i <= n; i++) {
+      split(L[i], f, " ")
+      if (L[i] ~ /^Requests\/sec:/) rps = f[2]
+      if (L[i] ~ /^ +50%/) p50 = f[2]
+      if (L[i] ~ /^ +99%/) p99 = f[2]
+      if (L[i] ~ /Non-2xx/) bad = f[5]
+    }
+    printf "%s %s %s %s\n", rps, ms(p50), ms(p99), bad
+  }
+  function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }'
+}
+
+# Warm every path once (connection pools, page cache).
+for t in "$UP $KEY" "$BARE_P $KEY" "$NGINX_P $KEY" "$SG_P $KEY"; do
+  taskset -c 1 wrk -t1 -c$CONNS -d1s -H "X-API-Key: ${t#* }" "http://127.0.0.1:${t%% *}/v1/bench" >/dev/null
+done
+
+RESULTS="$WORK/results"
+for rep in $(seq "$REPEATS"); do
+  for t in direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY refusal:$SG_P:$ZERO_KEY; do
+    IFS=: read -r name port key <<<"$t"
+    line=$(run "$port" "$key")
+    echo "$rep $name $line" | tee -a "$RESULTS" >&2
+  done
+done
+
+python3 - "$RESULTS" "$SECS" "$REPEATS" "$CONNS" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+by = {}
+for rep, name, rps, p50, p99, bad in rows:
+    by.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad)))
+med = {n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+           statistics.median(r[2] for r in v), sum(r[3] for r in v)) for n, v in by.items()}
+d = med["direct"][0]
+print(f"\n{sys.argv[3]} interleaved repeats of {sys.argv[2]} s, {sys.argv[4]} connections, medians:\n")
+print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | vs nginx | vs bare |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for n in ["direct", "bare", "nginx", "slotgate", "refusal"]:
+    rps, p50, p99, bad = med[n]
+    added = "" if n == "direct" else f"{(1/rps - 1/d) * 1e6:.1f}"
+    vn = f"{rps / med['nginx'][0]:.2f}x" if n != "nginx" else ""
+    vb = f"{rps / med['bare'][0]:.2f}x" if n != "bare" else ""
+    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {vn} | {vb} |")
+PY
