@@ -174,7 +174,9 @@ impl KeyTable {
         let old: HashMap<&str, &Arc<KeyState>> = previous
             .map(|p| p.keys.values().map(|e| (&*e.id, &e.state)).collect())
             .unwrap_or_default();
-        let mut plans: HashMap<&str, (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>)> = HashMap::new();
+        // Per plan: its name, its limits for keys without overrides, its metric handles.
+        type PlanShared = (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>);
+        let mut plans: HashMap<&str, PlanShared> = HashMap::new();
         let mut keys = DigestMap::default();
         keys.reserve(config.keys.len());
         for (hex_digest, key) in &config.keys {
