@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Nothing outside the Rust toolchain is needed yet; later suites (Redis, Helm rendering) install
-# their packages here, so a new machine passes the same way an old one does.
+# The README quickstart test runs curl as a newcomer would. Later suites (Redis, Helm rendering)
+# install their packages here too, so a new machine passes the same way an old one does.
+if ! command -v curl >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 
 cargo fmt --all -- --check

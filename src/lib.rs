@@ -6,6 +6,7 @@
 //! - [`limiter`]: slot pools and GCRA rate buckets, free of HTTP and Kubernetes;
 //! - [`gateway`]: the reverse proxy that enforces a configuration, and its configuration sources;
 //! - [`standalone`]: a folder of manifests read and compiled the way the controller would;
+//! - [`up`] and [`load`]: the laptop experience, everything from a folder, and a load tool;
 //!
 //! Dependencies point one way: `api` ← `config` ← `gateway`/`controller`; the limiter knows
 //! nothing of HTTP or Kubernetes.
@@ -17,4 +18,6 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod limiter;
+pub mod load;
 pub mod standalone;
+pub mod up;

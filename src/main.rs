@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use slotgate::gateway::{self, Gateway, GatewayOptions, GatewayService, Listening, Upstream};
+use slotgate::gateway::{self, Gateway, GatewayOptions, Listening, Upstream};
 use tokio::net::TcpListener;
 
 /// slotgate: sell API plans by concurrency slots and rate limits, enforced in front of any upstream.
@@ -30,6 +30,53 @@ enum Command {
     },
     /// Run the gateway: a reverse proxy enforcing a configuration file it watches.
     Gateway(GatewayArgs),
+    /// Run everything from a folder of manifests, no cluster needed: compile, gateway, demo upstream.
+    Up {
+        /// Folder of ApiPlan, ApiKey and Secret manifests (watched for changes).
+        #[arg(default_value = "examples")]
+        dir: PathBuf,
+        /// Address of the proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address of the admin listener (/healthz, /readyz, /metrics).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+        /// Upstream API; without it a demo upstream answers (`?delay_ms=N` holds a request).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Time to wait for the upstream's response headers before answering 504.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        upstream_timeout: Duration,
+        /// On Ctrl-C, time left to requests in flight.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        shutdown_timeout: Duration,
+    },
+    /// Send load with concurrent workers and summarise what the limits did.
+    Load {
+        /// Target URL, e.g. http://127.0.0.1:8080/v1/monitor/chatgpt?delay_ms=500
+        url: String,
+        /// API key (sent as `Authorization: Bearer`).
+        #[arg(long, env = "SLOTGATE_KEY")]
+        key: Option<String>,
+        /// Concurrent workers.
+        #[arg(short, long, default_value_t = 10)]
+        concurrency: usize,
+        /// Requests to send in all.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        requests: u64,
+        /// Send for this long instead of a fixed count (e.g. 10s).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Retries of a refused or failed request, with exponential backoff, jitter and Retry-After.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+        /// Keep the active workers within the free slots the limit headers report.
+        #[arg(long)]
+        adaptive: bool,
+        /// Print the summary as JSON on standard output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the demo upstream API (JSON answers; `?delay_ms=N` holds a request for N ms).
     DemoUpstream {
         /// Address to listen on.
@@ -178,42 +225,8 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     tracing::info!(proxy = %listening.proxy, admin = %listening.admin, upstream = %args.upstream, "gateway started");
 
     let watcher = tokio::spawn(gateway::source::watch_file(Arc::clone(&gw), args.config.clone()));
-    let sweeper = {
-        let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tick.tick().await;
-                gw.sweep();
-            }
-        })
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_gw = Arc::clone(&gw);
-    let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(gateway::serve(
-        admin,
-        move |_| gateway::admin_service(Arc::clone(&admin_gw)),
-        async move {
-            let _ = admin_stop.wait_for(|s| *s).await;
-        },
-        Duration::from_secs(1),
-    ));
-    let proxy_gw = Arc::clone(&gw);
-    gateway::serve(
-        proxy,
-        move |remote| GatewayService {
-            gateway: Arc::clone(&proxy_gw),
-            remote: Some(remote),
-        },
-        shutdown_signal(),
-        args.shutdown_timeout,
-    )
-    .await;
-    let _ = stop_tx.send(true);
-    let _ = admin_task.await;
+    gateway::run(gw, proxy, admin, shutdown_signal(), args.shutdown_timeout).await;
     watcher.abort();
-    sweeper.abort();
     Ok(())
 }
 
@@ -239,6 +252,56 @@ fn main() -> anyhow::Result<()> {
         Command::Gateway(args) => {
             init_tracing();
             runtime(args.worker_threads)?.block_on(run_gateway(args))?;
+        }
+        Command::Up {
+            dir,
+            listen,
+            admin_listen,
+            upstream,
+            upstream_timeout,
+            shutdown_timeout,
+        } => {
+            init_tracing();
+            let upstream = upstream.map(|u| u.parse::<Upstream>()).transpose()?;
+            let opts = slotgate::up::UpOptions {
+                dir,
+                listen,
+                admin_listen,
+                upstream,
+                upstream_timeout,
+                shutdown_timeout,
+            };
+            runtime(None)?.block_on(slotgate::up::run(opts, shutdown_signal()))?;
+        }
+        Command::Load {
+            url,
+            key,
+            concurrency,
+            requests,
+            duration,
+            retries,
+            adaptive,
+            json,
+        } => {
+            let url: http::Uri = url
+                .parse()
+                .map_err(|_| slotgate::load::LoadError::Url(url.clone()))?;
+            let opts = slotgate::load::LoadOptions {
+                url,
+                key,
+                concurrency,
+                requests,
+                duration,
+                retries,
+                adaptive,
+                progress: true,
+            };
+            let summary = runtime(None)?.block_on(slotgate::load::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", summary.render());
+            }
         }
         Command::DemoUpstream {
             listen,

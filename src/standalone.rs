@@ -105,3 +105,165 @@ pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
     }
     Ok(folder)
 }
+
+fn limits_text(
+    slots: Option<u32>,
+    rps: Option<u32>,
+    burst: Option<u32>,
+    per: Option<crate::api::BucketScope>,
+) -> String {
+    let slots = slots.map_or("unlimited slots".to_string(), |s| format!("{s} slots"));
+    let rate = match (rps, burst) {
+        (Some(r), Some(b)) => {
+            let per = match per {
+                Some(crate::api::BucketScope::Endpoint) => " per endpoint",
+                _ => "",
+            };
+            format!("{r} req/s (burst {b}){per}")
+        }
+        _ => "no rate limit".to_string(),
+    };
+    format!("{slots}, {rate}")
+}
+
+impl Folder {
+    /// The table `slotgate up` prints at start: plans, keys with their effective limits and a
+    /// masked token, and the conditions the controller would write, so a bad manifest shows at once.
+    pub fn report(&self, compiled: &Compiled) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "PLANS");
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<18} {:>5}  {:<44} READY",
+            "NAME", "DISPLAY", "KEYS", "LIMITS"
+        );
+        for plan in &self.plans {
+            let name = plan.name_any();
+            let s = &plan.spec;
+            let limits = limits_text(
+                s.concurrency.as_ref().map(|c| c.max_concurrent_requests),
+                s.rate_limit.as_ref().map(|r| r.requests_per_second),
+                s.rate_limit.as_ref().map(|r| r.effective_burst()),
+                s.rate_limit.as_ref().map(|r| r.per),
+            );
+            let report = compiled.plans.get(&name);
+            let ready = report
+                .and_then(|r| r.conditions.iter().find(|c| c.type_ == "Ready"))
+                .map_or("-".to_string(), |c| {
+                    if c.status {
+                        "True".to_string()
+                    } else {
+                        format!("False {}: {}", c.reason, c.message)
+                    }
+                });
+            let _ = writeln!(
+                out,
+                "  {:<14} {:<18} {:>5}  {:<44} {ready}",
+                name,
+                s.display_name.as_deref().unwrap_or("-"),
+                report.map_or(0, |r| r.keys),
+                limits
+            );
+        }
+        let _ = writeln!(out, "KEYS");
+        let _ = writeln!(
+            out,
+            "  {:<26} {:<12} {:<13} {:<44} READY",
+            "KEY", "PLAN", "TOKEN", "EFFECTIVE LIMITS"
+        );
+        for key in &self.keys {
+            let id = key.id();
+            let secret = key.token_ref();
+            let hint = self
+                .token_hints
+                .iter()
+                .find(|(k, _)| {
+                    *k == format!(
+                        "{}/{}/{}",
+                        key.namespace().unwrap_or_default(),
+                        secret.name,
+                        secret.key
+                    )
+                })
+                .map_or("(none)", |(_, h)| h.as_str());
+            let report = compiled.keys.get(&id);
+            let limits = report
+                .and_then(|r| r.effective.as_ref())
+                .map_or("-".to_string(), |e| {
+                    limits_text(e.max_concurrent_requests, e.requests_per_second, e.burst, e.per)
+                });
+            let mut ready = "-".to_string();
+            if let Some(r) = report {
+                ready = match r.conditions.iter().find(|c| !c.status) {
+                    None => "True".to_string(),
+                    Some(c) => format!("False {}={}: {}", c.type_, c.reason, c.message),
+                };
+            }
+            let _ = writeln!(
+                out,
+                "  {:<26} {:<12} {:<13} {:<44} {ready}",
+                id, key.spec.plan, hint, limits
+            );
+        }
+        out
+    }
+}
+
+/// One line per change between two configurations, as `slotgate up` reports an edit
+/// (`plan startup: 25 -> 50 slots`).
+pub fn describe_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
+    let mut lines = Vec::new();
+    let slots = |p: &crate::config::CompiledPlan| {
+        p.concurrency
+            .as_ref()
+            .map_or("unlimited".to_string(), |c| c.max.to_string())
+    };
+    let rate = |p: &crate::config::CompiledPlan| {
+        p.rate_limit.as_ref().map_or("unlimited".to_string(), |r| {
+            format!("{} req/s burst {}", r.per_second, r.burst)
+        })
+    };
+    for (name, plan) in &new.plans {
+        match old.plans.get(name) {
+            None => lines.push(format!(
+                "plan {name}: added ({} slots, {})",
+                slots(plan),
+                rate(plan)
+            )),
+            Some(before) if before != plan => {
+                let mut parts = Vec::new();
+                if slots(before) != slots(plan) {
+                    parts.push(format!("{} -> {} slots", slots(before), slots(plan)));
+                }
+                if rate(before) != rate(plan) {
+                    parts.push(format!("{} -> {}", rate(before), rate(plan)));
+                }
+                if parts.is_empty() {
+                    parts.push("paths changed".into());
+                }
+                lines.push(format!("plan {name}: {}", parts.join(", ")));
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old.plans.keys().filter(|n| !new.plans.contains_key(*n)) {
+        lines.push(format!("plan {name}: removed"));
+    }
+    let ids = |c: &GatewayConfig| -> std::collections::BTreeMap<String, crate::config::CompiledKey> {
+        c.keys.values().map(|k| (k.id.clone(), k.clone())).collect()
+    };
+    let (before, after) = (ids(old), ids(new));
+    for (id, key) in &after {
+        match before.get(id) {
+            None => lines.push(format!("key {id}: admitted on plan {}", key.plan)),
+            Some(b) if b.plan != key.plan => lines.push(format!("key {id}: plan {} -> {}", b.plan, key.plan)),
+            Some(b) if b != key => lines.push(format!("key {id}: updated")),
+            Some(_) => {}
+        }
+    }
+    for id in before.keys().filter(|id| !after.contains_key(*id)) {
+        lines.push(format!("key {id}: no longer admitted"));
+    }
+    lines
+}

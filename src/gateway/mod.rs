@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 pub use admin::admin_service;
 pub use metrics::{ErrorCode, Metrics, PlanMetrics};
 pub use proxy::{GatewayService, ProxyBody, Upstream, UpstreamError};
-pub use server::{Listening, serve};
+pub use server::{Listening, run, serve};
 pub use table::{KeyTable, UpstreamCap};
 
 use crate::config::{ConfigError, GatewayConfig};

@@ -73,3 +73,48 @@ pub async fn serve<S, F>(
         );
     }
 }
+
+/// Runs a gateway on its two listeners until `shutdown` resolves: the proxy (graceful, requests
+/// in flight get up to `grace`), the admin endpoints, and the periodic sweep of idle buckets.
+pub async fn run(
+    gateway: std::sync::Arc<super::Gateway>,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    use std::sync::Arc;
+    let sweeper = {
+        let gw = Arc::clone(&gateway);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                gw.sweep();
+            }
+        })
+    };
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let admin_gw = Arc::clone(&gateway);
+    let admin_task = tokio::spawn(serve(
+        admin,
+        move |_| super::admin_service(Arc::clone(&admin_gw)),
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+        Duration::from_secs(1),
+    ));
+    serve(
+        proxy,
+        move |remote| super::GatewayService {
+            gateway: Arc::clone(&gateway),
+            remote: Some(remote),
+        },
+        shutdown,
+        grace,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    sweeper.abort();
+}

@@ -195,6 +195,8 @@ pub struct Proc {
     pub proxy: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub stderr: PathBuf,
+    /// Every line printed on standard output so far.
+    pub stdout: Arc<Mutex<Vec<String>>>,
     _logs: tempfile::TempDir,
 }
 
@@ -220,11 +222,14 @@ impl Proc {
             .expect("slotgate starts");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if line.contains("listening on http://") {
-                    let _ = tx.send(line);
+                    let _ = tx.send(line.clone());
                 }
+                sink.lock().unwrap().push(line);
             }
         });
         let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
@@ -244,8 +249,26 @@ impl Proc {
             proxy: addrs[0],
             admin: addrs.get(1).copied(),
             stderr,
+            stdout: lines,
             _logs: logs,
         }
+    }
+
+    /// Standard output so far, as one string.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
+    }
+
+    /// Waits until standard output (or, with `stderr`, standard error) contains `text`.
+    pub async fn wait_output(&self, text: &str, stderr: bool) {
+        wait_until(text, || {
+            if stderr {
+                self.stderr().contains(text)
+            } else {
+                self.stdout().contains(text)
+            }
+        })
+        .await;
     }
 
     pub fn gateway(config: &Path, upstream: &str, extra: &[&str]) -> Proc {

@@ -1,0 +1,171 @@
+//! `slotgate up`: compile and gateway in one process, from a folder of the manifests `kubectl
+//! apply` takes, with a demo upstream when none is given. The folder is watched: an edit is
+//! applied at once and reported in one line; a broken edit is reported with its file and line and
+//! the previous configuration keeps serving.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    gateway::{self, Gateway, GatewayOptions, Upstream, source::ChangeStream},
+    standalone::{FolderError, describe_changes, load_dir},
+};
+
+/// Options of `slotgate up`.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// Folder of manifests.
+    pub dir: PathBuf,
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Upstream; `None` starts the demo upstream.
+    pub upstream: Option<Upstream>,
+    /// Time to wait for the upstream's response headers.
+    pub upstream_timeout: Duration,
+    /// Time left to requests in flight at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// Why `slotgate up` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// The folder could not be read or holds an invalid manifest.
+    #[error(transparent)]
+    Folder(#[from] FolderError),
+    /// A listener could not be opened.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The folder cannot be watched.
+    #[error(transparent)]
+    Watch(#[from] gateway::source::SourceError),
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, UpError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| UpError::Listen { addr, what, source })
+}
+
+/// Runs until `shutdown` resolves; then lets requests in flight finish and returns.
+pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
+    let started = Instant::now();
+    // Watch before the first read, so an edit made while starting is not missed.
+    let mut changes = ChangeStream::new(vec![opts.dir.clone()])?;
+    let folder = load_dir(&opts.dir)?;
+    for skipped in &folder.skipped {
+        eprintln!("warning: skipped {skipped}: not an ApiPlan, ApiKey or Secret");
+    }
+    let compiled = folder.compile(None);
+    print!("{}", folder.report(&compiled));
+
+    let (upstream, demo) = match opts.upstream.clone() {
+        Some(u) => (u, None),
+        None => {
+            let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "demo upstream").await?;
+            let addr = listener.local_addr().map_err(|source| UpError::Listen {
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                what: "demo upstream",
+                source,
+            })?;
+            let task = tokio::spawn(gateway::serve(
+                listener,
+                |_| crate::demo::DemoUpstream,
+                std::future::pending(),
+                Duration::ZERO,
+            ));
+            let upstream: Upstream = format!("http://{addr}").parse().expect("a loopback URL parses");
+            (upstream, Some(task))
+        }
+    };
+    let gw = Gateway::new(GatewayOptions {
+        upstream: upstream.clone(),
+        upstream_timeout: opts.upstream_timeout,
+        max_upstream_in_flight: None,
+    });
+    let mut current = compiled.config;
+    gw.apply(current.clone());
+
+    let proxy = bind(opts.listen, "--listen").await?;
+    let admin = bind(opts.admin_listen, "--admin-listen").await?;
+    let (proxy_addr, admin_addr) = (
+        proxy.local_addr().unwrap_or(opts.listen),
+        admin.local_addr().unwrap_or(opts.admin_listen),
+    );
+    let upstream_note = if demo.is_some() {
+        format!("demo upstream {upstream}")
+    } else {
+        format!("upstream {upstream}")
+    };
+    println!(
+        "slotgate up: listening on http://{proxy_addr} (admin http://{admin_addr}), {upstream_note}; configuration {} ({} keys), ready in {} ms",
+        current.version,
+        current.keys.len(),
+        started.elapsed().as_millis()
+    );
+    println!("watching {} for changes; Ctrl-C to stop", opts.dir.display());
+
+    let watch_gw = Arc::clone(&gw);
+    let dir = opts.dir.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            changes.changed().await;
+            let t = Instant::now();
+            match load_dir(&dir) {
+                Err(e) => {
+                    watch_gw
+                        .metrics
+                        .reload_failure(if matches!(e, FolderError::Io { .. }) {
+                            "io"
+                        } else {
+                            "manifest"
+                        });
+                    eprintln!(
+                        "error: {e}\n  the previous configuration ({}) keeps serving",
+                        current.version
+                    );
+                }
+                Ok(folder) => {
+                    let compiled = folder.compile(Some(&current));
+                    let lines = describe_changes(&current, &compiled.config);
+                    for (id, report) in &compiled.keys {
+                        if let Some(c) = report.conditions.iter().find(|c| !c.status) {
+                            eprintln!(
+                                "warning: ApiKey {id}: {}=False {}: {}",
+                                c.type_, c.reason, c.message
+                            );
+                        }
+                    }
+                    if compiled.config.hash != current.hash {
+                        watch_gw.apply(compiled.config.clone());
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        if lines.is_empty() {
+                            println!("configuration {} applied in {ms:.0} ms", compiled.config.version);
+                        }
+                        for line in lines {
+                            println!("{line}, applied in {ms:.0} ms");
+                        }
+                        current = compiled.config;
+                    }
+                }
+            }
+        }
+    });
+    gateway::run(gw, proxy, admin, shutdown, opts.shutdown_timeout).await;
+    watcher.abort();
+    if let Some(d) = demo {
+        d.abort();
+    }
+    println!("slotgate up: stopped");
+    Ok(())
+}
