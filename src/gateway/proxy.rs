@@ -103,17 +103,32 @@ impl std::fmt::Display for Upstream {
 }
 
 impl Upstream {
-    fn uri(&self, path: &str, query: Option<&str>) -> Option<Uri> {
-        let pq = match query {
-            Some(q) => format!("{}{path}?{q}", self.base_path),
-            None => format!("{}{path}", self.base_path),
+    /// The upstream URI of a request, without its `apikey` parameter.
+    fn uri(&self, original: &Uri) -> Option<Uri> {
+        let path = original.path();
+        let raw_query = original.query();
+        let pq = match original.path_and_query() {
+            // The common case reuses the request's bytes: nothing to strip, no base path.
+            Some(pq) if self.base_path.is_empty() && !raw_query.is_some_and(|q| q.contains("apikey")) => {
+                pq.clone()
+            }
+            _ => {
+                PathAndQuery::from_str(&self.join(path, raw_query.and_then(strip_apikey).as_deref())).ok()?
+            }
         };
         Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.authority.clone())
-            .path_and_query(PathAndQuery::from_str(&pq).ok()?)
+            .path_and_query(pq)
             .build()
             .ok()
+    }
+
+    fn join(&self, path: &str, query: Option<&str>) -> String {
+        match query {
+            Some(q) => format!("{}{path}?{q}", self.base_path),
+            None => format!("{}{path}", self.base_path),
+        }
     }
 }
 
@@ -262,8 +277,7 @@ impl Gateway {
         // The table guard must not be held across the upstream await.
         drop(table);
 
-        let query = parts.uri.query().and_then(strip_apikey);
-        let Some(uri) = self.options.upstream.uri(parts.uri.path(), query.as_deref()) else {
+        let Some(uri) = self.options.upstream.uri(&parts.uri) else {
             let mut res = error_response(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidRequest,

@@ -518,6 +518,21 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_while_a_request_is_in_flight_returns_its_slot() {
+        let t = KeyTable::build(config(1, BucketScope::Key), None, &Metrics::new());
+        let e = t.get(&[0xab; 32]).unwrap();
+        let admitted = admit(e, "/v1/a", SEC, None).unwrap();
+        assert_eq!(e.state.in_flight(), 1);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = admitted;
+            panic!("handler panicked");
+        }));
+        assert!(result.is_err());
+        assert_eq!(e.state.in_flight(), 0);
+        assert!(admit(e, "/v1/a", SEC, None).is_ok());
+    }
+
+    #[test]
     fn paths_outside_the_patterns_are_not_limited() {
         let t = KeyTable::build(config(0, BucketScope::Key), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
