@@ -540,3 +540,28 @@ fn bad_flags_name_what_is_wrong() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--upstream-timeout"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_closed_ones_are_not_reused() {
+    let stub = Stub::start().await;
+    let cfg = ConfigDir::new(&(slots_plan("p", 5) + &key_yaml("k", "p", "")));
+    let gw = Proc::gateway(&cfg.config, &stub.url(), &[]);
+    for _ in 0..20 {
+        assert_eq!(held(&gw, "/v1/a").await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        stub.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one kept-alive connection"
+    );
+    // An upstream that closes after each response: every request still succeeds.
+    for _ in 0..10 {
+        assert_eq!(held(&gw, "/v1/a?close=1").await.status, StatusCode::OK);
+    }
+    assert!(stub.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 10);
+    // A client that abandons a streaming response: that connection is dropped, the next is fine.
+    let _ = tokio::time::timeout(Duration::from_millis(100), held(&gw, "/v1/s?stream_ms=2000")).await;
+    assert_eq!(held(&gw, "/v1/a").await.status, StatusCode::OK);
+    gw.wait_metric("slotgate_in_flight{plan=\"p\"}", |v| v == 0.0)
+        .await;
+}

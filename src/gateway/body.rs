@@ -11,7 +11,10 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::table::{Admitted, KeyState};
+use super::{
+    table::{Admitted, KeyState},
+    upstream::Lease,
+};
 
 /// What an admitted request holds while it is in flight.
 #[derive(Debug)]
@@ -20,6 +23,8 @@ pub(super) struct Hold {
     pub state: Arc<KeyState>,
     pub started: Instant,
     pub gauge: Option<Gauge>,
+    /// The upstream connection, back to the pool once the body has been read to its end.
+    pub lease: Option<Lease>,
 }
 
 impl Drop for Hold {
@@ -61,10 +66,24 @@ impl<B: Body> Body for Held<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.hold.take();
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // The server stops polling once `is_end_stream` says so, so the last frame may be the
+        // last call: release there, not only on `None`.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) => {
+                drop(this.hold.take());
+                false
+            }
+            Poll::Pending => false,
+        };
+        if ended
+            && let Some(mut hold) = this.hold.take()
+            && let Some(lease) = hold.lease.take()
+        {
+            lease.release();
         }
         polled
     }

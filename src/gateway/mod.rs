@@ -13,6 +13,7 @@ mod proxy;
 mod server;
 pub mod source;
 pub mod table;
+mod upstream;
 
 use std::{
     sync::{
@@ -62,7 +63,8 @@ pub struct Gateway {
     ready: AtomicBool,
     options: GatewayOptions,
     cap: Option<UpstreamCap>,
-    client: proxy::Client,
+    pool: Arc<upstream::Pool>,
+    upstream_host: http::HeaderValue,
     /// The gateway's metrics.
     pub metrics: Metrics,
     epoch: Instant,
@@ -88,7 +90,9 @@ impl Gateway {
                 pool: Arc::default(),
                 limit,
             }),
-            client: proxy::client(),
+            pool: upstream::Pool::new(options.upstream.authority().clone()),
+            upstream_host: http::HeaderValue::from_str(options.upstream.authority().as_str())
+                .expect("an authority is a valid header value"),
             options,
             metrics: Metrics::new(),
             epoch: Instant::now(),

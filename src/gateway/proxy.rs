@@ -19,10 +19,6 @@ use http::{
 };
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client as HyperClient, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -41,18 +37,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every response the gateway sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-pub(super) type Client = HyperClient<HttpConnector, Incoming>;
-
-pub(super) fn client() -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    HyperClient::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(30))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
-}
 
 pub(super) fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
@@ -103,8 +87,13 @@ impl std::fmt::Display for Upstream {
 }
 
 impl Upstream {
-    /// The upstream URI of a request, without its `apikey` parameter.
-    fn uri(&self, original: &Uri) -> Option<Uri> {
+    /// The authority requests are sent to.
+    pub(super) fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The upstream path and query of a request (origin form), without its `apikey` parameter.
+    fn origin_form(&self, original: &Uri) -> Option<Uri> {
         let path = original.path();
         let raw_query = original.query();
         let pq = match original.path_and_query() {
@@ -116,12 +105,7 @@ impl Upstream {
                 PathAndQuery::from_str(&self.join(path, raw_query.and_then(strip_apikey).as_deref())).ok()?
             }
         };
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .ok()
+        Uri::builder().path_and_query(pq).build().ok()
     }
 
     fn join(&self, path: &str, query: Option<&str>) -> String {
@@ -267,7 +251,8 @@ impl Gateway {
             g.inc();
             g
         });
-        let hold = Hold {
+        let mut hold = Hold {
+            lease: None,
             admitted,
             state: Arc::clone(&entry.state),
             started: Instant::now(),
@@ -277,7 +262,7 @@ impl Gateway {
         // The table guard must not be held across the upstream await.
         drop(table);
 
-        let Some(uri) = self.options.upstream.uri(&parts.uri) else {
+        let Some(uri) = self.options.upstream.origin_form(&parts.uri) else {
             let mut res = error_response(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidRequest,
@@ -289,7 +274,7 @@ impl Gateway {
         };
         let original_host = parts.headers.get(HOST).cloned();
         strip_request_headers(&mut parts.headers);
-        parts.headers.remove(HOST);
+        parts.headers.insert(HOST, self.upstream_host.clone());
         if let Some(h) = original_host {
             parts.headers.insert("x-forwarded-host", h);
         }
@@ -307,14 +292,18 @@ impl Gateway {
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(self.options.upstream_timeout, self.client.request(upstream_req)).await;
+        let result = tokio::time::timeout(self.options.upstream_timeout, self.pool.send(upstream_req)).await;
         self.metrics
             .upstream_latency
             .observe(sent.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(res)) => {
+            Ok(Ok((res, lease))) => {
                 let (mut parts, body) = res.into_parts();
+                if http_body::Body::is_end_stream(&body) {
+                    lease.release();
+                } else {
+                    hold.lease = Some(lease);
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 limit_headers(&mut parts.headers, slots, rate);
                 let body = Held::new(body.map_err(|e| Box::new(e) as BoxError), hold).boxed_unsync();

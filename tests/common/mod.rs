@@ -42,6 +42,8 @@ pub struct Stub {
     pub in_flight: Arc<AtomicUsize>,
     pub peak: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted.
+    pub accepted: Arc<AtomicUsize>,
 }
 
 fn query_ms(uri: &http::Uri, name: &str) -> u64 {
@@ -73,6 +75,7 @@ impl Stub {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                s.accepted.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -120,7 +123,13 @@ impl Stub {
             return Response::new(BoxBody::new(StreamBody::new(chunks)));
         }
         drop(count);
-        Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
+        let mut res = Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed());
+        if query_ms(req.uri(), "close") == 1 {
+            // Ends the keep-alive connection after this response.
+            res.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("close"));
+        }
+        res
     }
 
     pub fn url(&self) -> String {
