@@ -202,15 +202,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         upstream_timeout: args.upstream_timeout,
         max_upstream_in_flight: args.max_upstream_in_flight,
     });
-    match gateway::source::load_file(&gw, &args.config) {
-        Ok(r) => {
-            tracing::info!(config = %args.config.display(), version = r.to_version, keys = r.keys, "configuration loaded")
-        }
-        // Not fatal: the gateway stays unready (503 on /readyz) until a good file appears.
-        Err(e) => {
-            tracing::error!(error = %e, "no configuration yet; /readyz answers 503 until a valid one is written")
-        }
-    }
+    let source = gateway::source::FileSource::open(Arc::clone(&gw), args.config.clone())?;
     let proxy = bind(args.listen, "--listen").await?;
     let admin = bind(args.admin_listen, "--admin-listen").await?;
     let listening = Listening {
@@ -224,7 +216,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     );
     tracing::info!(proxy = %listening.proxy, admin = %listening.admin, upstream = %args.upstream, "gateway started");
 
-    let watcher = tokio::spawn(gateway::source::watch_file(Arc::clone(&gw), args.config.clone()));
+    let watcher = tokio::spawn(source.run());
     gateway::run(gw, proxy, admin, shutdown_signal(), args.shutdown_timeout).await;
     watcher.abort();
     Ok(())

@@ -2,7 +2,7 @@
 //! and JSON error bodies.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header, request::Parts};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, header, request::Parts};
 
 use super::{
     metrics::ErrorCode,
@@ -162,12 +162,7 @@ pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Op
 }
 
 /// A machine-readable error: `{"error": {"code", "message", "limit"}}`.
-pub(super) fn error_response(
-    status: StatusCode,
-    code: ErrorCode,
-    message: &str,
-    limit: Option<u64>,
-) -> Response<ProxyBody> {
+pub(super) fn error_response(code: ErrorCode, message: &str, limit: Option<u64>) -> Response<ProxyBody> {
     // Written by hand: this is the refusal path, which must stay cheap under a flood.
     let mut body = String::with_capacity(96 + message.len());
     body.push_str("{\"error\":{\"code\":\"");
@@ -181,7 +176,7 @@ pub(super) fn error_response(
     }
     body.push_str("}}");
     let mut res = Response::new(super::proxy::full(Bytes::from(body)));
-    *res.status_mut() = status;
+    *res.status_mut() = code.status();
     res.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res

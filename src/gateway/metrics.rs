@@ -59,6 +59,20 @@ impl ErrorCode {
         }
     }
 
+    /// The HTTP status this code is answered with.
+    pub fn status(self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => S::UNAUTHORIZED,
+            Self::KeySuspended => S::FORBIDDEN,
+            Self::ConcurrencyLimitExceeded | Self::RateLimit => S::TOO_MANY_REQUESTS,
+            Self::UpstreamConcurrencyLimitExceeded => S::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnavailable => S::BAD_GATEWAY,
+            Self::UpstreamTimeout => S::GATEWAY_TIMEOUT,
+            Self::InvalidRequest => S::BAD_REQUEST,
+        }
+    }
+
     /// `refused` for decisions of the gateway, `error` for failures.
     pub fn outcome(self) -> &'static str {
         match self {
@@ -108,7 +122,7 @@ pub struct Metrics {
     refusals: Family<Labels, Counter>,
     in_flight: Family<Labels, Gauge>,
     capacity: Family<Labels, Gauge>,
-    /// Slot capacity by plan as of the last reload, for the utilisation ratios.
+    /// Slot capacity by plan as of the last reload; the two gauge families are derived from it.
     capacities: std::sync::Mutex<Vec<(String, i64)>>,
     utilisation: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Configuration version enforced.
@@ -143,9 +157,9 @@ impl Metrics {
     /// Registers every metric under the `slotgate_` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("slotgate");
+        let refusals: Family<Labels, Counter> = Family::default();
         let m = Self {
             requests: Family::default(),
-            refusals: Family::default(),
             in_flight: Family::default(),
             capacity: Family::default(),
             capacities: Default::default(),
@@ -160,18 +174,13 @@ impl Metrics {
             forwarded: (0..600).map(|_| OnceLock::new()).collect(),
             coded: Default::default(),
             unknown_plan: Arc::new(PlanMetrics {
-                plan: String::new(),
+                plan: "-".into(),
                 in_flight: Gauge::default(),
                 refusals: Default::default(),
-                family: Family::default(),
+                family: refusals.clone(),
             }),
+            refusals,
         };
-        let unknown_plan = Arc::new(PlanMetrics {
-            plan: "-".into(),
-            in_flight: Gauge::default(),
-            refusals: Default::default(),
-            family: m.refusals.clone(),
-        });
         registry.register(
             "requests",
             "Requests answered, by outcome (forwarded, refused, error) and code (HTTP status or error code)",
@@ -223,11 +232,7 @@ impl Metrics {
             "Idle per-endpoint rate buckets dropped",
             m.buckets_evicted.clone(),
         );
-        Self {
-            registry,
-            unknown_plan,
-            ..m
-        }
+        Self { registry, ..m }
     }
 
     /// Counts a request forwarded to the upstream, by the status it answered.
@@ -280,15 +285,9 @@ impl Metrics {
 
     /// Sets the slot capacity of each plan after a reload; plans no longer present read 0.
     pub fn set_capacity<'a>(&self, plans: impl IntoIterator<Item = (&'a str, i64)>) {
-        self.capacity.clear();
         let mut caps = self.capacities.lock().unwrap_or_else(|e| e.into_inner());
         caps.clear();
-        for (plan, slots) in plans {
-            self.capacity
-                .get_or_create(&vec![("plan", plan.to_string())])
-                .set(slots);
-            caps.push((plan.to_string(), slots));
-        }
+        caps.extend(plans.into_iter().map(|(plan, slots)| (plan.to_string(), slots)));
     }
 
     /// Counts a refused configuration.
@@ -298,11 +297,16 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format, with the utilisation ratios brought up to date.
+    /// The text exposition format, with capacity and utilisation brought up to date from the
+    /// capacities of the last reload (plans that are gone disappear).
     pub fn render(&self) -> String {
+        self.capacity.clear();
         self.utilisation.clear();
         let capacities = self.capacities.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (plan, cap) in capacities {
+            self.capacity
+                .get_or_create(&vec![("plan", plan.clone())])
+                .set(cap);
             let used = self.in_flight.get_or_create(&vec![("plan", plan.clone())]).get();
             let ratio = if cap > 0 { used as f64 / cap as f64 } else { 0.0 };
             self.utilisation.get_or_create(&vec![("plan", plan)]).set(ratio);

@@ -124,7 +124,6 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
             retry_after: secs,
         } => {
             let mut res = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::ConcurrencyLimitExceeded,
                 &format!(
                     "All {} concurrent request slots of this key are in use. Retry when one of your requests completes (about {secs} s), or upgrade the plan for more slots.",
@@ -142,7 +141,6 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
             retry_after: secs,
         } => {
             let mut res = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::RateLimit,
                 &format!(
                     "Rate limit of {} requests per second (burst {}) reached. Retry after {secs} s.",
@@ -156,7 +154,6 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
         }
         Refusal::Upstream { limit } => {
             let mut res = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::UpstreamConcurrencyLimitExceeded,
                 &format!(
                     "The service is handling its maximum of {limit} requests at once. Retry in a moment."
@@ -194,7 +191,6 @@ impl Gateway {
         let Some(token) = presented_key(&parts) else {
             self.metrics.refusal_without_plan(ErrorCode::MissingApiKey);
             return refuse_auth(
-                StatusCode::UNAUTHORIZED,
                 ErrorCode::MissingApiKey,
                 "No API key. Send it as `Authorization: Bearer <key>`, an `X-API-Key` header, or an `apikey` query parameter.",
             );
@@ -206,7 +202,6 @@ impl Gateway {
         let Some(entry) = table.get(&digest) else {
             self.metrics.refusal_without_plan(ErrorCode::InvalidApiKey);
             return refuse_auth(
-                StatusCode::UNAUTHORIZED,
                 ErrorCode::InvalidApiKey,
                 "This API key is not valid. Check it for typos, or create a new key.",
             );
@@ -214,7 +209,6 @@ impl Gateway {
         if entry.suspended {
             entry.metrics.refusal(ErrorCode::KeySuspended);
             return refuse_auth(
-                StatusCode::FORBIDDEN,
                 ErrorCode::KeySuspended,
                 "This API key is suspended. Contact the API provider to re-enable it.",
             );
@@ -226,7 +220,6 @@ impl Gateway {
             if now >= at {
                 entry.metrics.refusal(ErrorCode::KeyExpired);
                 return refuse_auth(
-                    StatusCode::UNAUTHORIZED,
                     ErrorCode::KeyExpired,
                     "This API key has expired. Create a new key or extend this one.",
                 );
@@ -261,16 +254,15 @@ impl Gateway {
         let upstream_headers = entry.upstream_headers.clone();
         // The table guard must not be held across the upstream await.
         drop(table);
+        // A failure after admission still tells the client its limits.
+        let fail = |code: ErrorCode, message: &str| {
+            let mut res = error_response(code, message, None);
+            limit_headers(res.headers_mut(), slots, rate);
+            (Some(code), res)
+        };
 
         let Some(uri) = self.options.upstream.origin_form(&parts.uri) else {
-            let mut res = error_response(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::InvalidRequest,
-                "The request path cannot be forwarded.",
-                None,
-            );
-            limit_headers(res.headers_mut(), slots, rate);
-            return (Some(ErrorCode::InvalidRequest), res);
+            return fail(ErrorCode::InvalidRequest, "The request path cannot be forwarded.");
         };
         let original_host = parts.headers.get(HOST).cloned();
         strip_request_headers(&mut parts.headers);
@@ -311,40 +303,28 @@ impl Gateway {
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream unavailable");
-                let mut res = error_response(
-                    StatusCode::BAD_GATEWAY,
+                fail(
                     ErrorCode::UpstreamUnavailable,
                     "The upstream service could not be reached. Retry shortly.",
-                    None,
-                );
-                limit_headers(res.headers_mut(), slots, rate);
-                (Some(ErrorCode::UpstreamUnavailable), res)
+                )
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.options.upstream, timeout = ?self.options.upstream_timeout, "upstream timed out");
-                let mut res = error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
+                fail(
                     ErrorCode::UpstreamTimeout,
                     &format!(
                         "The upstream service did not answer within {} ms.",
                         self.options.upstream_timeout.as_millis()
                     ),
-                    None,
-                );
-                limit_headers(res.headers_mut(), slots, rate);
-                (Some(ErrorCode::UpstreamTimeout), res)
+                )
             }
         }
     }
 }
 
-fn refuse_auth(
-    status: StatusCode,
-    code: ErrorCode,
-    message: &str,
-) -> (Option<ErrorCode>, Response<ProxyBody>) {
-    let mut res = error_response(status, code, message, None);
-    if status == StatusCode::UNAUTHORIZED {
+fn refuse_auth(code: ErrorCode, message: &str) -> (Option<ErrorCode>, Response<ProxyBody>) {
+    let mut res = error_response(code, message, None);
+    if code.status() == StatusCode::UNAUTHORIZED {
         res.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"slotgate\""),

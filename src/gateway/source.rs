@@ -46,16 +46,6 @@ pub enum SourceError {
     },
 }
 
-/// Reads a configuration file and applies it, or records the refusal and keeps the last good
-/// configuration.
-pub fn load_file(gateway: &Gateway, path: &Path) -> Result<ReloadReport, SourceError> {
-    let bytes = std::fs::read(path).map_err(|source| SourceError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    apply_bytes(gateway, path, &bytes)
-}
-
 fn apply_bytes(gateway: &Gateway, path: &Path, bytes: &[u8]) -> Result<ReloadReport, SourceError> {
     match GatewayConfig::from_json(bytes) {
         Ok(config) => Ok(gateway.apply(config)),
@@ -165,13 +155,47 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((newest, size))
 }
 
-/// Applies `path` now, then again whenever it changes; runs until the task is dropped.
-pub async fn watch_file(gateway: Arc<Gateway>, path: PathBuf) -> Result<(), SourceError> {
-    let mut changes = ChangeStream::new(vec![path.clone()])?;
-    let mut last: Option<[u8; 32]> = None;
-    let apply = |gateway: &Gateway, last: &mut Option<[u8; 32]>| {
-        let bytes = match std::fs::read(&path) {
+/// A configuration file, applied when opened and again whenever it changes.
+#[derive(Debug)]
+pub struct FileSource {
+    gateway: Arc<Gateway>,
+    path: PathBuf,
+    changes: ChangeStream,
+    /// SHA-256 of the bytes last applied or refused: an unchanged file is not parsed again.
+    last: Option<[u8; 32]>,
+}
+
+impl FileSource {
+    /// Starts watching `path`, then applies it once, so an edit made meanwhile is not missed.
+    /// A missing or invalid file is logged and the gateway stays unready until a good one appears.
+    pub fn open(gateway: Arc<Gateway>, path: PathBuf) -> Result<Self, SourceError> {
+        let changes = ChangeStream::new(vec![path.clone()])?;
+        let mut source = Self {
+            gateway,
+            path,
+            changes,
+            last: None,
+        };
+        source.apply();
+        Ok(source)
+    }
+
+    /// Re-applies the file on every change; runs until the task is dropped.
+    pub async fn run(mut self) {
+        loop {
+            self.changes.changed().await;
+            self.apply();
+        }
+    }
+
+    fn apply(&mut self) {
+        let path = &self.path;
+        let bytes = match std::fs::read(path) {
             Ok(b) => b,
+            Err(e) if !self.gateway.is_ready() => {
+                tracing::error!(path = %path.display(), error = %e, "no configuration yet; /readyz answers 503 until a valid one is written");
+                return;
+            }
             Err(e) => {
                 // A file being replaced is briefly missing; the next event brings it back.
                 tracing::warn!(path = %path.display(), error = %e, "configuration file unreadable; keeping the last good configuration");
@@ -179,12 +203,12 @@ pub async fn watch_file(gateway: Arc<Gateway>, path: PathBuf) -> Result<(), Sour
             }
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        if *last == Some(digest) {
+        if self.last == Some(digest) {
             return;
         }
-        *last = Some(digest);
+        self.last = Some(digest);
         let started = std::time::Instant::now();
-        if let Ok(r) = apply_bytes(gateway, &path, &bytes)
+        if let Ok(r) = apply_bytes(&self.gateway, path, &bytes)
             && r.changed
         {
             tracing::info!(
@@ -196,10 +220,5 @@ pub async fn watch_file(gateway: Arc<Gateway>, path: PathBuf) -> Result<(), Sour
                 "configuration applied"
             );
         }
-    };
-    apply(&gateway, &mut last);
-    loop {
-        changes.changed().await;
-        apply(&gateway, &mut last);
     }
 }
