@@ -82,7 +82,7 @@ fn decision(c: &mut Criterion) {
                     i = (i + 1) & 4095;
                     now += 1_000;
                     let entry = t.get(&probes[i]).expect("key loaded");
-                    let admitted = admit(entry, black_box("/v1/monitor/chatgpt"), now, None);
+                    let admitted = admit(entry, black_box("/v1/monitor/chatgpt"), now, None, 1);
                     black_box(admitted.is_ok())
                 })
             });

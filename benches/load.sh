@@ -5,12 +5,18 @@
 #   direct    wrk -> demo upstream
 #   bare      wrk -> bare hyper reverse proxy (benches/bare_proxy.rs, no limits) -> upstream
 #   nginx     wrk -> nginx (Debian) with limit_conn + limit_req for the same limits -> upstream
-#   slotgate  wrk -> slotgate gateway (release) -> upstream
+#   slotgate  wrk -> slotgate gateway (release, limits in memory) -> upstream
+#   redis     wrk -> slotgate gateway --state redis://  (limits shared through redis-server) -> upstream
 #   refusal   wrk -> slotgate gateway, key on a 0-slot plan: every answer is a 429
 #
 # The proxy under test and the upstream share CPU 0 and wrk has CPU 1; every proxy and the
 # upstream get one worker, so the added CPU per request, 1/rps(proxy) - 1/rps(direct), compares.
-# Needs wrk and nginx (apt-get install wrk nginx-light); installs them when missing.
+# redis-server runs on CPU 0 too: its work is part of what the redis mode costs.
+# A second table holds latency at a fixed offered rate (hey, 50 workers x 100 req/s = 5,000 req/s,
+# well below every target's capacity), where latency is the cost of a request rather than
+# queueing behind a saturated CPU.
+# Needs wrk, hey, nginx and redis-server (apt-get install wrk hey nginx-light redis-server);
+# installs them when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -19,8 +25,9 @@ CONNS=64
 KEY=sg_bench_Zq8Lp3Rk7Vw2Tn5Xc
 ZERO_KEY=sg_bench_zero_Hy4Mb9Qe6Ju1Gd
 
-command -v wrk >/dev/null && command -v nginx >/dev/null \
-  || { apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null; }
+command -v wrk >/dev/null && command -v hey >/dev/null && command -v nginx >/dev/null \
+  && command -v redis-server >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq wrk hey nginx-light redis-server >/dev/null; }
 cargo build --release --locked --bins --benches -q
 BARE=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -1)
 SG=target/release/slotgate
@@ -38,6 +45,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 UP=$(free_port); BARE_P=$(free_port); NGINX_P=$(free_port); SG_P=$(free_port); SG_ADMIN=$(free_port)
+REDIS_P=$(free_port); SGR_P=$(free_port); SGR_ADMIN=$(free_port)
 
 # Same limits everywhere: 1,000 slots and 1,000,000 req/s per key, so nothing is refused and
 # the cost of keeping the books is what is measured.
@@ -111,7 +119,12 @@ taskset -c 0 "$BARE" 127.0.0.1:$BARE_P http://127.0.0.1:$UP 1 >/dev/null 2>&1 & 
 taskset -c 0 nginx -c "$WORK/nginx.conf" >/dev/null 2>&1 & PIDS+=($!)
 SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
   --listen 127.0.0.1:$SG_P --admin-listen 127.0.0.1:$SG_ADMIN --worker-threads 1 >/dev/null 2>&1 & PIDS+=($!)
-for p in $UP $BARE_P $NGINX_P $SG_P; do wait_port "$p"; done
+taskset -c 0 redis-server --port $REDIS_P --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null 2>&1 & PIDS+=($!)
+wait_port $REDIS_P
+SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
+  --listen 127.0.0.1:$SGR_P --admin-listen 127.0.0.1:$SGR_ADMIN --worker-threads 1 \
+  --state redis://127.0.0.1:$REDIS_P >/dev/null 2>&1 & PIDS+=($!)
+for p in $UP $BARE_P $NGINX_P $SG_P $SGR_P; do wait_port "$p"; done
 
 # One run: prints "rps p50_ms p99_ms non2xx".
 run() {
@@ -132,20 +145,33 @@ run() {
 }
 
 # Warm every path once (connection pools, page cache).
-for t in "$UP $KEY" "$BARE_P $KEY" "$NGINX_P $KEY" "$SG_P $KEY"; do
+for t in "$UP $KEY" "$BARE_P $KEY" "$NGINX_P $KEY" "$SG_P $KEY" "$SGR_P $KEY"; do
   taskset -c 1 wrk -t1 -c$CONNS -d1s -H "X-API-Key: ${t#* }" "http://127.0.0.1:${t%% *}/v1/bench" >/dev/null
 done
 
 RESULTS="$WORK/results"
 for rep in $(seq "$REPEATS"); do
-  for t in direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY refusal:$SG_P:$ZERO_KEY; do
+  for t in direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY redis:$SGR_P:$KEY refusal:$SG_P:$ZERO_KEY; do
     IFS=: read -r name port key <<<"$t"
     line=$(run "$port" "$key")
     echo "$rep $name $line" | tee -a "$RESULTS" >&2
   done
 done
 
-python3 - "$RESULTS" "$SECS" "$REPEATS" "$CONNS" <<'PY'
+# Fixed rate: prints "p50_ms p99_ms" for one run.
+paced() {
+  taskset -c 1 hey -z "${SECS}s" -c 50 -q 100 -H "X-API-Key: $KEY" "http://127.0.0.1:$1/v1/bench" \
+    | awk '/ 50% in/ {p50 = $3 * 1000} / 99% in/ {p99 = $3 * 1000} END {printf "%.2f %.2f\n", p50, p99}'
+}
+PACED="$WORK/paced"
+for rep in $(seq "$REPEATS"); do
+  for t in direct:$UP nginx:$NGINX_P slotgate:$SG_P redis:$SGR_P; do
+    IFS=: read -r name port <<<"$t"
+    echo "$rep $name $(paced "$port")" | tee -a "$PACED" >&2
+  done
+done
+
+python3 - "$RESULTS" "$SECS" "$REPEATS" "$CONNS" "$PACED" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 by = {}
@@ -155,12 +181,28 @@ med = {n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v
            statistics.median(r[2] for r in v), sum(r[3] for r in v)) for n, v in by.items()}
 d = med["direct"][0]
 print(f"\n{sys.argv[3]} interleaved repeats of {sys.argv[2]} s, {sys.argv[4]} connections, medians:\n")
-print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | vs nginx | vs bare |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for n in ["direct", "bare", "nginx", "slotgate", "refusal"]:
+print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | vs nginx | vs bare | vs memory |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for n in ["direct", "bare", "nginx", "slotgate", "redis", "refusal"]:
     rps, p50, p99, bad = med[n]
     added = "" if n == "direct" else f"{(1/rps - 1/d) * 1e6:.1f}"
     vn = f"{rps / med['nginx'][0]:.2f}x" if n != "nginx" else ""
     vb = f"{rps / med['bare'][0]:.2f}x" if n != "bare" else ""
-    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {vn} | {vb} |")
+    vm = f"{rps / med['slotgate'][0]:.2f}x" if n == "redis" else ""
+    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {vn} | {vb} | {vm} |")
+m, r = med["slotgate"], med["redis"]
+print(f"\nredis mode: {r[0] / m[0]:.2f}x memory mode's throughput, p99 {r[2] - m[2]:+.2f} ms over memory mode (saturated)")
+
+paced = {}
+for rep, name, p50, p99 in (l.split() for l in open(sys.argv[5])):
+    paced.setdefault(name, []).append((float(p50), float(p99)))
+pm = {n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for n, v in paced.items()}
+print("\nLatency at a fixed 5,000 req/s (hey, 50 workers), medians:\n")
+print("| target | p50 ms | p99 ms | p99 added over direct (ms) |")
+print("|---|---:|---:|---:|")
+for n in ["direct", "nginx", "slotgate", "redis"]:
+    p50, p99 = pm[n]
+    added = "" if n == "direct" else f"{p99 - pm['direct'][1]:+.2f}"
+    print(f"| {n} | {p50:.2f} | {p99:.2f} | {added} |")
+print(f"\nredis mode at 5,000 req/s: p99 {pm['redis'][1] - pm['slotgate'][1]:+.2f} ms over memory mode")
 PY

@@ -4,10 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The README quickstart test runs curl as a newcomer would. Later suites (Redis, Helm rendering)
-# install their packages here too, so a new machine passes the same way an old one does.
-if ! command -v curl >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+# The README quickstart test runs curl as a newcomer would; the shared-state tests start their own
+# redis-server processes. Installed here when missing, so a new machine passes the same way an old
+# one does.
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The package starts a system-wide server; the tests run their own on free ports.
+  (service redis-server stop || true) >/dev/null 2>&1
 fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 

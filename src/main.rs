@@ -50,6 +50,8 @@ enum Command {
         /// On Ctrl-C, time left to requests in flight.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         shutdown_timeout: Duration,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Send load with concurrent workers and summarise what the limits did.
     Load {
@@ -115,6 +117,60 @@ struct GatewayArgs {
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+/// Where slots and rate buckets live.
+#[derive(Args, Debug)]
+struct StateArgs {
+    /// `memory` (one replica; the default) or `redis://[:password@]host:port[/db]`: slots and rate
+    /// buckets shared by every gateway replica using that Redis.
+    #[arg(long, default_value = "memory", env = "SLOTGATE_STATE")]
+    state: String,
+    /// While Redis is unreachable or slower than --state-timeout: `local` (each replica enforces
+    /// the limits divided by the live replicas) or `fail-closed` (503 limiter_unavailable).
+    #[arg(long, default_value = "local", env = "SLOTGATE_STATE_FALLBACK")]
+    state_fallback: gateway::Fallback,
+    /// Longest wait for Redis to admit a request before the fallback applies.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    state_timeout: Duration,
+    /// Life of a slot lease without renewal: a crashed replica's slots come back within it.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    state_lease_ttl: Duration,
+    /// Prefix of every Redis key (several fleets can share one Redis).
+    #[arg(long, default_value = "slotgate", env = "SLOTGATE_STATE_PREFIX")]
+    state_prefix: String,
+    /// Gateway replicas assumed until Redis has reported how many are live (for the fallback).
+    #[arg(long, default_value_t = 1, env = "SLOTGATE_REPLICAS")]
+    replicas: u32,
+}
+
+impl StateArgs {
+    fn options(self) -> anyhow::Result<gateway::StateOptions> {
+        let shared = match self.state.as_str() {
+            "memory" => None,
+            url if url.starts_with("redis://") => Some(slotgate::limiter::SharedOptions {
+                url: self.state,
+                prefix: self.state_prefix,
+                lease_ttl: self.state_lease_ttl,
+                timeout: self.state_timeout,
+                replicas_hint: self.replicas,
+            }),
+            other => anyhow::bail!(
+                "--state {}: expected `memory` or a URL like redis://127.0.0.1:6379",
+                slotgate::limiter::shared::redact_url(other)
+            ),
+        };
+        anyhow::ensure!(
+            self.state_lease_ttl >= Duration::from_millis(300),
+            "--state-lease-ttl must be at least 300ms (leases are renewed every third of it)"
+        );
+        Ok(gateway::StateOptions {
+            shared,
+            fallback: self.state_fallback,
+        })
+    }
 }
 
 /// Parses `250ms`, `30s`, `2m` or a bare number of seconds.
@@ -201,7 +257,9 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         upstream,
         upstream_timeout: args.upstream_timeout,
         max_upstream_in_flight: args.max_upstream_in_flight,
-    });
+        state: args.state.options()?,
+    })
+    .await?;
     let source = gateway::source::FileSource::open(Arc::clone(&gw), args.config.clone())?;
     let proxy = bind(args.listen, "--listen").await?;
     let admin = bind(args.admin_listen, "--admin-listen").await?;
@@ -270,8 +328,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             upstream,
             upstream_timeout,
             shutdown_timeout,
+            state,
         } => {
             init_tracing();
+            let state = state.options()?;
             let upstream = upstream.map(|u| u.parse::<Upstream>()).transpose()?;
             let opts = slotgate::up::UpOptions {
                 dir,
@@ -280,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 upstream,
                 upstream_timeout,
                 shutdown_timeout,
+                state,
             };
             runtime(None)?.block_on(slotgate::up::run(opts, shutdown_signal()))?;
         }

@@ -27,6 +27,8 @@ pub struct UpOptions {
     pub upstream_timeout: Duration,
     /// Time left to requests in flight at shutdown.
     pub shutdown_timeout: Duration,
+    /// Where slots and rate buckets live (memory, or Redis shared with other gateways).
+    pub state: gateway::StateOptions,
 }
 
 /// Why `slotgate up` could not start.
@@ -49,6 +51,9 @@ pub enum UpError {
     /// The folder cannot be watched.
     #[error(transparent)]
     Watch(#[from] gateway::source::SourceError),
+    /// The shared state URL is not usable.
+    #[error(transparent)]
+    State(#[from] crate::limiter::shared::SharedError),
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, UpError> {
@@ -92,7 +97,9 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         upstream: upstream.clone(),
         upstream_timeout: opts.upstream_timeout,
         max_upstream_in_flight: None,
-    });
+        state: opts.state.clone(),
+    })
+    .await?;
     let mut current = compiled.config;
     gw.apply(current.clone());
 

@@ -2,6 +2,9 @@
 
 use std::sync::{Arc, OnceLock, atomic::AtomicU64};
 
+use super::Fallback;
+use crate::limiter::shared::{SharedError, SharedObserver, SharedOp};
+
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -38,10 +41,12 @@ pub enum ErrorCode {
     UpstreamTimeout,
     /// 400: request that cannot be forwarded.
     InvalidRequest,
+    /// 503: the shared limiter state is unreachable and the policy is to fail closed.
+    LimiterUnavailable,
 }
 
 impl ErrorCode {
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
 
     /// The code as clients and metrics see it.
     pub fn as_str(self) -> &'static str {
@@ -56,6 +61,7 @@ impl ErrorCode {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::InvalidRequest => "invalid_request",
+            Self::LimiterUnavailable => "limiter_unavailable",
         }
     }
 
@@ -66,7 +72,7 @@ impl ErrorCode {
             Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => S::UNAUTHORIZED,
             Self::KeySuspended => S::FORBIDDEN,
             Self::ConcurrencyLimitExceeded | Self::RateLimit => S::TOO_MANY_REQUESTS,
-            Self::UpstreamConcurrencyLimitExceeded => S::SERVICE_UNAVAILABLE,
+            Self::UpstreamConcurrencyLimitExceeded | Self::LimiterUnavailable => S::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable => S::BAD_GATEWAY,
             Self::UpstreamTimeout => S::GATEWAY_TIMEOUT,
             Self::InvalidRequest => S::BAD_REQUEST,
@@ -76,7 +82,10 @@ impl ErrorCode {
     /// `refused` for decisions of the gateway, `error` for failures.
     pub fn outcome(self) -> &'static str {
         match self {
-            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::InvalidRequest => "error",
+            Self::UpstreamUnavailable
+            | Self::UpstreamTimeout
+            | Self::InvalidRequest
+            | Self::LimiterUnavailable => "error",
             _ => "refused",
         }
     }
@@ -139,6 +148,56 @@ pub struct Metrics {
     forwarded: Box<[OnceLock<Counter>]>,
     coded: [OnceLock<Counter>; ErrorCode::COUNT],
     unknown_plan: Arc<PlanMetrics>,
+    /// Metrics of the shared limiter state (Redis).
+    pub state: StateMetrics,
+}
+
+/// Metrics of the shared limiter state: call latency and errors by operation, and the mode in
+/// force. Cheap to clone; the limiter reports into it through [`SharedObserver`].
+#[derive(Clone, Debug)]
+pub struct StateMetrics {
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+    errors: Family<Labels, Counter>,
+    /// 1 while limits are shared through Redis, 0 while the fallback policy applies.
+    pub shared: Gauge,
+    /// Live gateway replicas as Redis last reported them.
+    pub replicas: Gauge,
+    /// What happens while Redis is unreachable, for the log line of a mode change.
+    pub fallback: Fallback,
+}
+
+impl SharedObserver for StateMetrics {
+    fn call(&self, op: SharedOp, elapsed: std::time::Duration, error: Option<&SharedError>) {
+        let labels = vec![("op", op.as_str().to_string())];
+        self.latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        if let Some(e) = error {
+            self.errors.get_or_create(&labels).inc();
+            tracing::debug!(op = op.as_str(), error = %e, "shared state call failed");
+        }
+    }
+
+    fn replicas(&self, replicas: u32) {
+        self.replicas.set(i64::from(replicas));
+        tracing::info!(replicas, "live gateway replicas sharing the limits changed");
+    }
+
+    fn mode(&self, shared: bool, replicas: u32) {
+        self.shared.set(i64::from(shared));
+        self.replicas.set(i64::from(replicas));
+        match (shared, self.fallback) {
+            (true, _) => tracing::info!(
+                replicas,
+                "shared state reachable: limits are shared by every replica through redis"
+            ),
+            (false, Fallback::Local) => tracing::warn!(
+                replicas,
+                "shared state unreachable: each replica enforces 1/{replicas} of every limit locally until redis answers again"
+            ),
+            (false, Fallback::FailClosed) => tracing::warn!(
+                "shared state unreachable: answering 503 limiter_unavailable until redis answers again (fail-closed)"
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -180,6 +239,15 @@ impl Metrics {
                 family: refusals.clone(),
             }),
             refusals,
+            state: StateMetrics {
+                latency: Family::new_with_constructor(|| {
+                    Histogram::new(exponential_buckets(0.0001, 2.0, 14))
+                }),
+                errors: Family::default(),
+                shared: Gauge::default(),
+                replicas: Gauge::default(),
+                fallback: Fallback::Local,
+            },
         };
         registry.register(
             "requests",
@@ -231,6 +299,26 @@ impl Metrics {
             "endpoint_buckets_evicted",
             "Idle per-endpoint rate buckets dropped",
             m.buckets_evicted.clone(),
+        );
+        registry.register(
+            "state_call_seconds",
+            "Time of calls to the shared limiter state (redis), by operation",
+            m.state.latency.clone(),
+        );
+        registry.register(
+            "state_errors",
+            "Failed or timed-out calls to the shared limiter state, by operation",
+            m.state.errors.clone(),
+        );
+        registry.register(
+            "state_shared",
+            "1 while limits are shared through redis, 0 while the fallback policy applies",
+            m.state.shared.clone(),
+        );
+        registry.register(
+            "state_replicas",
+            "Live gateway replicas as the shared state last reported them",
+            m.state.replicas.clone(),
         );
         Self { registry, ..m }
     }

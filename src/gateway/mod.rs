@@ -26,12 +26,15 @@ use std::{
 use arc_swap::ArcSwap;
 
 pub use admin::admin_service;
-pub use metrics::{ErrorCode, Metrics, PlanMetrics};
+pub use metrics::{ErrorCode, Metrics, PlanMetrics, StateMetrics};
 pub use proxy::{GatewayService, ProxyBody, Upstream, UpstreamError};
 pub use server::{Listening, run, serve};
 pub use table::{KeyTable, UpstreamCap};
 
-use crate::config::{ConfigError, GatewayConfig};
+use crate::{
+    config::{ConfigError, GatewayConfig},
+    limiter::{SharedLimiter, SharedOptions, shared::SharedError},
+};
 
 /// How a gateway reaches and protects its upstream.
 #[derive(Clone, Debug)]
@@ -42,6 +45,49 @@ pub struct GatewayOptions {
     pub upstream_timeout: Duration,
     /// Gateway-wide cap on requests in flight to the upstream, whatever the key.
     pub max_upstream_in_flight: Option<u32>,
+    /// Where slots and rate buckets live.
+    pub state: StateOptions,
+}
+
+/// Where slots and rate buckets live, and what happens when the shared state is unreachable.
+#[derive(Clone, Debug, Default)]
+pub struct StateOptions {
+    /// Redis shared by every replica; `None` keeps the state in process memory (one replica).
+    pub shared: Option<SharedOptions>,
+    /// What to do while Redis is unreachable or slower than its timeout.
+    pub fallback: Fallback,
+}
+
+/// What a gateway does while its shared state (Redis) is unreachable or too slow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fallback {
+    /// Each replica enforces its share of every limit in memory: the limit divided by the live
+    /// replicas last seen (rounded up, never more than the limit). Traffic keeps flowing; the total
+    /// can exceed a limit by at most one request per replica.
+    #[default]
+    Local,
+    /// Answer 503 `limiter_unavailable`: never exceed a limit, at the cost of availability.
+    FailClosed,
+}
+
+impl std::str::FromStr for Fallback {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(Self::Local),
+            "fail-closed" => Ok(Self::FailClosed),
+            _ => Err(format!("{s:?}: expected `local` or `fail-closed`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::FailClosed => "fail-closed",
+        })
+    }
 }
 
 /// What a reload changed, for the one-line report.
@@ -68,6 +114,7 @@ pub struct Gateway {
     /// The gateway's metrics.
     pub metrics: Metrics,
     epoch: Instant,
+    shared: Option<SharedLimiter>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -81,9 +128,24 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// A gateway with no configuration yet: every key is unknown and `/readyz` answers 503 until
-    /// the first [`Gateway::apply`].
-    pub fn new(options: GatewayOptions) -> Arc<Self> {
-        Arc::new(Self {
+    /// the first [`Gateway::apply`]. With shared state, connects to Redis (an unreachable Redis is
+    /// not an error: the fallback policy applies until it answers).
+    pub async fn new(options: GatewayOptions) -> Result<Arc<Self>, SharedError> {
+        let mut metrics = Metrics::new();
+        metrics.state.fallback = options.state.fallback;
+        let shared = match &options.state.shared {
+            Some(o) => {
+                tracing::info!(
+                    url = %crate::limiter::shared::redact_url(&o.url),
+                    fallback = %options.state.fallback,
+                    lease_ttl = ?o.lease_ttl,
+                    "limits shared through redis"
+                );
+                Some(SharedLimiter::start(o.clone(), Arc::new(metrics.state.clone())).await?)
+            }
+            None => None,
+        };
+        Ok(Arc::new(Self {
             table: ArcSwap::from_pointee(KeyTable::empty()),
             ready: AtomicBool::new(false),
             cap: options.max_upstream_in_flight.map(|limit| UpstreamCap {
@@ -94,9 +156,15 @@ impl Gateway {
             upstream_host: http::HeaderValue::from_str(options.upstream.authority().as_str())
                 .expect("an authority is a valid header value"),
             options,
-            metrics: Metrics::new(),
+            metrics,
             epoch: Instant::now(),
-        })
+            shared,
+        }))
+    }
+
+    /// The shared limiter, when limits are shared through Redis.
+    pub fn shared(&self) -> Option<&SharedLimiter> {
+        self.shared.as_ref()
     }
 
     /// Swaps in a new configuration. Requests in flight keep their slots; each key's live state is

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Gateway,
+    Fallback, Gateway,
     body::{Held, Hold},
     headers::{
         KEY_ID, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
@@ -152,6 +152,15 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
             retry_after(res.headers_mut(), secs);
             res
         }
+        Refusal::Unavailable => {
+            let mut res = error_response(
+                ErrorCode::LimiterUnavailable,
+                "The limiter's shared state is unavailable, so this request cannot be admitted safely. Retry shortly.",
+                None,
+            );
+            retry_after(res.headers_mut(), 1);
+            res
+        }
         Refusal::Upstream { limit } => {
             let mut res = error_response(
                 ErrorCode::UpstreamConcurrencyLimitExceeded,
@@ -226,34 +235,59 @@ impl Gateway {
             }
         }
 
-        let admitted = match table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref()) {
-            Ok(a) => a,
-            Err(refusal) => {
-                let code = match refusal {
-                    Refusal::Concurrency { .. } => ErrorCode::ConcurrencyLimitExceeded,
-                    Refusal::Rate { .. } => ErrorCode::RateLimit,
-                    Refusal::Upstream { .. } => ErrorCode::UpstreamConcurrencyLimitExceeded,
+        let admitted = match self.shared.as_ref().filter(|s| s.is_shared()) {
+            None => {
+                let result = match (&self.shared, self.options.state.fallback) {
+                    (None, _) => table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref(), 1),
+                    (Some(s), Fallback::Local) => table::admit(
+                        entry,
+                        parts.uri.path(),
+                        self.now(),
+                        self.cap.as_ref(),
+                        s.replicas(),
+                    ),
+                    (Some(_), Fallback::FailClosed) if table::is_limited(entry, parts.uri.path()) => {
+                        Err(Refusal::Unavailable)
+                    }
+                    (Some(_), Fallback::FailClosed) => {
+                        table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref(), 1)
+                    }
                 };
-                entry.metrics.refusal(code);
-                return (Some(code), refused(refusal));
+                let admitted = self.hold(entry, result);
+                // The table guard must not be held across the upstream await.
+                drop(table);
+                admitted
+            }
+            Some(shared) => {
+                // The decision awaits Redis: own the table instead of borrowing it.
+                let table = arc_swap::Guard::into_inner(table);
+                let entry = table.get(&digest).expect("the same table holds the same key");
+                let result =
+                    match table::admit_shared(entry, parts.uri.path(), shared, self.cap.as_ref()).await {
+                        Ok(result) => result,
+                        Err(_) => match self.options.state.fallback {
+                            Fallback::Local => table::admit(
+                                entry,
+                                parts.uri.path(),
+                                self.now(),
+                                self.cap.as_ref(),
+                                shared.replicas(),
+                            ),
+                            Fallback::FailClosed => Err(Refusal::Unavailable),
+                        },
+                    };
+                self.hold(entry, result)
             }
         };
-        let (slots, rate) = (admitted.slots, admitted.rate);
-        let gauge = admitted.slot.as_ref().map(|_| {
-            let g = entry.metrics.in_flight.clone();
-            g.inc();
-            g
-        });
-        let mut hold = Hold {
-            lease: None,
-            admitted,
-            state: Arc::clone(&entry.state),
-            started: Instant::now(),
-            gauge,
+        let Admission {
+            mut hold,
+            slots,
+            rate,
+            upstream_headers,
+        } = match admitted {
+            Ok(a) => a,
+            Err(refusal) => return (Some(refusal.code()), refused(refusal)),
         };
-        let upstream_headers = entry.upstream_headers.clone();
-        // The table guard must not be held across the upstream await.
-        drop(table);
         // A failure after admission still tells the client its limits.
         let fail = |code: ErrorCode, message: &str| {
             let mut res = error_response(code, message, None);
@@ -319,6 +353,43 @@ impl Gateway {
                 )
             }
         }
+    }
+}
+
+/// An admitted request, ready to forward.
+struct Admission {
+    hold: Hold,
+    slots: Option<table::SlotView>,
+    rate: Option<table::RateView>,
+    upstream_headers: Option<(HeaderValue, HeaderValue)>,
+}
+
+impl Gateway {
+    /// Counts a refusal, or turns an admission into what the request holds while in flight.
+    fn hold(
+        &self,
+        entry: &table::KeyEntry,
+        result: Result<table::Admitted, Refusal>,
+    ) -> Result<Admission, Refusal> {
+        let admitted = result.inspect_err(|r| entry.metrics.refusal(r.code()))?;
+        let (slots, rate) = (admitted.slots, admitted.rate);
+        let gauge = admitted.slot.as_ref().map(|_| {
+            let g = entry.metrics.in_flight.clone();
+            g.inc();
+            g
+        });
+        Ok(Admission {
+            hold: Hold {
+                lease: None,
+                admitted,
+                state: Arc::clone(&entry.state),
+                started: Instant::now(),
+                gauge,
+            },
+            slots,
+            rate,
+            upstream_headers: entry.upstream_headers.clone(),
+        })
     }
 }
 

@@ -95,6 +95,7 @@ pub async fn run(
         })
     };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let leaving = Arc::clone(&gateway);
     let admin_gw = Arc::clone(&gateway);
     let admin_task = tokio::spawn(serve(
         admin,
@@ -114,6 +115,11 @@ pub async fn run(
         grace,
     )
     .await;
+    // Requests in flight have finished: send their releases and leave the replica set, so the
+    // other replicas' share of each limit grows at once if Redis goes away later.
+    if let Some(shared) = leaving.shared() {
+        shared.leave().await;
+    }
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     sweeper.abort();

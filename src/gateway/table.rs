@@ -14,11 +14,15 @@ use std::{
     },
 };
 
-use super::metrics::{Metrics, PlanMetrics};
+use super::metrics::{ErrorCode, Metrics, PlanMetrics};
 use crate::{
     api::BucketScope,
-    config::{GatewayConfig, KeyLimits, matches_any},
-    limiter::{Bucket, RateParams, RateRefusal, SlotGuard, SlotPool, SlotsFull},
+    config::{GatewayConfig, KeyLimits, RateLimit, matches_any},
+    limiter::{
+        Bucket, RateParams, RateRefusal, SharedDecision, SharedLease, SharedLimiter, SlotGuard, SlotPool,
+        SlotsFull,
+        shared::{BucketName, SharedError, SharedRequest},
+    },
 };
 
 /// Endpoint buckets one key may hold. A client walking random paths reaches this bound; beyond
@@ -288,6 +292,8 @@ pub struct Admitted {
     pub slot: Option<SlotGuard>,
     /// The gateway-wide upstream slot, when a cap is configured.
     pub upstream: Option<SlotGuard>,
+    /// The slot lease in the shared state, when limits are shared by several replicas.
+    pub lease: Option<SharedLease>,
     /// Concurrency figures, when a slot limit applies.
     pub slots: Option<SlotView>,
     /// Rate figures, when a rate limit applies.
@@ -320,6 +326,20 @@ pub enum Refusal {
         /// The cap.
         limit: u32,
     },
+    /// The shared state is unreachable and the policy is to fail closed.
+    Unavailable,
+}
+
+impl Refusal {
+    /// The error code the refusal is answered with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Concurrency { .. } => ErrorCode::ConcurrencyLimitExceeded,
+            Self::Rate { .. } => ErrorCode::RateLimit,
+            Self::Upstream { .. } => ErrorCode::UpstreamConcurrencyLimitExceeded,
+            Self::Unavailable => ErrorCode::LimiterUnavailable,
+        }
+    }
 }
 
 /// The gateway-wide cap on requests in flight to the upstream.
@@ -336,15 +356,47 @@ enum Inner {
     Upstream,
 }
 
-/// The per-request limiter decision: rate bucket around slot acquisition, so a request refused for
-/// want of a slot (or of upstream capacity) consumes no rate quota. Never waits.
-pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) -> Result<Admitted, Refusal> {
-    let slot_limit = entry
+/// The slot limit and rate limit that apply to a request on `path`.
+fn limits_for<'a>(entry: &'a KeyEntry, path: &str) -> (Option<u32>, Option<&'a RateLimit>) {
+    let slots = entry
         .limits
         .slots
         .as_ref()
         .filter(|s| matches_any(&s.paths, path))
         .map(|s| s.max);
+    let rate = entry.limits.rate.as_ref().filter(|r| matches_any(&r.paths, path));
+    (slots, rate)
+}
+
+/// Whether any limit applies to a request on `path` (if none does, no limiter state is needed).
+pub fn is_limited(entry: &KeyEntry, path: &str) -> bool {
+    let (slots, rate) = limits_for(entry, path);
+    slots.is_some() || rate.is_some()
+}
+
+/// One replica's share of a limit enforced by `share` replicas: never more than the limit, never
+/// zero unless the limit is.
+fn share_of(limit: u32, share: u32) -> u32 {
+    if limit == 0 {
+        0
+    } else {
+        limit.div_ceil(share.max(1))
+    }
+}
+
+/// The per-request limiter decision in process memory: rate bucket around slot acquisition, so a
+/// request refused for want of a slot (or of upstream capacity) consumes no rate quota. Never
+/// waits. `share` divides every limit: 1 when this replica enforces alone, the number of live
+/// replicas when shared state is unreachable and each replica enforces its part.
+pub fn admit(
+    entry: &KeyEntry,
+    path: &str,
+    now: u64,
+    cap: Option<&UpstreamCap>,
+    share: u32,
+) -> Result<Admitted, Refusal> {
+    let (slot_limit, rate) = limits_for(entry, path);
+    let slot_limit = slot_limit.map(|l| share_of(l, share));
     let take = || -> Result<(Option<SlotGuard>, Option<SlotGuard>), Inner> {
         let slot = match slot_limit {
             Some(limit) => Some(entry.state.slots.try_acquire(limit).map_err(Inner::Slots)?),
@@ -373,13 +425,13 @@ pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) 
         retry_after: entry.state.slot_retry_after(f.in_flight),
     };
 
-    let rate = entry.limits.rate.as_ref().filter(|r| matches_any(&r.paths, path));
     let Some(rate) = rate else {
         return match take() {
             Ok((slot, upstream)) => Ok(Admitted {
                 slots: slot_view(&slot),
                 slot,
                 upstream,
+                lease: None,
                 rate: None,
             }),
             Err(Inner::Slots(f)) => Err(full(slot_limit.unwrap_or(0), f)),
@@ -389,8 +441,8 @@ pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) 
         };
     };
     let params = RateParams {
-        per_second: rate.per_second,
-        burst: rate.burst,
+        per_second: share_of(rate.per_second, share),
+        burst: share_of(rate.burst, share),
     };
     let view = |remaining| RateView {
         per_second: params.per_second,
@@ -409,6 +461,7 @@ pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) 
             slots: slot_view(&slot),
             slot,
             upstream,
+            lease: None,
             rate: Some(view(remaining)),
         }),
         Err(RateRefusal::Limited { retry_after_nanos }) => Err(Refusal::Rate {
@@ -434,6 +487,108 @@ pub fn admit(entry: &KeyEntry, path: &str, now: u64, cap: Option<&UpstreamCap>) 
             limit: cap.map_or(0, |c| c.limit),
         }),
     }
+}
+
+/// The per-request decision in the shared state: one round trip to Redis decides the slot and the
+/// rate bucket together. The gateway-wide upstream cap is taken locally first, so a request refused
+/// by it costs no shared quota. Besides the lease, the request also counts in the key's local
+/// pool (without a limit), so that if Redis becomes unreachable the local fallback knows what this
+/// replica already has in flight.
+pub async fn admit_shared(
+    entry: &KeyEntry,
+    path: &str,
+    limiter: &SharedLimiter,
+    cap: Option<&UpstreamCap>,
+) -> Result<Result<Admitted, Refusal>, SharedError> {
+    let (slot_limit, rate) = limits_for(entry, path);
+    let upstream = match cap {
+        Some(c) => match c.pool.try_acquire(c.limit) {
+            Ok(g) => Some(g),
+            Err(_) => return Ok(Err(Refusal::Upstream { limit: c.limit })),
+        },
+        None => None,
+    };
+    if slot_limit.is_none() && rate.is_none() {
+        return Ok(Ok(Admitted {
+            slot: None,
+            upstream,
+            lease: None,
+            slots: None,
+            rate: None,
+        }));
+    }
+    let params = rate.map(|r| RateParams {
+        per_second: r.per_second,
+        burst: r.burst,
+    });
+    let bucket = rate.zip(params).map(|(r, p)| {
+        let name = match r.per {
+            BucketScope::Key => BucketName::Key,
+            BucketScope::Endpoint => BucketName::Endpoint(path),
+        };
+        (name, p)
+    });
+    let decision = limiter
+        .admit(SharedRequest {
+            scope: &entry.id,
+            slots: slot_limit,
+            rate: bucket,
+        })
+        .await?;
+    let view = |remaining: Option<u32>| {
+        params.map(|p| RateView {
+            per_second: p.per_second,
+            burst: p.burst,
+            remaining: remaining.unwrap_or(0),
+        })
+    };
+    let slot_view = |current: u32| {
+        slot_limit.map(|limit| SlotView {
+            limit,
+            current,
+            remaining: limit.saturating_sub(current),
+        })
+    };
+    Ok(match decision {
+        SharedDecision::Admitted {
+            lease,
+            in_flight,
+            rate_remaining,
+        } => Ok(Admitted {
+            slot: lease
+                .is_some()
+                .then(|| entry.state.slots.try_acquire(u32::MAX).ok())
+                .flatten(),
+            upstream,
+            slots: slot_view(in_flight),
+            rate: view(rate_remaining),
+            lease,
+        }),
+        SharedDecision::SlotsFull {
+            in_flight,
+            rate_remaining,
+        } => Err(Refusal::Concurrency {
+            slots: SlotView {
+                limit: slot_limit.unwrap_or(0),
+                current: in_flight,
+                remaining: 0,
+            },
+            rate: view(rate_remaining),
+            retry_after: entry.state.slot_retry_after(in_flight),
+        }),
+        SharedDecision::RateLimited {
+            in_flight,
+            retry_after_nanos,
+        } => Err(Refusal::Rate {
+            slots: slot_view(in_flight),
+            rate: view(Some(0)).unwrap_or(RateView {
+                per_second: 0,
+                burst: 0,
+                remaining: 0,
+            }),
+            retry_after: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -480,12 +635,15 @@ mod tests {
     fn endpoints_get_their_own_buckets_and_the_map_stays_bounded() {
         let t = KeyTable::build(config(100, BucketScope::Endpoint), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
-        assert!(admit(e, "/v1/a", SEC, None).is_ok());
-        assert!(admit(e, "/v1/a", SEC, None).is_ok());
-        assert!(matches!(admit(e, "/v1/a", SEC, None), Err(Refusal::Rate { .. })));
-        assert!(admit(e, "/v1/b", SEC, None).is_ok());
+        assert!(admit(e, "/v1/a", SEC, None, 1).is_ok());
+        assert!(admit(e, "/v1/a", SEC, None, 1).is_ok());
+        assert!(matches!(
+            admit(e, "/v1/a", SEC, None, 1),
+            Err(Refusal::Rate { .. })
+        ));
+        assert!(admit(e, "/v1/b", SEC, None, 1).is_ok());
         for i in 0..5 * MAX_ENDPOINT_BUCKETS {
-            let _ = admit(e, &format!("/v1/random/{i}"), SEC, None);
+            let _ = admit(e, &format!("/v1/random/{i}"), SEC, None, 1);
         }
         assert!(e.state.endpoint_buckets() <= MAX_ENDPOINT_BUCKETS);
         assert_eq!(e.state.sweep(100 * SEC), MAX_ENDPOINT_BUCKETS);
@@ -495,7 +653,7 @@ mod tests {
     fn state_survives_a_reload_and_a_slot_refusal_costs_no_quota() {
         let t1 = KeyTable::build(config(1, BucketScope::Key), None, &Metrics::new());
         let e1 = t1.get(&[0xab; 32]).unwrap();
-        let held = admit(e1, "/v1/a", SEC, None).unwrap();
+        let held = admit(e1, "/v1/a", SEC, None, 1).unwrap();
         assert_eq!(
             held.slots,
             Some(SlotView {
@@ -504,14 +662,14 @@ mod tests {
                 remaining: 0
             })
         );
-        let Err(Refusal::Concurrency { rate, .. }) = admit(e1, "/v1/a", SEC, None) else {
+        let Err(Refusal::Concurrency { rate, .. }) = admit(e1, "/v1/a", SEC, None, 1) else {
             panic!("expected a concurrency refusal");
         };
         assert_eq!(rate.unwrap().remaining, 1);
         // Upgrade to 3 slots: the held request still counts.
         let t2 = KeyTable::build(config(3, BucketScope::Key), Some(&t1), &Metrics::new());
         let e2 = t2.get(&[0xab; 32]).unwrap();
-        let second = admit(e2, "/v1/a", SEC, None).unwrap();
+        let second = admit(e2, "/v1/a", SEC, None, 1).unwrap();
         assert_eq!(second.slots.unwrap().current, 2);
         drop((held, second));
         assert_eq!(e2.state.in_flight(), 0);
@@ -521,7 +679,7 @@ mod tests {
     fn a_panic_while_a_request_is_in_flight_returns_its_slot() {
         let t = KeyTable::build(config(1, BucketScope::Key), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
-        let admitted = admit(e, "/v1/a", SEC, None).unwrap();
+        let admitted = admit(e, "/v1/a", SEC, None, 1).unwrap();
         assert_eq!(e.state.in_flight(), 1);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let _held = admitted;
@@ -529,17 +687,17 @@ mod tests {
         }));
         assert!(result.is_err());
         assert_eq!(e.state.in_flight(), 0);
-        assert!(admit(e, "/v1/a", SEC, None).is_ok());
+        assert!(admit(e, "/v1/a", SEC, None, 1).is_ok());
     }
 
     #[test]
     fn paths_outside_the_patterns_are_not_limited() {
         let t = KeyTable::build(config(0, BucketScope::Key), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
-        let a = admit(e, "/health", SEC, None).unwrap();
+        let a = admit(e, "/health", SEC, None, 1).unwrap();
         assert!(a.slots.is_none() && a.rate.is_none() && a.slot.is_none());
         assert!(matches!(
-            admit(e, "/v1/x", SEC, None),
+            admit(e, "/v1/x", SEC, None, 1),
             Err(Refusal::Concurrency { .. })
         ));
     }

@@ -1,4 +1,5 @@
-//! The limiter core: per-key concurrency slot pools and GCRA rate buckets.
+//! The limiter core: per-key concurrency slot pools and GCRA rate buckets, in process memory
+//! (exact for one replica) or in Redis (shared by every replica, [`shared`]).
 //!
 //! Knows nothing of HTTP or Kubernetes: callers pass the limit in force with each call, so a
 //! configuration reload resizes a pool simply by passing a new limit, without touching the
@@ -6,7 +7,9 @@
 //! every call instead of sleeping.
 
 mod gcra;
+pub mod shared;
 mod slots;
 
 pub use gcra::{Bucket, RateParams, RateRefusal};
+pub use shared::{SharedDecision, SharedLease, SharedLimiter, SharedOptions};
 pub use slots::{SlotGuard, SlotPool, SlotsFull};

@@ -373,11 +373,20 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
 
 /// GET with headers, on a fresh connection, body read to the end.
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Got {
+    get_on(&client(), url, headers).await
+}
+
+/// GET with headers through `client` (which may keep connections alive), body read to the end.
+pub async fn get_on(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Got {
     let mut req = Request::get(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let res = client()
+    let res = client
         .request(req.body(Empty::new()).unwrap())
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
@@ -408,4 +417,125 @@ pub fn slots_plan(name: &str, slots: u32) -> String {
         name,
         &format!("  concurrency:\n    maxConcurrentRequests: {slots}\n    paths: [\"/v1/*\"]"),
     )
+}
+
+/// A `redis-server` of the test's own on a free loopback port, without persistence; killed when
+/// dropped. `stop` and `start_again` keep the port, so gateways pointed at it see an outage.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        for _ in 0..5 {
+            // The OS picks a free port; a rare race with another test is retried on a new one.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut r = Redis {
+                child: None,
+                port,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start (is it installed? scripts/test.sh installs it)");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir.path().to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            if self
+                .conn()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection()
+    }
+
+    /// Kills the server (SIGKILL): the counters it held are gone, as in a crash.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a fresh, empty server on the same port.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.spawn(),
+            "redis-server did not start again on port {}",
+            self.port
+        );
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: a Redis that accepts but never answers.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let sig = if paused { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// Slot leases held in Redis for a key id (`namespace/name`), expired ones not counted.
+    pub fn leases(&self, key_id: &str) -> usize {
+        let mut c = self.conn().unwrap();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
+        let now = secs * 1_000_000 + micros;
+        redis::cmd("ZCOUNT")
+            .arg(format!("slotgate:{{{key_id}}}:slots"))
+            .arg(now)
+            .arg("+inf")
+            .query(&mut c)
+            .unwrap()
+    }
 }

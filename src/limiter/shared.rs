@@ -1,0 +1,624 @@
+//! Limits shared by every gateway replica, kept in Redis.
+//!
+//! One round trip admits a request: a server-side script reads the key's slot leases and rate
+//! bucket, decides, and (only when admitting) takes both. A slot is a lease: a member of the key's
+//! sorted set scored by its expiry. The replica that holds a request renews its leases while the
+//! request is in flight, so a lease outlives the TTL as long as its request does, and the leases of
+//! a replica that dies expire by themselves within the TTL. Releases are queued and sent in
+//! batches off the response path; the same task renews, so a renewal can never resurrect a lease
+//! released before it.
+//!
+//! Time is Redis's own clock (`TIME` inside the scripts), so replicas' clocks do not matter.
+//! Every Redis key of one API key carries the key id as its hash tag, so the scripts also run on a
+//! Redis Cluster.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use redis::{
+    Script,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::RateParams;
+
+/// Admits one request: `KEYS[1]` the key's slot leases, `KEYS[2]` the rate bucket; `ARGV` slot
+/// limit (-1: none), lease member, lease TTL (ms), rate per second (0: none), burst. Answers
+/// `{status, in_flight, rate_remaining (-1: none), retry_after_us}` with status 0 admitted, 1 slots
+/// full, 2 rate limited. The bucket is GCRA in microseconds, kept as one string `tat rate burst`
+/// that expires when the bucket is full again, with the same rescaling on a plan change as the
+/// in-memory bucket (the used fraction of the burst is kept). Leases count while their expiry is
+/// ahead (`ZCOUNT`); expired ones are removed by the renewal script, which keeps this path short.
+const ADMIT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limit = tonumber(ARGV[1])
+local rate = tonumber(ARGV[4])
+local in_flight = 0
+if limit >= 0 then
+  in_flight = redis.call('ZCOUNT', KEYS[1], now, '+inf')
+end
+local remaining = -1
+local bucket
+if rate > 0 then
+  local burst = tonumber(ARGV[5])
+  local interval = 1000000 / rate
+  local tau = interval * burst
+  local tat = 0
+  local s = redis.call('GET', KEYS[2])
+  if s then
+    local t0, r0, b0 = string.match(s, '^(%d+) (%d+) (%d+)$')
+    tat, r0, b0 = tonumber(t0), tonumber(r0), tonumber(b0)
+    if r0 ~= rate or b0 ~= burst then
+      local used = math.max(tat - now, 0) / ((1000000 / r0) * b0)
+      tat = now + math.min(used, 1) * tau
+    end
+  end
+  tat = math.max(tat, now)
+  local nxt = tat + interval
+  if nxt > now + tau then
+    return {2, in_flight, 0, math.ceil(nxt - tau - now)}
+  end
+  if limit >= 0 and in_flight >= limit then
+    return {1, in_flight, math.min(math.floor((now + tau - tat) / interval), burst), 0}
+  end
+  redis.call('SET', KEYS[2], string.format('%.0f %d %d', nxt, rate, burst), 'PX', math.ceil((nxt - now) / 1000) + 1000)
+  remaining = math.min(math.floor((now + tau - nxt) / interval), burst)
+elseif limit >= 0 and in_flight >= limit then
+  return {1, in_flight, -1, 0}
+end
+if limit >= 0 then
+  local ttl = tonumber(ARGV[3])
+  redis.call('ZADD', KEYS[1], now + ttl * 1000, ARGV[2])
+  if in_flight == 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  end
+  in_flight = in_flight + 1
+end
+return {0, in_flight, remaining, 0}
+";
+
+/// Renews leases still in flight: `KEYS[1]` the slot set, `ARGV[1]` TTL (ms), then members; drops
+/// expired leases (a dead replica's) from the set on the way. A lease that expired meanwhile (Redis restarted, or this replica was cut off for longer than the
+/// TTL) is added back: its request is still in flight, and counting it is the truth.
+const RENEW_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], now + ttl * 1000, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return #ARGV - 1
+";
+
+/// Heartbeat of a replica: `KEYS[1]` the replica set, `ARGV` TTL (ms) and replica id, or TTL 0 to
+/// leave. Answers the number of live replicas.
+const HEARTBEAT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then
+  redis.call('ZADD', KEYS[1], now + ttl * 1000, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+else
+  redis.call('ZREM', KEYS[1], ARGV[2])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// Longest request path used as is in the name of an endpoint bucket.
+const MAX_PATH_IN_KEY: usize = 128;
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT_LUA));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(HEARTBEAT_LUA));
+
+/// How to reach the shared state.
+#[derive(Clone, Debug)]
+pub struct SharedOptions {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every Redis key, so several fleets can share one Redis.
+    pub prefix: String,
+    /// How long a slot lease lives without renewal: a dead replica's slots come back within it.
+    pub lease_ttl: Duration,
+    /// How long an admission may wait for Redis before the fallback policy applies.
+    pub timeout: Duration,
+    /// Replicas assumed before Redis has reported how many are live.
+    pub replicas_hint: u32,
+}
+
+/// Why the shared state could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// The URL does not name a Redis server.
+    #[error("--state {url}: not a Redis URL like redis://127.0.0.1:6379 ({reason})")]
+    Url {
+        /// The URL, without its password.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Redis answered with an error or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer in time.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A URL fit for a log line: the password, if any, is replaced.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The calls made to the shared state, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedOp {
+    /// One admission.
+    Admit,
+    /// A batch of releases.
+    Release,
+    /// The periodic heartbeat and lease renewal.
+    Renew,
+}
+
+impl SharedOp {
+    /// The op as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admit => "admit",
+            Self::Release => "release",
+            Self::Renew => "renew",
+        }
+    }
+}
+
+/// Told about every call and every change of mode; the gateway turns these into metrics and logs.
+pub trait SharedObserver: Send + Sync + 'static {
+    /// A call to Redis finished (or failed, or timed out) after `elapsed`.
+    fn call(&self, op: SharedOp, elapsed: Duration, error: Option<&SharedError>);
+    /// Redis became reachable (`true`) or unreachable (`false`); `replicas` live as last seen.
+    fn mode(&self, shared: bool, replicas: u32);
+    /// The heartbeat counted `replicas` live replicas.
+    fn replicas(&self, replicas: u32);
+}
+
+/// Which bucket a request draws on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BucketName<'a> {
+    /// The key's own bucket.
+    Key,
+    /// The bucket of one endpoint (a request path).
+    Endpoint(&'a str),
+}
+
+/// One admission, as the limits in force for the request define it.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedRequest<'a> {
+    /// The key's id: names its Redis keys.
+    pub scope: &'a str,
+    /// Slot limit, when the request's path is under the plan's concurrency patterns.
+    pub slots: Option<u32>,
+    /// Rate bucket and its parameters, when a rate limit applies.
+    pub rate: Option<(BucketName<'a>, RateParams)>,
+}
+
+/// What the shared state decided.
+#[derive(Debug)]
+pub enum SharedDecision {
+    /// Admitted; the lease (when a slot limit applies) is held until dropped.
+    Admitted {
+        /// The slot lease.
+        lease: Option<SharedLease>,
+        /// Requests of the key in flight across replicas, counting this one.
+        in_flight: u32,
+        /// Requests the bucket still admits at once, when a rate limit applies.
+        rate_remaining: Option<u32>,
+    },
+    /// Every slot is taken (no quota was consumed).
+    SlotsFull {
+        /// Requests of the key in flight across replicas.
+        in_flight: u32,
+        /// Requests the bucket admits at once, read without consuming.
+        rate_remaining: Option<u32>,
+    },
+    /// The rate bucket is empty.
+    RateLimited {
+        /// Requests of the key in flight across replicas.
+        in_flight: u32,
+        /// Nanoseconds until the bucket admits one request.
+        retry_after_nanos: u64,
+    },
+}
+
+enum Msg {
+    Release(Arc<str>, u64),
+    Leave(oneshot::Sender<()>),
+}
+
+struct Core {
+    conn: ConnectionManager,
+    prefix: String,
+    replica: String,
+    replicas_key: String,
+    ttl_ms: u64,
+    timeout: Duration,
+    seq: AtomicU64,
+    /// Leases held by this replica: sequence number to the slot set holding it.
+    leases: Mutex<HashMap<u64, Arc<str>>>,
+    healthy: AtomicBool,
+    replicas: AtomicU32,
+    observer: Arc<dyn SharedObserver>,
+    queue: mpsc::UnboundedSender<Msg>,
+}
+
+/// The shared limiter of one replica. Dropping it stops renewing: its leases then expire.
+pub struct SharedLimiter {
+    core: Arc<Core>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SharedLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimiter")
+            .field("replica", &self.core.replica)
+            .field("shared", &self.is_shared())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SharedLimiter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A slot lease held in Redis; dropping it queues its release.
+pub struct SharedLease {
+    core: Arc<Core>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for SharedLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLease").field("seq", &self.seq).finish()
+    }
+}
+
+impl Drop for SharedLease {
+    fn drop(&mut self) {
+        let key = self
+            .core
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.seq);
+        if let Some(key) = key {
+            let _ = self.core.queue.send(Msg::Release(key, self.seq));
+        }
+    }
+}
+
+impl SharedLimiter {
+    /// Connects (one heartbeat, bounded by the timeout) and starts the task that renews leases,
+    /// sends releases and probes Redis. Redis being down is not an error: the limiter starts in
+    /// fallback mode and switches to shared limits when Redis answers. Needs a Tokio runtime.
+    pub async fn start(
+        options: SharedOptions,
+        observer: Arc<dyn SharedObserver>,
+    ) -> Result<Self, SharedError> {
+        let url_error = |reason: String| SharedError::Url {
+            url: redact_url(&options.url),
+            reason,
+        };
+        let client = redis::Client::open(options.url.as_str()).map_err(|e| url_error(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.timeout.max(Duration::from_millis(500))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| url_error(e.to_string()))?;
+        let ttl_ms = (options.lease_ttl.as_millis() as u64).max(100);
+        let (queue, rx) = mpsc::unbounded_channel();
+        let core = Arc::new(Core {
+            conn,
+            replicas_key: format!("{}:replicas", options.prefix),
+            prefix: options.prefix,
+            replica: replica_id(),
+            ttl_ms,
+            timeout: options.timeout,
+            seq: AtomicU64::new(0),
+            leases: Mutex::default(),
+            healthy: AtomicBool::new(false),
+            replicas: AtomicU32::new(options.replicas_hint.max(1)),
+            observer,
+            queue,
+        });
+        core.tick(&mut Vec::new()).await;
+        if !core.healthy.load(Ordering::Acquire) {
+            core.observer.mode(false, core.replicas.load(Ordering::Relaxed));
+        }
+        let task = tokio::spawn(maintain(Arc::clone(&core), rx));
+        Ok(Self { core, task })
+    }
+
+    /// Whether admissions go to Redis now (false: Redis is unreachable, the fallback applies).
+    pub fn is_shared(&self) -> bool {
+        self.core.healthy.load(Ordering::Acquire)
+    }
+
+    /// Live replicas as last reported by Redis (at least 1).
+    pub fn replicas(&self) -> u32 {
+        self.core.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// This replica's id in Redis.
+    pub fn replica(&self) -> &str {
+        &self.core.replica
+    }
+
+    /// Leases this replica holds now.
+    pub fn leases_held(&self) -> usize {
+        self.core.leases.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Admits one request in one round trip. An error (Redis unreachable, or slower than the
+    /// timeout) switches the limiter to fallback mode until Redis answers a probe again.
+    pub async fn admit(&self, req: SharedRequest<'_>) -> Result<SharedDecision, SharedError> {
+        let core = &self.core;
+        let base = format!("{}:{{{}}}", core.prefix, req.scope);
+        let slots_key = format!("{base}:slots");
+        let rate_key = match req.rate {
+            // A long path (a client walking random paths) is named by its digest, so a Redis key
+            // stays small whatever the request.
+            Some((BucketName::Endpoint(path), _)) if path.len() > MAX_PATH_IN_KEY => {
+                use sha2::Digest;
+                format!(
+                    "{base}:rate:#{}",
+                    hex::encode(sha2::Sha256::digest(path.as_bytes()))
+                )
+            }
+            Some((BucketName::Endpoint(path), _)) => format!("{base}:rate:{path}"),
+            _ => format!("{base}:rate"),
+        };
+        let seq = core.seq.fetch_add(1, Ordering::Relaxed);
+        let (per_second, burst) = req.rate.map_or((0, 0), |(_, p)| (p.per_second, p.burst));
+        let mut call = ADMIT.prepare_invoke();
+        call.key(&slots_key)
+            .key(&rate_key)
+            .arg(req.slots.map_or(-1, i64::from))
+            .arg(core.member(seq))
+            .arg(core.ttl_ms)
+            .arg(per_second)
+            .arg(burst);
+        let mut conn = core.conn.clone();
+        let started = Instant::now();
+        let result =
+            match tokio::time::timeout(core.timeout, call.invoke_async::<(i64, i64, i64, i64)>(&mut conn))
+                .await
+            {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(SharedError::Redis(e)),
+                Err(_) => Err(SharedError::Timeout(core.timeout)),
+            };
+        core.observer
+            .call(SharedOp::Admit, started.elapsed(), result.as_ref().err());
+        let (status, in_flight, remaining, retry_us) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if req.slots.is_some() {
+                    // The script may have run before the answer was lost: take the lease back.
+                    let _ = core.queue.send(Msg::Release(slots_key.into(), seq));
+                }
+                core.set_healthy(false);
+                return Err(e);
+            }
+        };
+        let in_flight = u32::try_from(in_flight).unwrap_or(0);
+        let rate_remaining = u32::try_from(remaining).ok();
+        Ok(match status {
+            0 => SharedDecision::Admitted {
+                lease: req.slots.map(|_| {
+                    core.leases
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(seq, slots_key.into());
+                    SharedLease {
+                        core: Arc::clone(core),
+                        seq,
+                    }
+                }),
+                in_flight,
+                rate_remaining,
+            },
+            1 => SharedDecision::SlotsFull {
+                in_flight,
+                rate_remaining,
+            },
+            _ => SharedDecision::RateLimited {
+                in_flight,
+                retry_after_nanos: u64::try_from(retry_us).unwrap_or(0) * 1000,
+            },
+        })
+    }
+
+    /// Sends the releases still queued and leaves the replica set, so the others' share grows at
+    /// once; call after the requests in flight have finished.
+    pub async fn leave(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.core.queue.send(Msg::Leave(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        }
+    }
+}
+
+/// A replica id unique across restarts and hosts: host name, process id, start time.
+fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{host}:{}:{:x}", std::process::id(), nanos & 0xffff_ffff)
+}
+
+impl Core {
+    fn member(&self, seq: u64) -> String {
+        format!("{}:{seq}", self.replica)
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            self.observer
+                .mode(healthy, self.replicas.load(Ordering::Relaxed).max(1));
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: SharedOp,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.timeout.max(Duration::from_millis(250)), fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(SharedError::Redis(e)),
+            Err(_) => Err(SharedError::Timeout(self.timeout)),
+        };
+        self.observer.call(op, started.elapsed(), result.as_ref().err());
+        result
+    }
+
+    /// Sends queued releases, one `ZREM` per slot set in one pipeline. A release that fails is
+    /// dropped: its lease is no longer renewed, so it expires within the TTL.
+    async fn flush(&self, pending: &mut Vec<(Arc<str>, u64)>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut by_key: HashMap<&str, Vec<String>> = HashMap::new();
+        for (key, seq) in pending.iter() {
+            by_key.entry(key).or_default().push(self.member(*seq));
+        }
+        let mut pipe = redis::pipe();
+        for (key, members) in by_key {
+            pipe.cmd("ZREM").arg(key).arg(members).ignore();
+        }
+        let mut conn = self.conn.clone();
+        if self
+            .bounded(SharedOp::Release, pipe.query_async::<()>(&mut conn))
+            .await
+            .is_err()
+        {
+            self.set_healthy(false);
+        }
+        pending.clear();
+    }
+
+    /// Releases, heartbeat (which doubles as the probe that ends fallback mode), renewals.
+    async fn tick(&self, pending: &mut Vec<(Arc<str>, u64)>) {
+        self.flush(pending).await;
+        let mut conn = self.conn.clone();
+        let mut beat = HEARTBEAT.prepare_invoke();
+        beat.key(&self.replicas_key).arg(self.ttl_ms).arg(&self.replica);
+        let live = match self
+            .bounded(SharedOp::Renew, beat.invoke_async::<u32>(&mut conn))
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => {
+                self.set_healthy(false);
+                return;
+            }
+        };
+        if self.replicas.swap(live.max(1), Ordering::Relaxed) != live.max(1) {
+            self.observer.replicas(live.max(1));
+        }
+        let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        for (seq, key) in self.leases.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            by_key.entry(Arc::clone(key)).or_default().push(self.member(*seq));
+        }
+        let renewals = by_key.iter().map(|(key, members)| {
+            let mut conn = self.conn.clone();
+            async move {
+                let mut call = RENEW.prepare_invoke();
+                call.key(&**key).arg(self.ttl_ms).arg(members);
+                call.invoke_async::<u32>(&mut conn).await
+            }
+        });
+        let renewed = self
+            .bounded(SharedOp::Renew, async {
+                futures::future::try_join_all(renewals).await.map(|_| ())
+            })
+            .await;
+        self.set_healthy(renewed.is_ok());
+    }
+}
+
+/// Owns the release queue and the renewal tick, in one task so that a renewal is always sent
+/// after every release queued before it was taken.
+async fn maintain(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let every = Duration::from_millis(core.ttl_ms / 3).min(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = Vec::new();
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return };
+                let mut leave = None;
+                let mut next = Some(msg);
+                // Batch whatever else is queued into the same round trip.
+                while let Some(m) = next {
+                    match m {
+                        Msg::Release(key, seq) => pending.push((key, seq)),
+                        Msg::Leave(done) => leave = Some(done),
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if core.healthy.load(Ordering::Acquire) || leave.is_some() {
+                    core.flush(&mut pending).await;
+                }
+                if let Some(done) = leave {
+                    let mut conn = core.conn.clone();
+                    let mut bye = HEARTBEAT.prepare_invoke();
+                    bye.key(&core.replicas_key).arg(0).arg(&core.replica);
+                    let _ = core.bounded(SharedOp::Renew, bye.invoke_async::<u32>(&mut conn)).await;
+                    let _ = done.send(());
+                }
+            }
+            _ = tick.tick() => core.tick(&mut pending).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_a_log_line() {
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}
