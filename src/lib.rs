@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod config;
+pub mod controller;
 pub mod demo;
 pub mod gateway;
 pub mod limiter;

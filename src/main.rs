@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use slotgate::gateway::{self, Gateway, GatewayOptions, Listening, Upstream};
+use slotgate::gateway::{self, Gateway, GatewayOptions, Listening, ProxyBody, Upstream};
 use tokio::net::TcpListener;
 
 /// slotgate: sell API plans by concurrency slots and rate limits, enforced in front of any upstream.
@@ -28,6 +28,8 @@ enum Command {
         #[arg(short, long, default_value = "-")]
         output: PathBuf,
     },
+    /// Run the operator: reconcile ApiPlans and ApiKeys into gateway configuration and status.
+    Controller(ControllerArgs),
     /// Run the gateway: a reverse proxy enforcing a configuration file it watches.
     Gateway(GatewayArgs),
     /// Run everything from a folder of manifests, no cluster needed: compile, gateway, demo upstream.
@@ -90,12 +92,36 @@ enum Command {
     },
 }
 
+/// Options of `slotgate controller`.
+#[derive(Args, Debug)]
+struct ControllerArgs {
+    #[command(flatten)]
+    kube: KubeArgs,
+    /// Address of the admin listener (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:9091", env = "SLOTGATE_ADMIN_LISTEN")]
+    admin_listen: SocketAddr,
+    /// Status writes per second at most; enforcement never waits on them.
+    #[arg(long, default_value_t = 50)]
+    status_writes_per_second: u32,
+    /// How long a leader stays leader without renewing its Lease.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+}
+
 /// Options of `slotgate gateway`.
 #[derive(Args, Debug)]
 struct GatewayArgs {
-    /// Compiled configuration (JSON, from `slotgate compile`), re-read whenever it changes.
-    #[arg(long, env = "SLOTGATE_CONFIG")]
-    config: PathBuf,
+    /// Compiled configuration (JSON, from `slotgate compile`), re-read whenever it changes
+    /// (with --config-source file).
+    #[arg(long, env = "SLOTGATE_CONFIG", required_if_eq("config_source", "file"))]
+    config: Option<PathBuf>,
+    /// Where the configuration comes from: `file` (--config) or `kubernetes` (the objects
+    /// `slotgate controller` writes, watched through the API with the pod's service account or
+    /// the kubeconfig).
+    #[arg(long, default_value = "file", value_parser = ["file", "kubernetes"])]
+    config_source: String,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// Upstream API, `http://host:port[/base]`.
     #[arg(long, env = "SLOTGATE_UPSTREAM")]
     upstream: String,
@@ -119,6 +145,43 @@ struct GatewayArgs {
     worker_threads: Option<usize>,
     #[command(flatten)]
     state: StateArgs,
+}
+
+/// Where the controller and the gateways meet in the cluster.
+#[derive(Args, Debug)]
+struct KubeArgs {
+    /// Namespace of the configuration objects and reports (default: the pod's or kubeconfig's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name of the configuration the controller writes and the gateways read.
+    #[arg(long, default_value = "slotgate-config", env = "SLOTGATE_CONFIG_NAME")]
+    config_name: String,
+    /// This replica's name in reports and leader election (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    replica_name: Option<String>,
+}
+
+impl KubeArgs {
+    async fn connect(&self) -> anyhow::Result<(kube::Client, String, String)> {
+        let client = kube::Client::try_default().await.context(
+            "cannot reach the Kubernetes API (no in-cluster service account and no usable kubeconfig)",
+        )?;
+        let ns = self
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let replica = self.replica_name.clone().unwrap_or_else(hostname);
+        Ok((client, ns, replica))
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
 /// Where slots and rate buckets live.
@@ -260,7 +323,30 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         state: args.state.options()?,
     })
     .await?;
-    let source = gateway::source::FileSource::open(Arc::clone(&gw), args.config.clone())?;
+    let source: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &args.config {
+        Some(path) if args.config_source == "file" => {
+            Box::pin(gateway::source::FileSource::open(Arc::clone(&gw), path.clone())?.run())
+        }
+        _ => {
+            let (client, namespace, replica) = args.kube.connect().await?;
+            tracing::info!(
+                namespace,
+                name = args.kube.config_name,
+                replica,
+                "configuration from the Kubernetes API"
+            );
+            Box::pin(gateway::kube_source::run(
+                Arc::clone(&gw),
+                client,
+                gateway::kube_source::KubeSourceOptions {
+                    namespace,
+                    name: args.kube.config_name.clone(),
+                    replica,
+                    report_every: Duration::from_secs(5),
+                },
+            ))
+        }
+    };
     let proxy = bind(args.listen, "--listen").await?;
     let admin = bind(args.admin_listen, "--admin-listen").await?;
     let listening = Listening {
@@ -274,10 +360,67 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     );
     tracing::info!(proxy = %listening.proxy, admin = %listening.admin, upstream = %args.upstream, "gateway started");
 
-    let watcher = tokio::spawn(source.run());
+    let watcher = tokio::spawn(source);
     gateway::run(gw, proxy, admin, shutdown_signal(), args.shutdown_timeout).await;
     watcher.abort();
     Ok(())
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let (client, namespace, identity) = args.kube.connect().await?;
+    let metrics = Arc::new(slotgate::controller::ControllerMetrics::new());
+    let admin = bind(args.admin_listen, "--admin-listen").await?;
+    println!(
+        "slotgate controller {identity} in namespace {namespace} (admin http://{})",
+        admin.local_addr()?
+    );
+    let admin_metrics = Arc::clone(&metrics);
+    tokio::spawn(gateway::serve(
+        admin,
+        move |_| controller_admin(Arc::clone(&admin_metrics)),
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    slotgate::controller::run(
+        client,
+        slotgate::controller::ControllerOptions {
+            namespace,
+            config_name: args.kube.config_name,
+            identity,
+            status_writes_per_second: args.status_writes_per_second,
+            lease_duration: args.lease_duration,
+        },
+        metrics,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The controller's admin endpoints: `/healthz`, `/readyz` (the process is up; a follower is
+/// ready too, it only waits to lead) and `/metrics`.
+fn controller_admin(
+    metrics: Arc<slotgate::controller::ControllerMetrics>,
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<ProxyBody>,
+    Error = std::convert::Infallible,
+    Future = std::future::Ready<Result<http::Response<ProxyBody>, std::convert::Infallible>>,
+> + Clone {
+    use http_body_util::BodyExt;
+    tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (status, body) = match req.uri().path() {
+            "/healthz" | "/readyz" => (200, "ok\n".to_string()),
+            "/metrics" => (200, metrics.render()),
+            _ => (404, "not found\n".to_string()),
+        };
+        let body = http_body_util::Full::new(bytes::Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut res = http::Response::new(body);
+        *res.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+        std::future::ready(Ok(res))
+    })
 }
 
 async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
@@ -317,6 +460,10 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Controller(args) => {
+            init_tracing();
+            runtime(None)?.block_on(run_controller(args))?;
+        }
         Command::Gateway(args) => {
             init_tracing();
             runtime(args.worker_threads)?.block_on(run_gateway(args))?;

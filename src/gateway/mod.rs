@@ -8,6 +8,7 @@
 mod admin;
 mod body;
 mod headers;
+pub mod kube_source;
 pub mod metrics;
 mod proxy;
 mod server;

@@ -2,6 +2,8 @@
 //! a stub upstream that counts requests in flight, and a plain HTTP client.
 #![allow(dead_code)]
 
+pub mod fakeapi;
+
 use std::{
     convert::Infallible,
     io::{BufRead, BufReader},
@@ -219,10 +221,16 @@ impl Drop for Proc {
 impl Proc {
     /// Starts `slotgate ARGS`, and waits for its "listening on http://A (admin http://B)" line.
     pub fn start(args: &[&str]) -> Proc {
+        Proc::start_env(args, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let logs = tempfile::tempdir().unwrap();
         let stderr = logs.path().join("stderr.log");
         let mut child = Command::new(SLOTGATE)
             .args(args)
+            .envs(env.iter().copied())
             .env("SLOTGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

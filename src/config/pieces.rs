@@ -1,0 +1,240 @@
+//! A [`GatewayConfig`] as Kubernetes objects: one index (plans, version, content hash, and the
+//! name and digest of each key shard) and the key shards, each well under the 1 MiB limit of a
+//! ConfigMap. Keys go to a shard by their token digest, and a key names its plan rather than
+//! carrying its limits, so a plan upgrade rewrites the index alone and a key change rewrites the
+//! index and one shard, however many keys there are.
+//!
+//! The gateway assembles a configuration only when every shard the index names is present with
+//! the digest the index gives it; until then it keeps enforcing the last complete one. Pure: no
+//! I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{CompiledKey, CompiledPlan, ConfigError, GatewayConfig, SCHEMA_VERSION};
+
+/// Label on every configuration object; its value is the configuration's name.
+pub const CONFIG_LABEL: &str = "slotgate.dev/config";
+/// Label on every gateway report Lease; its value is the configuration's name.
+pub const REPORT_LABEL: &str = "slotgate.dev/gateway-report";
+/// Annotation of a report: the configuration version enforced.
+pub const VERSION_ANNOTATION: &str = "slotgate.dev/version";
+/// Annotation of a report: the content hash enforced.
+pub const HASH_ANNOTATION: &str = "slotgate.dev/hash";
+/// Field manager of the gateways' writes.
+pub const GATEWAY_MANAGER: &str = "slotgate-gateway";
+/// A report not renewed for this long means the replica is gone.
+pub const REPORT_TTL_SECONDS: i32 = 15;
+
+/// Data entry of the index object.
+pub const INDEX_ENTRY: &str = "index.json";
+/// Data entry of a shard object.
+pub const SHARD_ENTRY: &str = "keys.json";
+/// Keys per shard the split aims at: about 300 bytes each, so a shard stays near 600 KB.
+pub const KEYS_PER_SHARD: usize = 2000;
+
+/// The index object's content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Index {
+    /// Format version, [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// Configuration version.
+    pub version: u64,
+    /// Content hash of the whole configuration.
+    pub hash: String,
+    /// Plans by name.
+    pub plans: BTreeMap<String, CompiledPlan>,
+    /// Shard object names and the SHA-256 of each one's data.
+    pub shards: BTreeMap<String, String>,
+}
+
+/// One object to write: its name and its single data entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Object name.
+    pub name: String,
+    /// Data entry ([`INDEX_ENTRY`] or [`SHARD_ENTRY`]).
+    pub entry: &'static str,
+    /// The entry's content (JSON).
+    pub data: String,
+}
+
+/// Why pieces do not make a configuration (yet).
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// A shard the index names is missing or not the version the index expects: an update is
+    /// half-way through; wait for the rest.
+    #[error("shard {0} is missing or not the one the index names (an update is in progress)")]
+    Incomplete(String),
+    /// An object does not parse or the result does not check: refuse it.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// Shards for `keys` keys: a power of two, so that growing the fleet moves keys rarely.
+pub fn shard_count(keys: usize) -> usize {
+    keys.div_ceil(KEYS_PER_SHARD).max(1).next_power_of_two()
+}
+
+fn shard_of(digest: &str, count: usize) -> usize {
+    let prefix = u32::from_str_radix(digest.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    prefix as usize % count
+}
+
+fn sha256_hex(data: &str) -> String {
+    hex::encode(Sha256::digest(data.as_bytes()))
+}
+
+/// Splits a configuration into the index (named `base`) and shards (`base-keys-I-of-N`), the
+/// index last: writing them in order leaves the gateways a consistent view at every step.
+pub fn split(config: &GatewayConfig, base: &str) -> Vec<Piece> {
+    let count = shard_count(config.keys.len());
+    let mut shards: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
+    for (digest, key) in &config.keys {
+        shards[shard_of(digest, count)].insert(digest, key);
+    }
+    let mut pieces = Vec::with_capacity(count + 1);
+    let mut names = BTreeMap::new();
+    for (i, keys) in shards.iter().enumerate() {
+        let name = format!("{base}-keys-{i}-of-{count}");
+        let data = serde_json::to_string(keys).expect("keys serialise");
+        names.insert(name.clone(), sha256_hex(&data));
+        pieces.push(Piece {
+            name,
+            entry: SHARD_ENTRY,
+            data,
+        });
+    }
+    let index = Index {
+        schema: config.schema,
+        version: config.version,
+        hash: config.hash.clone(),
+        plans: config.plans.clone(),
+        shards: names,
+    };
+    pieces.push(Piece {
+        name: base.to_string(),
+        entry: INDEX_ENTRY,
+        data: serde_json::to_string(&index).expect("index serialises"),
+    });
+    pieces
+}
+
+/// Builds the configuration an index describes from the shard data at hand (object name to data).
+pub fn assemble<'a>(
+    index: &str,
+    shard: impl Fn(&str) -> Option<&'a str>,
+) -> Result<GatewayConfig, AssembleError> {
+    let index: Index = serde_json::from_str(index).map_err(ConfigError::Parse)?;
+    if index.schema != SCHEMA_VERSION {
+        return Err(ConfigError::Schema(index.schema).into());
+    }
+    let mut keys = BTreeMap::new();
+    for (name, digest) in &index.shards {
+        let data = shard(name)
+            .filter(|d| sha256_hex(d) == *digest)
+            .ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
+        let part: BTreeMap<String, CompiledKey> = serde_json::from_str(data).map_err(ConfigError::Parse)?;
+        keys.extend(part);
+    }
+    let config = GatewayConfig {
+        schema: index.schema,
+        version: index.version,
+        hash: index.hash,
+        plans: index.plans,
+        keys,
+    };
+    config.check()?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::SlotLimit;
+
+    fn config(keys: usize, slots: u32) -> GatewayConfig {
+        let mut c = GatewayConfig::empty();
+        c.plans.insert(
+            "p".into(),
+            CompiledPlan {
+                display_name: None,
+                concurrency: Some(SlotLimit {
+                    max: slots,
+                    paths: vec!["/*".into()],
+                }),
+                rate_limit: None,
+                retained: false,
+            },
+        );
+        for i in 0..keys {
+            c.keys.insert(
+                sha256_hex(&i.to_string()),
+                CompiledKey {
+                    id: format!("ns/k{i}"),
+                    plan: "p".into(),
+                    overrides: None,
+                    suspended: false,
+                    expires_at: None,
+                },
+            );
+        }
+        c.version = 7;
+        c.hash = c.content_hash();
+        c
+    }
+
+    fn by_name(pieces: &[Piece]) -> HashMap<String, String> {
+        pieces.iter().map(|p| (p.name.clone(), p.data.clone())).collect()
+    }
+
+    #[test]
+    fn split_and_assemble_round_trip_with_every_object_under_a_mebibyte() {
+        let c = config(10_000, 25);
+        let pieces = split(&c, "cfg");
+        assert_eq!(pieces.len(), 8 + 1);
+        assert!(pieces.iter().all(|p| p.data.len() < 1024 * 1024 * 3 / 4));
+        assert_eq!(pieces.last().unwrap().name, "cfg");
+        let map = by_name(&pieces);
+        let back = assemble(&map["cfg"], |n| map.get(n).map(String::as_str)).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_plan_upgrade_rewrites_the_index_only() {
+        let before = split(&config(10_000, 25), "cfg");
+        let after = split(&config(10_000, 50), "cfg");
+        let changed: Vec<_> = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| a.name.as_str())
+            .collect();
+        assert_eq!(changed, ["cfg"]);
+    }
+
+    #[test]
+    fn a_missing_or_stale_shard_is_incomplete_and_garbage_is_invalid() {
+        let pieces = split(&config(3000, 25), "cfg");
+        let mut map = by_name(&pieces);
+        map.remove("cfg-keys-1-of-2");
+        assert!(matches!(
+            assemble(&map["cfg"], |n| map.get(n).map(String::as_str)),
+            Err(AssembleError::Incomplete(n)) if n == "cfg-keys-1-of-2"
+        ));
+        map.insert("cfg-keys-1-of-2".into(), "{}".into());
+        assert!(matches!(
+            assemble(&map["cfg"], |n| map.get(n).map(String::as_str)),
+            Err(AssembleError::Incomplete(_))
+        ));
+        assert!(matches!(
+            assemble("{not json", |_| None),
+            Err(AssembleError::Invalid(_))
+        ));
+    }
+}

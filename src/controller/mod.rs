@@ -1,0 +1,778 @@
+//! The control plane: `slotgate controller`.
+//!
+//! A thin shell around the pure [`compile`]: reflectors keep ApiPlans, ApiKeys, token Secrets and
+//! the gateways' report Leases in memory; on any change the leader compiles everything, writes the
+//! configuration objects that changed (server-side apply, own field manager; a plan upgrade
+//! rewrites the index object only), and hands the statuses to a rate-limited writer in the
+//! background, so enforcement never waits on per-key status writes. `Enforced` comes only from the
+//! gateways' reports ([`enforced`]).
+
+pub mod enforced;
+pub mod leader;
+mod metrics;
+mod status;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{ConfigMap, Secret},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::{Notify, watch};
+
+pub use metrics::ControllerMetrics;
+
+use crate::{
+    api::{ApiKey, ApiPlan, ConditionSpec},
+    config::{
+        Compiled, CompiledKey, GatewayConfig, KeyLimits, TokenHashes, TokenState, compile,
+        pieces::{self, CONFIG_LABEL, Piece, REPORT_LABEL, VERSION_ANNOTATION},
+    },
+};
+use enforced::{Enforcement, Report};
+
+/// Field manager of every controller write.
+pub const MANAGER: &str = "slotgate-controller";
+/// Finalizer that keeps a plan while keys use it.
+pub const PLAN_FINALIZER: &str = "slotgate.dev/plan-in-use";
+/// Label that marks a Secret as holding an ApiKey's token (the controller watches only those).
+pub const TOKEN_LABEL: &str = "slotgate.dev/token";
+/// Prefix of generated tokens: recognisable in a leak scan.
+pub const TOKEN_PREFIX: &str = "sg_live_";
+
+/// Every API call the controller makes, as `(group, resource, verbs)`: the Helm chart's RBAC is
+/// checked against this list.
+pub const API_CALLS: &[(&str, &str, &[&str])] = &[
+    ("slotgate.dev", "apiplans", &["get", "list", "watch", "patch"]),
+    ("slotgate.dev", "apiplans/status", &["patch"]),
+    ("slotgate.dev", "apikeys", &["get", "list", "watch"]),
+    ("slotgate.dev", "apikeys/status", &["patch"]),
+    ("", "secrets", &["list", "watch", "create"]),
+    ("", "configmaps", &["get", "list", "watch", "patch", "delete"]),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "list", "watch", "create", "update"],
+    ),
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
+/// What the controller manages and who it is.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Namespace of the configuration objects, the gateways' reports and the leader Lease.
+    pub namespace: String,
+    /// Name of the configuration (index object).
+    pub config_name: String,
+    /// This replica's identity (pod name).
+    pub identity: String,
+    /// Status writes per second at most (the API server's budget for this controller).
+    pub status_writes_per_second: u32,
+    /// How long a leader stays leader without renewing.
+    pub lease_duration: Duration,
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The API server refused or failed a call that cannot be retried.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The live view of the cluster the controller works from.
+#[derive(Clone)]
+struct Stores {
+    plans: Store<ApiPlan>,
+    keys: Store<ApiKey>,
+    secrets: Store<Secret>,
+    reports: Store<Lease>,
+    /// The configuration objects as they are, to repair one that was edited or deleted.
+    configs: Store<ConfigMap>,
+}
+
+/// Starts reflectors for everything the controller reads; each change wakes `notify` (and, for
+/// reports, `reports_changed`).
+fn reflect(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    notify: Arc<Notify>,
+    reports_changed: Arc<Notify>,
+    tasks: &mut Tasks,
+) -> Stores {
+    fn spawn<K>(tasks: &mut Tasks, api: Api<K>, cfg: watcher::Config, wake: Arc<Notify>) -> Store<K>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (reader, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+        tasks.0.push(tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut down = false;
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(_) => {
+                        down = false;
+                        wake.notify_one();
+                    }
+                    Err(e) if !down => {
+                        tracing::warn!(error = %e, "watch failed; retrying with backoff");
+                        down = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }));
+        reader
+    }
+    Stores {
+        plans: spawn(
+            tasks,
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            Arc::clone(&notify),
+        ),
+        keys: spawn(
+            tasks,
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            Arc::clone(&notify),
+        ),
+        secrets: spawn(
+            tasks,
+            Api::all(client.clone()),
+            watcher::Config::default().labels(TOKEN_LABEL),
+            Arc::clone(&notify),
+        ),
+        reports: spawn(
+            tasks,
+            Api::namespaced(client.clone(), ns),
+            watcher::Config::default().labels(&format!("{REPORT_LABEL}={name}")),
+            reports_changed,
+        ),
+        configs: spawn(
+            tasks,
+            Api::namespaced(client.clone(), ns),
+            watcher::Config::default().labels(&format!("{CONFIG_LABEL}={name}")),
+            notify,
+        ),
+    }
+}
+
+/// Background tasks of one controller run, stopped when it ends or is dropped (a dropped run is
+/// a dead replica: it must stop renewing its leadership at once).
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    opts: ControllerOptions,
+    metrics: Arc<ControllerMetrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControllerError> {
+    let notify = Arc::new(Notify::new());
+    let reports_changed = Arc::new(Notify::new());
+    let mut tasks = Tasks(Vec::new());
+    let stores = reflect(
+        &client,
+        &opts.namespace,
+        &opts.config_name,
+        Arc::clone(&notify),
+        Arc::clone(&reports_changed),
+        &mut tasks,
+    );
+    let (lead_tx, mut leading) = watch::channel(false);
+    tasks.0.push(tokio::spawn(leader::run(
+        Api::namespaced(client.clone(), &opts.namespace),
+        leader::Election {
+            lease: format!("{}-controller-leader", opts.config_name),
+            identity: opts.identity.clone(),
+            duration: opts.lease_duration,
+        },
+        lead_tx,
+    )));
+    let (status_tx, status_rx) = watch::channel(Arc::new(status::Desired::default()));
+    tasks.0.push(tokio::spawn(status::run(
+        client.clone(),
+        stores.clone(),
+        status_rx,
+        opts.status_writes_per_second,
+        Arc::clone(&metrics),
+    )));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(opts.identity.clone()),
+        },
+    );
+    let mut shell = Shell {
+        client,
+        opts,
+        stores,
+        previous: None,
+        written: BTreeMap::new(),
+        since: HashMap::new(),
+        recorder,
+        metrics,
+        status: status_tx,
+        last_admitted: HashMap::new(),
+        generated: HashMap::new(),
+    };
+    let work = async {
+        loop {
+            // Followers keep their caches warm and wait.
+            while !*leading.borrow() {
+                shell.metrics.leader.set(0);
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+            shell.metrics.leader.set(1);
+            tracing::info!(identity = shell.opts.identity, "leading: reconciling");
+            let _ = shell.stores.plans.wait_until_ready().await;
+            let _ = shell.stores.keys.wait_until_ready().await;
+            let _ = shell.stores.secrets.wait_until_ready().await;
+            // The first pass adopts what an earlier leader wrote instead of rewriting it.
+            shell.adopt().await;
+            while *leading.borrow() {
+                let started = Instant::now();
+                match shell.sync().await {
+                    Ok(()) => shell.metrics.reconciled("all", "ok", started.elapsed()),
+                    Err(e) => {
+                        shell.metrics.reconciled("all", "error", started.elapsed());
+                        tracing::warn!(error = %e, "reconcile failed; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    () = notify.notified() => {}
+                    () = reports_changed.notified() => {}
+                    // A periodic pass also catches what a lost watch event would have missed.
+                    () = tokio::time::sleep(Duration::from_secs(300)) => {}
+                    _ = leading.changed() => {}
+                }
+                // Coalesce a burst of events (a `kubectl apply -f` of many objects) into one pass.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tracing::info!("no longer leading");
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = shutdown => {}
+    }
+    drop(tasks);
+    Ok(())
+}
+
+/// What this replica last wrote to one configuration object.
+struct Written {
+    data: String,
+    /// Resource versions its own writes produced: a watch that lags still shows one of them, so
+    /// only a version not in here is someone else's edit.
+    versions: Vec<String>,
+    at: Instant,
+}
+
+impl Written {
+    fn new(data: String, version: String) -> Self {
+        Self {
+            data,
+            versions: vec![version],
+            at: Instant::now(),
+        }
+    }
+}
+
+struct Shell {
+    client: Client,
+    opts: ControllerOptions,
+    stores: Stores,
+    previous: Option<GatewayConfig>,
+    /// Each configuration object as last written (or found), to write only what changed.
+    written: BTreeMap<String, Written>,
+    /// Per key id: the configuration version since which its compiled entry is unchanged.
+    since: HashMap<String, u64>,
+    recorder: Recorder,
+    metrics: Arc<ControllerMetrics>,
+    status: watch::Sender<Arc<status::Desired>>,
+    /// Per key id: whether it was admitted at the last pass (for transition events).
+    last_admitted: HashMap<String, bool>,
+    /// Hashes of tokens this replica generated, by (namespace, Secret, entry), until the Secret
+    /// shows up in the watch: without them the next pass would briefly see no Secret.
+    generated: HashMap<(String, String, String), String>,
+}
+
+impl Shell {
+    fn configmaps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.opts.namespace)
+    }
+
+    /// Reads the configuration objects already there, so a new leader continues the version
+    /// sequence and rewrites nothing that is already right.
+    async fn adopt(&mut self) {
+        let list = self
+            .configmaps()
+            .list(&ListParams::default().labels(&format!("{CONFIG_LABEL}={}", self.opts.config_name)))
+            .await;
+        let Ok(list) = list else { return };
+        self.written.clear();
+        for cm in list {
+            if let Some(d) = cm.data.as_ref().and_then(|d| d.values().next()) {
+                self.written.insert(
+                    cm.name_any(),
+                    Written::new(d.clone(), cm.resource_version().unwrap_or_default()),
+                );
+            }
+        }
+        if let Some(index) = self.written.get(&self.opts.config_name) {
+            let found = pieces::assemble(&index.data, |n| self.written.get(n).map(|w| w.data.as_str()));
+            if let Ok(config) = found {
+                self.previous = Some(config);
+            }
+        }
+    }
+
+    fn tokens(&mut self) -> TokenHashes {
+        let mut tokens = TokenHashes::default();
+        for s in self.stores.secrets.state() {
+            let entries = s.data.iter().flatten().map(|(k, v)| (k.as_str(), v.0.as_slice()));
+            tokens.insert_secret(&s.namespace().unwrap_or_default(), &s.name_any(), entries);
+        }
+        self.generated.retain(|(ns, name, entry), hash| {
+            let seen = tokens.lookup(ns, name, entry) != TokenState::SecretNotFound;
+            if !seen {
+                tokens.insert_hash(ns, name, entry, hash);
+            }
+            !seen
+        });
+        tokens
+    }
+
+    /// Creates a token Secret for each key that has no Secret reference and no Secret yet. An
+    /// existing Secret is never overwritten (create fails with a conflict instead).
+    async fn generate_tokens(&mut self, keys: &[ApiKey], tokens: &mut TokenHashes) -> kube::Result<()> {
+        for key in keys {
+            if key.spec.secret_ref.is_some() || key.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let ns = key.namespace().unwrap_or_default();
+            let r = key.token_ref();
+            if tokens.lookup(&ns, &r.name, &r.key) != TokenState::SecretNotFound {
+                continue;
+            }
+            let token = generate_token();
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": r.name,
+                    "namespace": ns,
+                    "labels": { TOKEN_LABEL: "generated" },
+                    "ownerReferences": [key.controller_owner_ref(&()).expect("an ApiKey read from the API has a uid")],
+                },
+                "type": "Opaque",
+                "stringData": { r.key.clone(): token },
+            }))
+            .expect("a Secret");
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    tokens.insert_secret(&ns, &r.name, [(r.key.as_str(), token.as_bytes())]);
+                    self.generated.insert(
+                        (ns.clone(), r.name.clone(), r.key.clone()),
+                        crate::config::hash_token(token.as_bytes()),
+                    );
+                    self.event(
+                        key,
+                        EventType::Normal,
+                        "TokenGenerated",
+                        format!("Generated a token in Secret {}/{} (entry {}).", ns, r.name, r.key),
+                    )
+                    .await;
+                }
+                // There is a Secret by that name without the token label: leave it alone.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, "could not publish an event");
+        }
+    }
+
+    /// One pass: tokens, compile, publish, finalizers, statuses.
+    async fn sync(&mut self) -> kube::Result<()> {
+        let plans: Vec<ApiPlan> = self.stores.plans.state().iter().map(|p| (**p).clone()).collect();
+        let keys: Vec<ApiKey> = self.stores.keys.state().iter().map(|k| (**k).clone()).collect();
+        let mut tokens = self.tokens();
+        self.generate_tokens(&keys, &mut tokens).await?;
+        let compiled = compile(&plans, &keys, &tokens, self.previous.as_ref());
+        let changed = self.previous.as_ref().map(|p| &p.hash) != Some(&compiled.config.hash);
+        // Writes only objects whose data differs from what is there (none on most passes).
+        self.publish(&compiled.config).await?;
+        if changed {
+            self.track_changes(&compiled);
+            self.plan_events(&plans, &compiled).await;
+            self.previous = Some(compiled.config.clone());
+        }
+        self.finalizers(&plans, &compiled).await?;
+        self.key_events(&keys, &compiled).await;
+        self.desire_statuses(&plans, &keys, compiled);
+        Ok(())
+    }
+
+    /// Writes the configuration objects whose data changed (shards first, the index last), then
+    /// removes objects no longer part of it.
+    async fn publish(&mut self, config: &GatewayConfig) -> kube::Result<()> {
+        let api = self.configmaps();
+        let all = pieces::split(config, &self.opts.config_name);
+        let mut writes = 0;
+        for Piece { name, entry, data } in &all {
+            if !self.needs_write(name, data) {
+                continue;
+            }
+            let cm = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": { "name": name, "labels": { CONFIG_LABEL: self.opts.config_name } },
+                "data": { *entry: data },
+            });
+            let done = api
+                .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm))
+                .await?;
+            let version = done.resource_version().unwrap_or_default();
+            match self.written.get_mut(name) {
+                Some(w) if w.data == *data => {
+                    w.versions.push(version);
+                    w.at = Instant::now();
+                    if w.versions.len() > 8 {
+                        w.versions.remove(0);
+                    }
+                }
+                _ => {
+                    self.written
+                        .insert(name.clone(), Written::new(data.clone(), version));
+                }
+            }
+            writes += 1;
+        }
+        let stale: Vec<String> = self
+            .written
+            .keys()
+            .filter(|n| !all.iter().any(|p| &p.name == *n))
+            .cloned()
+            .collect();
+        for name in stale {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            self.written.remove(&name);
+        }
+        self.metrics.config_version.set(config.version as i64);
+        if writes == 0 {
+            return Ok(());
+        }
+        self.metrics.objects_written.inc_by(writes);
+        tracing::info!(
+            version = config.version,
+            keys = config.keys.len(),
+            objects_written = writes,
+            "configuration published"
+        );
+        Ok(())
+    }
+
+    /// Whether an object must be written: its data changed, or someone else edited or deleted it
+    /// since this controller wrote it.
+    fn needs_write(&self, name: &str, data: &str) -> bool {
+        let Some(ours) = self.written.get(name) else {
+            return true;
+        };
+        if ours.data != data {
+            return true;
+        }
+        let seen = self
+            .stores
+            .configs
+            .get(&reflector::ObjectRef::new(name).within(&self.opts.namespace));
+        match seen {
+            Some(cm) => {
+                let version = cm.resource_version().unwrap_or_default();
+                let theirs = cm.data.as_ref().and_then(|d| d.values().next());
+                !ours.versions.contains(&version) && theirs.map(String::as_str) != Some(data)
+            }
+            // Gone from a watch that has had time to see it: deleted by someone.
+            None => ours.at.elapsed() > Duration::from_secs(2),
+        }
+    }
+
+    /// Remembers, per key, the version since which what the gateways enforce for it is unchanged.
+    fn track_changes(&mut self, compiled: &Compiled) {
+        let new = &compiled.config;
+        let old_by_id: HashMap<&str, (&CompiledKey, Option<KeyLimits>)> = self
+            .previous
+            .as_ref()
+            .map(|c| {
+                c.keys
+                    .values()
+                    .map(|k| (k.id.as_str(), (k, c.limits_for(k))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut since = HashMap::with_capacity(new.keys.len());
+        for k in new.keys.values() {
+            let unchanged = old_by_id
+                .get(k.id.as_str())
+                .is_some_and(|(ok, ol)| *ok == k && *ol == new.limits_for(k));
+            let v = match self.since.get(&k.id) {
+                Some(v) if unchanged => *v,
+                _ => new.version,
+            };
+            since.insert(k.id.clone(), v);
+        }
+        self.since = since;
+    }
+
+    async fn plan_events(&self, plans: &[ApiPlan], compiled: &Compiled) {
+        let Some(old) = &self.previous else { return };
+        for plan in plans {
+            let name = plan.name_any();
+            let (Some(a), Some(b)) = (old.plans.get(&name), compiled.config.plans.get(&name)) else {
+                continue;
+            };
+            if a != b {
+                let slots = |p: &crate::config::CompiledPlan| {
+                    p.concurrency
+                        .as_ref()
+                        .map_or("unlimited".to_string(), |s| s.max.to_string())
+                };
+                self.event(
+                    plan,
+                    EventType::Normal,
+                    "PlanChanged",
+                    format!(
+                        "Limits changed ({} -> {} slots); configuration {} published to the gateways.",
+                        slots(a),
+                        slots(b),
+                        compiled.config.version
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn key_events(&mut self, keys: &[ApiKey], compiled: &Compiled) {
+        for key in keys {
+            let id = key.id();
+            let Some(report) = compiled.keys.get(&id) else {
+                continue;
+            };
+            let before = self.last_admitted.insert(id, report.admitted);
+            if before != Some(report.admitted)
+                && !report.admitted
+                && let Some(c) = report.conditions.iter().find(|c| !c.status)
+            {
+                self.event(key, EventType::Warning, c.reason, c.message.clone())
+                    .await;
+            }
+        }
+    }
+
+    /// Keeps the in-use finalizer on every plan; a plan being deleted keeps it while keys use it.
+    async fn finalizers(&self, plans: &[ApiPlan], compiled: &Compiled) -> kube::Result<()> {
+        let api: Api<ApiPlan> = Api::all(self.client.clone());
+        for plan in plans {
+            let name = plan.name_any();
+            let has = plan.finalizers().iter().any(|f| f == PLAN_FINALIZER);
+            let deleting = plan.meta().deletion_timestamp.is_some();
+            let in_use = compiled.plans.get(&name).map_or(0, |r| r.keys);
+            let want = !deleting || in_use > 0;
+            if has == want {
+                continue;
+            }
+            let mut list: Vec<String> = plan.finalizers().to_vec();
+            if want {
+                list.push(PLAN_FINALIZER.into());
+            } else {
+                list.retain(|f| f != PLAN_FINALIZER);
+            }
+            // Conditional on the version read: a concurrent change makes this a conflict, retried
+            // on the next pass, rather than a lost finalizer.
+            let patch = serde_json::json!({
+                "metadata": { "finalizers": list, "resourceVersion": plan.resource_version() }
+            });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn reports(&self) -> Vec<Report> {
+        self.stores
+            .reports
+            .state()
+            .iter()
+            .map(|l| {
+                let spec = l.spec.clone().unwrap_or_default();
+                Report {
+                    replica: spec.holder_identity.unwrap_or_else(|| l.name_any()),
+                    version: l
+                        .annotations()
+                        .get(VERSION_ANNOTATION)
+                        .and_then(|v| v.parse().ok()),
+                    renewed: spec.renew_time.map(|t| t.0),
+                    ttl_seconds: i64::from(spec.lease_duration_seconds.unwrap_or(15)),
+                }
+            })
+            .collect()
+    }
+
+    fn desire_statuses(&self, plans: &[ApiPlan], keys: &[ApiKey], compiled: Compiled) {
+        let reports = self.reports();
+        let now = Timestamp::now();
+        let version = compiled.config.version;
+        let plan_enforced = Enforcement::of(&reports, version, now);
+        let mut desired = status::Desired::default();
+        let keys_by_plan: HashMap<&str, Vec<&str>> = keys.iter().fold(HashMap::new(), |mut m, k| {
+            m.entry(k.spec.plan.as_str())
+                .or_default()
+                .push(k.meta().name.as_deref().unwrap_or(""));
+            m
+        });
+        for plan in plans {
+            let name = plan.name_any();
+            let Some(report) = compiled.plans.get(&name) else {
+                continue;
+            };
+            let mut conditions = report.conditions.clone();
+            if plan.meta().deletion_timestamp.is_some() && report.keys > 0 {
+                let users = keys_by_plan.get(name.as_str()).cloned().unwrap_or_default();
+                conditions = vec![ConditionSpec::fail(
+                    "Ready",
+                    "InUse",
+                    format!(
+                        "Deletion waits until no key uses this plan; still used by {} key(s): {}. Move them to another plan.",
+                        report.keys,
+                        users.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )];
+            }
+            conditions.push(plan_enforced.condition(version));
+            desired.plans.insert(
+                name,
+                status::PlanStatus {
+                    generation: plan.meta().generation,
+                    keys: report.keys,
+                    conditions,
+                },
+            );
+        }
+        let generations: HashMap<String, Option<i64>> =
+            keys.iter().map(|k| (k.id(), k.meta().generation)).collect();
+        let mut memo: HashMap<u64, ConditionSpec> = HashMap::new();
+        for (id, report) in compiled.keys {
+            let mut conditions = report.conditions;
+            if report.admitted {
+                let since = self.since.get(&id).copied().unwrap_or(version);
+                let c = memo
+                    .entry(since)
+                    .or_insert_with(|| Enforcement::of(&reports, since, now).condition(since))
+                    .clone();
+                conditions.push(c);
+            }
+            let generation = generations.get(&id).copied().flatten();
+            desired.keys.insert(
+                id,
+                status::KeyStatus {
+                    generation,
+                    effective: report.effective,
+                    conditions,
+                },
+            );
+        }
+        self.metrics
+            .status_pending
+            .set(desired.keys.len() as i64 + desired.plans.len() as i64);
+        self.status.send_replace(Arc::new(desired));
+    }
+}
+
+/// A token with a recognisable prefix and 190 bits of randomness (32 base62 characters).
+pub fn generate_token() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::from(TOKEN_PREFIX);
+    let mut buf = [0u8; 64];
+    while out.len() < TOKEN_PREFIX.len() + 32 {
+        getrandom::fill(&mut buf).expect("the OS random source is available");
+        // Rejection sampling keeps every character equally likely.
+        for b in buf {
+            if (b as usize) < ALPHABET.len() * 4 && out.len() < TOKEN_PREFIX.len() + 32 {
+                out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
+            }
+        }
+    }
+    out
+}

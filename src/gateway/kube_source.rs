@@ -1,0 +1,183 @@
+//! The Kubernetes configuration source: watch the configuration objects the controller writes
+//! (through the API, not a mounted volume, whose refresh takes the kubelet up to a minute), apply
+//! each complete configuration through [`Gateway::apply`], and report the version enforced in a
+//! `coordination.k8s.io` Lease per replica, renewed as a heartbeat. The controller derives
+//! `Enforced` from those reports alone.
+//!
+//! A malformed object is refused through [`Gateway::reject`] and the last good configuration keeps
+//! serving; so it does while the API server is unreachable (the watch retries with backoff).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1::ConfigMap},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
+};
+
+use super::Gateway;
+use crate::config::pieces::{AssembleError, INDEX_ENTRY, SHARD_ENTRY, assemble};
+pub use crate::config::pieces::{
+    CONFIG_LABEL, GATEWAY_MANAGER, HASH_ANNOTATION, REPORT_LABEL, REPORT_TTL_SECONDS, VERSION_ANNOTATION,
+};
+
+/// Where the configuration lives and who this replica is.
+#[derive(Clone, Debug)]
+pub struct KubeSourceOptions {
+    /// Namespace of the configuration objects and of the reports.
+    pub namespace: String,
+    /// Name of the configuration (the index object's name).
+    pub name: String,
+    /// This replica's name (the pod name), unique among the gateways.
+    pub replica: String,
+    /// How often the report is renewed.
+    pub report_every: Duration,
+}
+
+/// Watches the configuration objects and applies them; runs until dropped.
+pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions) {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &opts.namespace);
+    let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
+    let reporter = tokio::spawn(report_loop(Arc::clone(&gateway), leases.clone(), opts.clone()));
+    let config = watcher::Config::default().labels(&format!("{CONFIG_LABEL}={}", opts.name));
+    let mut events = watcher(maps, config).default_backoff().boxed();
+    let origin = format!("configmap {}/{}", opts.namespace, opts.name);
+    let mut data: HashMap<String, String> = HashMap::new();
+    let mut init: Option<HashMap<String, String>> = None;
+    let mut refused_index: Option<String> = None;
+    let mut api_down = false;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                if !api_down {
+                    tracing::warn!(error = %e, "kubernetes API unreachable; the last good configuration keeps serving");
+                    api_down = true;
+                }
+                continue;
+            }
+        };
+        if api_down {
+            tracing::info!("kubernetes API reachable again");
+            api_down = false;
+        }
+        let entry = |cm: &ConfigMap| {
+            let d = cm.data.as_ref()?;
+            d.get(INDEX_ENTRY).or_else(|| d.get(SHARD_ENTRY)).cloned()
+        };
+        match event {
+            watcher::Event::Init => init = Some(HashMap::new()),
+            watcher::Event::InitApply(cm) => {
+                if let (Some(buf), Some(d)) = (init.as_mut(), entry(&cm)) {
+                    buf.insert(cm.name_any(), d);
+                }
+                continue;
+            }
+            watcher::Event::InitDone => data = init.take().unwrap_or_default(),
+            watcher::Event::Apply(cm) => match entry(&cm) {
+                Some(d) => {
+                    data.insert(cm.name_any(), d);
+                }
+                None => {
+                    data.remove(&cm.name_any());
+                }
+            },
+            watcher::Event::Delete(cm) => {
+                data.remove(&cm.name_any());
+            }
+        }
+        let Some(index) = data.get(&opts.name) else {
+            continue;
+        };
+        if refused_index.as_deref() == Some(index.as_str()) {
+            continue;
+        }
+        match assemble(index, |name| data.get(name).map(String::as_str)) {
+            Ok(config) => {
+                refused_index = None;
+                if config.hash == gateway.table().config.hash && gateway.is_ready() {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                let report = gateway.apply(config);
+                tracing::info!(
+                    origin,
+                    from = report.from_version,
+                    to = report.to_version,
+                    keys = report.keys,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "configuration applied"
+                );
+                if let Err(e) = report_once(&gateway, &leases, &opts).await {
+                    tracing::warn!(error = %e, "could not report the configuration enforced");
+                }
+            }
+            Err(AssembleError::Incomplete(shard)) => {
+                tracing::debug!(shard, "configuration update in progress; waiting for the rest");
+            }
+            Err(AssembleError::Invalid(e)) => {
+                refused_index = Some(index.clone());
+                gateway.reject(&origin, &e);
+            }
+        }
+    }
+    reporter.abort();
+}
+
+/// Writes this replica's report: the version and hash enforced, and a fresh renew time.
+async fn report_once(gateway: &Gateway, leases: &Api<Lease>, opts: &KubeSourceOptions) -> kube::Result<()> {
+    let table = gateway.table();
+    let ready = gateway.is_ready();
+    let lease = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": report_name(&opts.replica),
+            "labels": { REPORT_LABEL: opts.name },
+            "annotations": {
+                VERSION_ANNOTATION: if ready { table.config.version.to_string() } else { String::new() },
+                HASH_ANNOTATION: if ready { table.config.hash.clone() } else { String::new() },
+            },
+        },
+        "spec": {
+            "holderIdentity": opts.replica,
+            "leaseDurationSeconds": REPORT_TTL_SECONDS,
+            "renewTime": MicroTime(k8s_openapi::jiff::Timestamp::now()),
+        },
+    });
+    leases
+        .patch(
+            &report_name(&opts.replica),
+            &PatchParams::apply(GATEWAY_MANAGER).force(),
+            &Patch::Apply(lease),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Name of a replica's report Lease.
+pub fn report_name(replica: &str) -> String {
+    format!("slotgate-gateway-{replica}")
+}
+
+async fn report_loop(gateway: Arc<Gateway>, leases: Api<Lease>, opts: KubeSourceOptions) {
+    let mut tick = tokio::time::interval(opts.report_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match report_once(&gateway, &leases, &opts).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "could not renew the gateway report; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The operator against an in-memory Kubernetes API server on loopback (`common::fakeapi`): the
+//! real controller code through the real `kube` client, and the real gateway binary watching the
+//! configuration objects through the same API.
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{fakeapi::FakeApi, *};
+use http::StatusCode;
+use serde_json::{Value, json};
+use slotgate::controller::{self, ControllerMetrics, ControllerOptions};
+
+const NS: &str = "slotgate-system";
+
+fn plan(name: &str, slots: u32) -> Value {
+    json!({"apiVersion": "slotgate.dev/v1alpha1", "kind": "ApiPlan",
+           "metadata": {"name": name},
+           "spec": {"concurrency": {"maxConcurrentRequests": slots, "paths": ["/v1/*"]}}})
+}
+
+fn key(name: &str, plan: &str, secret: Option<&str>) -> Value {
+    let mut spec = json!({"plan": plan});
+    if let Some(s) = secret {
+        spec["secretRef"] = json!({"name": s});
+    }
+    json!({"apiVersion": "slotgate.dev/v1alpha1", "kind": "ApiKey",
+           "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+}
+
+fn secret(name: &str, token: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": "default", "labels": {"slotgate.dev/token": "true"}},
+           "stringData": {"token": token}})
+}
+
+struct Controller(tokio::task::JoinHandle<()>, pub Arc<ControllerMetrics>);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn start_controller(api: &FakeApi, identity: &str) -> Controller {
+    // Logs of the in-process controller show with a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or("slotgate=debug".into()))
+        .with_test_writer()
+        .try_init();
+    let metrics = Arc::new(ControllerMetrics::new());
+    let opts = ControllerOptions {
+        namespace: NS.into(),
+        config_name: "slotgate-config".into(),
+        identity: identity.into(),
+        status_writes_per_second: 200,
+        lease_duration: Duration::from_secs(2),
+    };
+    let client = api.client();
+    let m = Arc::clone(&metrics);
+    Controller(
+        tokio::spawn(async move {
+            let _ = controller::run(client, opts, m, std::future::pending()).await;
+        }),
+        metrics,
+    )
+}
+
+fn start_gateway(api: &FakeApi, stub: &Stub, replica: &str) -> Proc {
+    Proc::start_env(
+        &[
+            "gateway",
+            "--config-source",
+            "kubernetes",
+            "--namespace",
+            NS,
+            "--replica-name",
+            replica,
+            "--upstream",
+            &stub.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
+    )
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn condition(obj: &Option<Value>, type_: &str) -> Option<(String, String, String)> {
+    let conds = obj.as_ref()?["status"]["conditions"].as_array()?.clone();
+    let c = conds.iter().find(|c| c["type"] == type_)?;
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+        c["message"].as_str()?.to_string(),
+    ))
+}
+
+fn reported_version(api: &FakeApi, replica: &str) -> u64 {
+    api.get("leases", NS, &format!("slotgate-gateway-{replica}"))
+        .and_then(|l| {
+            l["metadata"]["annotations"]["slotgate.dev/version"]
+                .as_str()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn config_version(api: &FakeApi) -> u64 {
+    api.get("configmaps", NS, "slotgate-config")
+        .and_then(|c| {
+            let index: Value = serde_json::from_str(c["data"]["index.json"].as_str()?).ok()?;
+            index["version"].as_u64()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_and_keys_reach_the_gateway_and_upgrades_propagate_with_one_object_written() {
+    let api = FakeApi::start().await;
+    let stub = Stub::start().await;
+    api.apply("apiplans", plan("startup", 2));
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
+    api.apply("apikeys", key("generated", "startup", None));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("the configuration index", || config_version(&api) > 0).await;
+    let gw = start_gateway(&api, &stub, "gw-0");
+    wait_for("the gateway's report", || {
+        reported_version(&api, "gw-0") >= config_version(&api)
+    })
+    .await;
+
+    let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{} {:?} {:?} {}",
+        r.body,
+        api.list("configmaps"),
+        api.get("apikeys", "default", "acme"),
+        gw.stderr()
+    );
+    assert_eq!(r.num("x-concurrent-limit"), 2);
+
+    // A key without a Secret got one: random, prefixed, owned by the key, never logged.
+    let generated = api
+        .get("secrets", "default", "generated-token")
+        .expect("generated Secret");
+    assert_eq!(generated["metadata"]["ownerReferences"][0]["kind"], "ApiKey");
+    assert_eq!(generated["metadata"]["ownerReferences"][0]["name"], "generated");
+    let b64 = generated["data"]["token"].as_str().unwrap();
+    let token = String::from_utf8(base64_decode(b64)).unwrap();
+    assert!(token.starts_with("sg_live_") && token.len() == 40, "{token}");
+    let r = get(&gw.url("/v1/x"), &[("authorization", &format!("Bearer {token}"))]).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{} {:?} {:?} {}",
+        r.body,
+        api.list("configmaps"),
+        api.get("apikeys", "default", "generated"),
+        gw.stderr()
+    );
+    assert!(!gw.stderr().contains(&token));
+
+    // Statuses: Ready, and Enforced from the gateway's own report.
+    wait_for("key Enforced", || {
+        condition(&api.get("apikeys", "default", "acme"), "Enforced").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    let acme = api.get("apikeys", "default", "acme");
+    assert_eq!(condition(&acme, "Ready").unwrap().0, "True");
+    assert_eq!(
+        acme.as_ref().unwrap()["status"]["effective"]["maxConcurrentRequests"],
+        2
+    );
+    wait_for("plan Enforced", || {
+        condition(&api.get("apiplans", "", "startup"), "Enforced")
+            .is_some_and(|c| c.0 == "True" && c.2.starts_with("1/1 gateway replicas enforce configuration"))
+    })
+    .await;
+    assert_eq!(api.get("apiplans", "", "startup").unwrap()["status"]["keys"], 2);
+
+    // Upgrades: from the API server accepting the change to the gateway reporting it enforces it.
+    let mut samples = Vec::new();
+    for i in 0..20 {
+        let slots = if i % 2 == 0 { 5 } else { 2 };
+        let before = config_version(&api);
+        let writes_before = api.writes.lock().unwrap().len();
+        let t0 = Instant::now();
+        api.apply("apiplans", plan("startup", slots));
+        wait_for("the gateway to enforce the upgrade", || {
+            reported_version(&api, "gw-0") > before
+        })
+        .await;
+        samples.push(t0.elapsed());
+        let writes: Vec<_> = api.writes.lock().unwrap()[writes_before..]
+            .iter()
+            .filter(|w| w.path.contains("/configmaps/"))
+            .map(|w| w.path.clone())
+            .collect();
+        assert_eq!(
+            writes,
+            [format!("/api/v1/namespaces/{NS}/configmaps/slotgate-config")]
+        );
+        let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
+        assert_eq!(r.num("x-concurrent-limit"), u64::from(slots));
+    }
+    samples.sort();
+    eprintln!(
+        "propagation over {} upgrades: p50 {:?}, p99 {:?}, max {:?}",
+        samples.len(),
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+        samples.last().unwrap()
+    );
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | (u32::from(val(c)) << (18 - 6 * i)));
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_in_use_stays_terminating_naming_its_keys_until_they_move() {
+    let api = FakeApi::start().await;
+    api.apply("apiplans", plan("startup", 2));
+    api.apply("apiplans", plan("business", 50));
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("the finalizer", || {
+        api.get("apiplans", "", "startup")
+            .is_some_and(|p| p["metadata"]["finalizers"][0] == "slotgate.dev/plan-in-use")
+    })
+    .await;
+
+    api.delete("apiplans", "", "startup");
+    wait_for("the InUse condition", || {
+        condition(&api.get("apiplans", "", "startup"), "Ready")
+            .is_some_and(|c| c.1 == "InUse" && c.2.contains("acme"))
+    })
+    .await;
+    let p = api.get("apiplans", "", "startup").unwrap();
+    assert!(!p["metadata"]["deletionTimestamp"].is_null());
+    // The key is still served on it meanwhile.
+    assert_eq!(
+        condition(&api.get("apikeys", "default", "acme"), "Ready")
+            .unwrap()
+            .0,
+        "True"
+    );
+
+    api.apply("apikeys", key("acme", "business", Some("acme-token")));
+    wait_for("the plan to go", || api.get("apiplans", "", "startup").is_none()).await;
+    wait_for("the key on its new plan", || {
+        api.get("apikeys", "default", "acme")
+            .is_some_and(|k| k["status"]["effective"]["maxConcurrentRequests"] == 50)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced() {
+    let api = FakeApi::start().await;
+    let stub = Stub::start().await;
+    api.apply("apiplans", plan("startup", 2));
+    api.apply("secrets", secret("a-token", "tok-shared"));
+    api.apply("secrets", secret("b-token", "tok-shared"));
+    api.apply("apikeys", key("a", "startup", Some("a-token")));
+    api.apply("apikeys", key("b", "startup", Some("b-token")));
+    api.apply("apikeys", key("lost", "nonexistent", Some("a-token")));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("conditions", || {
+        condition(&api.get("apikeys", "default", "lost"), "PlanResolved")
+            .is_some_and(|c| c.0 == "False" && c.1 == "PlanNotFound")
+            && condition(&api.get("apikeys", "default", "b"), "TokenReady")
+                .is_some_and(|c| c.0 == "False" && c.1 == "DuplicateToken")
+    })
+    .await;
+    let gw = start_gateway(&api, &stub, "gw-0");
+    wait_for("the gateway's report", || {
+        reported_version(&api, "gw-0") >= config_version(&api)
+    })
+    .await;
+    assert_eq!(
+        get(&gw.url("/v1/x"), &[("x-api-key", "tok-shared")]).await.status,
+        StatusCode::OK
+    );
+
+    // Rotation: a new token in the Secret is in force at the gateway, the old one is not.
+    let before = config_version(&api);
+    let t0 = Instant::now();
+    api.apply("secrets", secret("a-token", "tok-rotated"));
+    wait_for("rotation enforced", || reported_version(&api, "gw-0") > before).await;
+    eprintln!(
+        "token rotation enforced {:?} after the Secret changed",
+        t0.elapsed()
+    );
+    assert_eq!(
+        get(&gw.url("/v1/x"), &[("x-api-key", "tok-rotated")])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // b, which had the duplicate, now owns tok-shared alone.
+    wait_for("b admitted", || {
+        condition(&api.get("apikeys", "default", "b"), "Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    // A deleted key stops being admitted; its generated Secret is garbage-collected with it.
+    let before = config_version(&api);
+    api.delete("apikeys", "default", "a");
+    wait_for("deletion enforced", || reported_version(&api, "gw-0") > before).await;
+    let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-rotated")]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects_and_api_outages() {
+    let api = FakeApi::start().await;
+    let stub = Stub::start().await;
+    api.apply("apiplans", plan("startup", 2));
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
+    let ctl = start_controller(&api, "ctl-0");
+    wait_for("the configuration index", || config_version(&api) > 0).await;
+    let gw = start_gateway(&api, &stub, "gw-0");
+    wait_for("the gateway's report", || {
+        reported_version(&api, "gw-0") >= config_version(&api)
+    })
+    .await;
+    let good = config_version(&api);
+
+    // Someone overwrites the index with garbage: refused, counted, the last good one serves, and
+    // the controller repairs the object.
+    drop(ctl);
+    api.apply(
+        "configmaps",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "slotgate-config", "namespace": NS,
+                            "labels": {"slotgate.dev/config": "slotgate-config"}},
+               "data": {"index.json": "{not json"}}),
+    );
+    gw.wait_metric("slotgate_config_reload_failures_total{reason=\"parse\"}", |v| {
+        v >= 1.0
+    })
+    .await;
+    assert_eq!(
+        get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(gw.metric("slotgate_config_version").await, good as f64);
+    let _ctl = start_controller(&api, "ctl-1");
+    wait_for("the index repaired", || config_version(&api) == good).await;
+
+    // The API server goes away: the gateway keeps serving; when it is back, changes flow again.
+    api.set_down(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.num("x-concurrent-limit"), 2);
+    }
+    api.set_down(false);
+    api.apply("apiplans", plan("startup", 7));
+    wait_for("the upgrade after the outage", || {
+        reported_version(&api, "gw-0") > good
+    })
+    .await;
+    let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
+    assert_eq!(r.num("x-concurrent-limit"), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_controller_takes_over_when_the_leader_dies() {
+    let api = FakeApi::start().await;
+    api.apply("apiplans", plan("startup", 2));
+    let first = start_controller(&api, "ctl-a");
+    wait_for("a published configuration", || config_version(&api) > 0).await;
+    let second = start_controller(&api, "ctl-b");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(first.1.leader.get(), 1);
+    assert_eq!(second.1.leader.get(), 0, "only one leader at a time");
+    let holder = |api: &FakeApi| {
+        api.get("leases", NS, "slotgate-config-controller-leader")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+    };
+    assert_eq!(holder(&api).as_deref(), Some("ctl-a"));
+
+    drop(first);
+    let killed = Instant::now();
+    wait_for("the takeover", || holder(&api).as_deref() == Some("ctl-b")).await;
+    eprintln!(
+        "takeover {:?} after the leader died (lease 2 s)",
+        killed.elapsed()
+    );
+    let before = config_version(&api);
+    api.apply("apiplans", plan("startup", 9));
+    wait_for("the new leader publishes", || config_version(&api) > before).await;
+    assert_eq!(second.1.leader.get(), 1);
+}
