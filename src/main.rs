@@ -371,7 +371,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(slotgate::controller::ControllerMetrics::new());
     let admin = bind(args.admin_listen, "--admin-listen").await?;
     println!(
-        "slotgate controller {identity} in namespace {namespace} (admin http://{})",
+        "slotgate controller listening on http://{} (admin; replica {identity}, namespace {namespace})",
         admin.local_addr()?
     );
     let admin_metrics = Arc::clone(&metrics);

@@ -2,7 +2,10 @@
 //! [`GatewayConfig`] and the status every object should show. Pure: no clock, no I/O, no
 //! randomness, so the controller, `slotgate up` and the tests all call the same function.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, HashMap},
+};
 
 use kube::ResourceExt;
 
@@ -84,9 +87,12 @@ pub struct Compiled {
 /// - A key whose Secret is missing or blank is not admitted.
 /// - Two keys with one token: the older (by creation time, then `namespace/name`) keeps it.
 /// - `version` grows by one exactly when the content differs from `previous`.
-pub fn compile(
-    plans: &[ApiPlan],
-    keys: &[ApiKey],
+///
+/// Takes the objects owned or shared (`Arc`, as a reflector's store holds them), so a controller
+/// with 100,000 keys does not copy them for every pass.
+pub fn compile<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
+    plans: &[P],
+    keys: &[K],
     tokens: &TokenHashes,
     previous: Option<&GatewayConfig>,
 ) -> Compiled {
@@ -96,10 +102,10 @@ pub fn compile(
     let mut plan_reports = BTreeMap::new();
     let mut key_counts: HashMap<&str, u32> = HashMap::new();
     for key in keys {
-        *key_counts.entry(key.spec.plan.as_str()).or_default() += 1;
+        *key_counts.entry(key.borrow().spec.plan.as_str()).or_default() += 1;
     }
 
-    let mut sorted_plans: Vec<&ApiPlan> = plans.iter().collect();
+    let mut sorted_plans: Vec<&ApiPlan> = plans.iter().map(Borrow::borrow).collect();
     sorted_plans.sort_by_key(|p| p.name_any());
     for plan in sorted_plans {
         let name = plan.name_any();
@@ -122,7 +128,13 @@ pub fn compile(
     }
 
     // Older keys first, so the older of two keys sharing a token keeps it whatever the input order.
-    let mut sorted_keys: Vec<(&ApiKey, String)> = keys.iter().map(|k| (k, k.id())).collect();
+    let mut sorted_keys: Vec<(&ApiKey, String)> = keys
+        .iter()
+        .map(|k| {
+            let k: &ApiKey = k.borrow();
+            (k, k.id())
+        })
+        .collect();
     sorted_keys.sort_by(|(a, aid), (b, bid)| {
         let at = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let bt = b.metadata.creation_timestamp.as_ref().map(|t| t.0);

@@ -76,7 +76,7 @@ fn admits_a_key_on_its_plan_with_plan_limits() {
 
 #[test]
 fn new_key_on_missing_plan_is_not_admitted() {
-    let out = compile(&[], &[key("a", "gold", 1)], &tokens_for(&["a"]), None);
+    let out = compile::<ApiPlan, _>(&[], &[key("a", "gold", 1)], &tokens_for(&["a"]), None);
     let report = &out.keys["acme/a"];
     assert!(!report.admitted);
     let resolved = condition(report, PLAN_RESOLVED);
@@ -119,7 +119,7 @@ fn serving_key_on_missing_plan_keeps_last_known_good_limits() {
     assert_eq!(moved.config.keys[&hash_token(b"tok-a")].plan, "startup");
 
     // Its plan is deleted: the plan entry is retained for it.
-    let deleted = compile(&[], &[key("a", "startup", 1)], &tokens, Some(&first.config));
+    let deleted = compile::<ApiPlan, _>(&[], &[key("a", "startup", 1)], &tokens, Some(&first.config));
     assert!(deleted.keys["acme/a"].admitted);
     let retained = &deleted.config.plans["startup"];
     assert!(retained.retained);

@@ -91,36 +91,48 @@ fn sha256_hex(data: &str) -> String {
 /// Splits a configuration into the index (named `base`) and shards (`base-keys-I-of-N`), the
 /// index last: writing them in order leaves the gateways a consistent view at every step.
 pub fn split(config: &GatewayConfig, base: &str) -> Vec<Piece> {
+    let mut pieces = shards(config, base);
+    let index = index(config, base, &pieces);
+    pieces.push(index);
+    pieces
+}
+
+/// The key shards of a configuration. They depend on its keys only, so a caller whose keys did
+/// not change (a plan upgrade) can keep the shards it has and build a new [`index`].
+pub fn shards(config: &GatewayConfig, base: &str) -> Vec<Piece> {
     let count = shard_count(config.keys.len());
-    let mut shards: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
+    let mut parts: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
     for (digest, key) in &config.keys {
-        shards[shard_of(digest, count)].insert(digest, key);
+        parts[shard_of(digest, count)].insert(digest, key);
     }
-    let mut pieces = Vec::with_capacity(count + 1);
-    let mut names = BTreeMap::new();
-    for (i, keys) in shards.iter().enumerate() {
-        let name = format!("{base}-keys-{i}-of-{count}");
-        let data = serde_json::to_string(keys).expect("keys serialise");
-        names.insert(name.clone(), sha256_hex(&data));
-        pieces.push(Piece {
-            name,
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, keys)| Piece {
+            name: format!("{base}-keys-{i}-of-{count}"),
             entry: SHARD_ENTRY,
-            data,
-        });
-    }
+            data: serde_json::to_string(keys).expect("keys serialise"),
+        })
+        .collect()
+}
+
+/// The index object of a configuration whose keys are in `shards`.
+pub fn index(config: &GatewayConfig, base: &str, shards: &[Piece]) -> Piece {
     let index = Index {
         schema: config.schema,
         version: config.version,
         hash: config.hash.clone(),
         plans: config.plans.clone(),
-        shards: names,
+        shards: shards
+            .iter()
+            .map(|p| (p.name.clone(), sha256_hex(&p.data)))
+            .collect(),
     };
-    pieces.push(Piece {
+    Piece {
         name: base.to_string(),
         entry: INDEX_ENTRY,
         data: serde_json::to_string(&index).expect("index serialises"),
-    });
-    pieces
+    }
 }
 
 /// Builds the configuration an index describes from the shard data at hand (object name to data).

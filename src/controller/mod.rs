@@ -110,6 +110,24 @@ struct Stores {
     configs: Store<ConfigMap>,
 }
 
+/// The spec and the metadata compile reads (creation time, deletion, finalizers), hashed: status
+/// writes do not change it.
+fn spec_fingerprint<S: serde::Serialize>(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: &S,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(spec).unwrap_or_default().hash(&mut h);
+    meta.creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    h.finish()
+}
+
 /// Starts reflectors for everything the controller reads; each change wakes `notify` (and, for
 /// reports, `reports_changed`).
 fn reflect(
@@ -120,7 +138,17 @@ fn reflect(
     reports_changed: Arc<Notify>,
     tasks: &mut Tasks,
 ) -> Stores {
-    fn spawn<K>(tasks: &mut Tasks, api: Api<K>, cfg: watcher::Config, wake: Arc<Notify>) -> Store<K>
+    /// What of an object the compile depends on: a change elsewhere (a status written by this
+    /// controller, a heartbeat) wakes nobody. `None`: every change matters.
+    type Relevant<K> = Option<fn(&K) -> u64>;
+
+    fn spawn<K>(
+        tasks: &mut Tasks,
+        api: Api<K>,
+        cfg: watcher::Config,
+        wake: Arc<Notify>,
+        relevant: Relevant<K>,
+    ) -> Store<K>
     where
         K: Resource<DynamicType = ()>
             + Clone
@@ -135,11 +163,26 @@ fn reflect(
         tasks.0.push(tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut down = false;
+            let mut seen: HashMap<String, u64> = HashMap::new();
             while let Some(ev) = stream.next().await {
                 match ev {
-                    Ok(_) => {
+                    Ok(ev) => {
                         down = false;
-                        wake.notify_one();
+                        let changed = match (&ev, relevant) {
+                            (watcher::Event::Apply(o) | watcher::Event::InitApply(o), Some(f)) => {
+                                let uid = o.meta().uid.clone().unwrap_or_default();
+                                seen.insert(uid, f(o)) != Some(f(o))
+                            }
+                            (watcher::Event::Delete(o), Some(_)) => {
+                                seen.remove(o.meta().uid.as_deref().unwrap_or_default());
+                                true
+                            }
+                            (watcher::Event::Init | watcher::Event::InitApply(_), None) => false,
+                            _ => true,
+                        };
+                        if changed {
+                            wake.notify_one();
+                        }
                     }
                     Err(e) if !down => {
                         tracing::warn!(error = %e, "watch failed; retrying with backoff");
@@ -157,30 +200,35 @@ fn reflect(
             Api::all(client.clone()),
             watcher::Config::default(),
             Arc::clone(&notify),
+            Some(|p: &ApiPlan| spec_fingerprint(p.meta(), &p.spec)),
         ),
         keys: spawn(
             tasks,
             Api::all(client.clone()),
             watcher::Config::default(),
             Arc::clone(&notify),
+            Some(|k: &ApiKey| spec_fingerprint(k.meta(), &k.spec)),
         ),
         secrets: spawn(
             tasks,
             Api::all(client.clone()),
             watcher::Config::default().labels(TOKEN_LABEL),
             Arc::clone(&notify),
+            None,
         ),
         reports: spawn(
             tasks,
             Api::namespaced(client.clone(), ns),
             watcher::Config::default().labels(&format!("{REPORT_LABEL}={name}")),
             reports_changed,
+            None,
         ),
         configs: spawn(
             tasks,
             Api::namespaced(client.clone(), ns),
             watcher::Config::default().labels(&format!("{CONFIG_LABEL}={name}")),
             notify,
+            None,
         ),
     }
 }
@@ -252,6 +300,10 @@ pub async fn run(
         status: status_tx,
         last_admitted: HashMap::new(),
         generated: HashMap::new(),
+        last: None,
+        last_reports: Vec::new(),
+        token_cache: HashMap::new(),
+        shards: None,
     };
     let work = async {
         loop {
@@ -269,24 +321,45 @@ pub async fn run(
             let _ = shell.stores.secrets.wait_until_ready().await;
             // The first pass adopts what an earlier leader wrote instead of rewriting it.
             shell.adopt().await;
+            let mut full = true;
+            let mut backoff = Duration::from_millis(500);
             while *leading.borrow() {
                 let started = Instant::now();
-                match shell.sync().await {
-                    Ok(()) => shell.metrics.reconciled("all", "ok", started.elapsed()),
-                    Err(e) => {
-                        shell.metrics.reconciled("all", "error", started.elapsed());
-                        tracing::warn!(error = %e, "reconcile failed; retrying in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
+                if full {
+                    match shell.sync().await {
+                        Ok(()) => {
+                            backoff = Duration::from_millis(500);
+                            shell.metrics.reconciled("all", "ok", started.elapsed());
+                            tracing::debug!(
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "reconcile pass"
+                            );
+                        }
+                        Err(e) => {
+                            shell.metrics.reconciled("all", "error", started.elapsed());
+                            tracing::warn!(error = %e, retry_in = ?backoff, "reconcile failed");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(60));
+                            continue;
+                        }
                     }
+                } else {
+                    // Only the gateways' reports moved: statuses, no compile, no writes.
+                    shell.refresh_enforced();
+                    shell.metrics.reconciled("report", "ok", started.elapsed());
                 }
-                tokio::select! {
-                    () = notify.notified() => {}
-                    () = reports_changed.notified() => {}
+                full = tokio::select! {
+                    () = notify.notified() => true,
+                    () = reports_changed.notified() => false,
                     // A periodic pass also catches what a lost watch event would have missed.
-                    () = tokio::time::sleep(Duration::from_secs(300)) => {}
-                    _ = leading.changed() => {}
-                }
+                    () = tokio::time::sleep(Duration::from_secs(300)) => true,
+                    changed = leading.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        true
+                    }
+                };
                 // Coalesce a burst of events (a `kubectl apply -f` of many objects) into one pass.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -300,6 +373,9 @@ pub async fn run(
     drop(tasks);
     Ok(())
 }
+
+/// A Secret's entries with the SHA-256 of each (`None`: blank).
+type HashedEntries = Vec<(String, Option<String>)>;
 
 /// What this replica last wrote to one configuration object.
 struct Written {
@@ -334,6 +410,14 @@ struct Shell {
     status: watch::Sender<Arc<status::Desired>>,
     /// Per key id: whether it was admitted at the last pass (for transition events).
     last_admitted: HashMap<String, bool>,
+    /// The key shards of the configuration last published.
+    shards: Option<Vec<Piece>>,
+    /// Token hashes by Secret uid, with the resourceVersion they were computed from.
+    token_cache: HashMap<String, (String, HashedEntries)>,
+    /// The last pass's compile output, for status refreshes when only reports change.
+    last: Option<Compiled>,
+    /// What the reports said at the last status decision: (replica, version, live).
+    last_reports: Vec<(String, Option<u64>, bool)>,
     /// Hashes of tokens this replica generated, by (namespace, Secret, entry), until the Secret
     /// shows up in the watch: without them the next pass would briefly see no Secret.
     generated: HashMap<(String, String, String), String>,
@@ -371,10 +455,37 @@ impl Shell {
 
     fn tokens(&mut self) -> TokenHashes {
         let mut tokens = TokenHashes::default();
+        let mut cache = HashMap::with_capacity(self.token_cache.len());
         for s in self.stores.secrets.state() {
-            let entries = s.data.iter().flatten().map(|(k, v)| (k.as_str(), v.0.as_slice()));
-            tokens.insert_secret(&s.namespace().unwrap_or_default(), &s.name_any(), entries);
+            let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
+            let uid = s.meta().uid.clone().unwrap_or_default();
+            let version = s.resource_version().unwrap_or_default();
+            // Hash each Secret once per version, not once per pass.
+            let hashed = match self.token_cache.remove(&uid) {
+                Some((v, h)) if v == version => h,
+                _ => s
+                    .data
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| {
+                        let blank = v.0.trim_ascii().is_empty();
+                        (k.clone(), (!blank).then(|| crate::config::hash_token(&v.0)))
+                    })
+                    .collect(),
+            };
+            let blanks = hashed
+                .iter()
+                .filter(|(_, h)| h.is_none())
+                .map(|(k, _)| (k.as_str(), &b""[..]));
+            tokens.insert_secret(&ns, &name, blanks);
+            for (entry, hash) in &hashed {
+                if let Some(h) = hash {
+                    tokens.insert_hash(&ns, &name, entry, h);
+                }
+            }
+            cache.insert(uid, (version, hashed));
         }
+        self.token_cache = cache;
         self.generated.retain(|(ns, name, entry), hash| {
             let seen = tokens.lookup(ns, name, entry) != TokenState::SecretNotFound;
             if !seen {
@@ -387,7 +498,7 @@ impl Shell {
 
     /// Creates a token Secret for each key that has no Secret reference and no Secret yet. An
     /// existing Secret is never overwritten (create fails with a conflict instead).
-    async fn generate_tokens(&mut self, keys: &[ApiKey], tokens: &mut TokenHashes) -> kube::Result<()> {
+    async fn generate_tokens(&mut self, keys: &[Arc<ApiKey>], tokens: &mut TokenHashes) -> kube::Result<()> {
         for key in keys {
             if key.spec.secret_ref.is_some() || key.meta().deletion_timestamp.is_some() {
                 continue;
@@ -420,7 +531,7 @@ impl Shell {
                         crate::config::hash_token(token.as_bytes()),
                     );
                     self.event(
-                        key,
+                        &**key,
                         EventType::Normal,
                         "TokenGenerated",
                         format!("Generated a token in Secret {}/{} (entry {}).", ns, r.name, r.key),
@@ -456,8 +567,8 @@ impl Shell {
 
     /// One pass: tokens, compile, publish, finalizers, statuses.
     async fn sync(&mut self) -> kube::Result<()> {
-        let plans: Vec<ApiPlan> = self.stores.plans.state().iter().map(|p| (**p).clone()).collect();
-        let keys: Vec<ApiKey> = self.stores.keys.state().iter().map(|k| (**k).clone()).collect();
+        let plans = self.stores.plans.state();
+        let keys = self.stores.keys.state();
         let mut tokens = self.tokens();
         self.generate_tokens(&keys, &mut tokens).await?;
         let compiled = compile(&plans, &keys, &tokens, self.previous.as_ref());
@@ -471,15 +582,48 @@ impl Shell {
         }
         self.finalizers(&plans, &compiled).await?;
         self.key_events(&keys, &compiled).await;
-        self.desire_statuses(&plans, &keys, compiled);
+        self.last = Some(compiled);
+        self.last_reports.clear();
+        self.refresh_enforced();
         Ok(())
+    }
+
+    /// Decides statuses again from the last compile output and the current reports, when the
+    /// reports say something new (a heartbeat that changes nothing costs nothing).
+    fn refresh_enforced(&mut self) {
+        let now = Timestamp::now();
+        let mut seen: Vec<(String, Option<u64>, bool)> = self
+            .reports()
+            .into_iter()
+            .map(|r| {
+                let live = Enforcement::of(std::slice::from_ref(&r), 0, now).live > 0;
+                (r.replica, r.version, live)
+            })
+            .collect();
+        seen.sort();
+        if seen == self.last_reports && !seen.is_empty() {
+            return;
+        }
+        self.last_reports = seen;
+        let Some(compiled) = &self.last else { return };
+        let plans = self.stores.plans.state();
+        let keys = self.stores.keys.state();
+        self.desire_statuses(&plans, &keys, compiled);
     }
 
     /// Writes the configuration objects whose data changed (shards first, the index last), then
     /// removes objects no longer part of it.
     async fn publish(&mut self, config: &GatewayConfig) -> kube::Result<()> {
         let api = self.configmaps();
-        let all = pieces::split(config, &self.opts.config_name);
+        let base = &self.opts.config_name;
+        // Keys unchanged (a plan upgrade): keep the shards, serialise the index alone.
+        let shards = match (&self.previous, self.shards.take()) {
+            (Some(prev), Some(shards)) if prev.keys == config.keys => shards,
+            _ => pieces::shards(config, base),
+        };
+        let mut all = shards.clone();
+        all.push(pieces::index(config, base, &shards));
+        self.shards = Some(shards);
         let mut writes = 0;
         for Piece { name, entry, data } in &all {
             if !self.needs_write(name, data) {
@@ -589,7 +733,7 @@ impl Shell {
         self.since = since;
     }
 
-    async fn plan_events(&self, plans: &[ApiPlan], compiled: &Compiled) {
+    async fn plan_events(&self, plans: &[Arc<ApiPlan>], compiled: &Compiled) {
         let Some(old) = &self.previous else { return };
         for plan in plans {
             let name = plan.name_any();
@@ -603,7 +747,7 @@ impl Shell {
                         .map_or("unlimited".to_string(), |s| s.max.to_string())
                 };
                 self.event(
-                    plan,
+                    &**plan,
                     EventType::Normal,
                     "PlanChanged",
                     format!(
@@ -618,7 +762,7 @@ impl Shell {
         }
     }
 
-    async fn key_events(&mut self, keys: &[ApiKey], compiled: &Compiled) {
+    async fn key_events(&mut self, keys: &[Arc<ApiKey>], compiled: &Compiled) {
         for key in keys {
             let id = key.id();
             let Some(report) = compiled.keys.get(&id) else {
@@ -629,14 +773,14 @@ impl Shell {
                 && !report.admitted
                 && let Some(c) = report.conditions.iter().find(|c| !c.status)
             {
-                self.event(key, EventType::Warning, c.reason, c.message.clone())
+                self.event(&**key, EventType::Warning, c.reason, c.message.clone())
                     .await;
             }
         }
     }
 
     /// Keeps the in-use finalizer on every plan; a plan being deleted keeps it while keys use it.
-    async fn finalizers(&self, plans: &[ApiPlan], compiled: &Compiled) -> kube::Result<()> {
+    async fn finalizers(&self, plans: &[Arc<ApiPlan>], compiled: &Compiled) -> kube::Result<()> {
         let api: Api<ApiPlan> = Api::all(self.client.clone());
         for plan in plans {
             let name = plan.name_any();
@@ -690,7 +834,7 @@ impl Shell {
             .collect()
     }
 
-    fn desire_statuses(&self, plans: &[ApiPlan], keys: &[ApiKey], compiled: Compiled) {
+    fn desire_statuses(&self, plans: &[Arc<ApiPlan>], keys: &[Arc<ApiKey>], compiled: &Compiled) {
         let reports = self.reports();
         let now = Timestamp::now();
         let version = compiled.config.version;
@@ -733,22 +877,22 @@ impl Shell {
         let generations: HashMap<String, Option<i64>> =
             keys.iter().map(|k| (k.id(), k.meta().generation)).collect();
         let mut memo: HashMap<u64, ConditionSpec> = HashMap::new();
-        for (id, report) in compiled.keys {
-            let mut conditions = report.conditions;
+        for (id, report) in &compiled.keys {
+            let mut conditions = report.conditions.clone();
             if report.admitted {
-                let since = self.since.get(&id).copied().unwrap_or(version);
+                let since = self.since.get(id).copied().unwrap_or(version);
                 let c = memo
                     .entry(since)
                     .or_insert_with(|| Enforcement::of(&reports, since, now).condition(since))
                     .clone();
                 conditions.push(c);
             }
-            let generation = generations.get(&id).copied().flatten();
+            let generation = generations.get(id).copied().flatten();
             desired.keys.insert(
-                id,
+                id.clone(),
                 status::KeyStatus {
                     generation,
-                    effective: report.effective,
+                    effective: report.effective.clone(),
                     conditions,
                 },
             );

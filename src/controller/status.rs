@@ -59,6 +59,10 @@ pub(super) async fn run(
     let plans: Api<ApiPlan> = Api::all(client.clone());
     let params = PatchParams::apply(MANAGER).force();
     loop {
+        // The sender is gone: the controller run ended.
+        if rx.has_changed().is_err() {
+            return;
+        }
         let desired = rx.borrow_and_update().clone();
         let mut pending = desired.plans.len() + desired.keys.len();
         'pass: {

@@ -230,8 +230,8 @@ impl Proc {
         let stderr = logs.path().join("stderr.log");
         let mut child = Command::new(SLOTGATE)
             .args(args)
-            .envs(env.iter().copied())
             .env("SLOTGATE_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -394,12 +394,20 @@ pub async fn get_on(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let res = client
-        .request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    // A hang guard, not a timing assertion: no test request takes anywhere near this long.
+    let res = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.request(req.body(Empty::new()).unwrap()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("GET {url}: no answer within 60 s"))
+    .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let (parts, body) = res.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = tokio::time::timeout(Duration::from_secs(60), body.collect())
+        .await
+        .unwrap_or_else(|_| panic!("GET {url}: body not finished within 60 s"))
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Got {
         status: parts.status,
         headers: parts.headers,
