@@ -22,3 +22,14 @@ pub mod limiter;
 pub mod load;
 pub mod standalone;
 pub mod up;
+
+/// This machine's (or pod's) name: `$HOSTNAME`, else `/etc/hostname`, else `pid-<pid>`. Names a
+/// replica in leases and reports.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+}

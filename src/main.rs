@@ -170,18 +170,9 @@ impl KubeArgs {
             .namespace
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_string());
-        let replica = self.replica_name.clone().unwrap_or_else(hostname);
+        let replica = self.replica_name.clone().unwrap_or_else(slotgate::host_name);
         Ok((client, ns, replica))
     }
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
 /// Where slots and rate buckets live.

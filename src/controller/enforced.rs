@@ -36,16 +36,18 @@ pub struct Enforcement {
     pub enforcing: u32,
 }
 
+impl Report {
+    /// Whether the replica renewed its report within the report's TTL at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.renewed
+            .is_some_and(|t| now.as_second() - t.as_second() <= self.ttl_seconds)
+    }
+}
+
 impl Enforcement {
-    /// Counts the live reports (renewed within their TTL at `now`) enforcing `version` or later.
+    /// Counts the live reports enforcing `version` or later.
     pub fn of(reports: &[Report], version: u64, now: Timestamp) -> Self {
-        let live: Vec<&Report> = reports
-            .iter()
-            .filter(|r| {
-                r.renewed
-                    .is_some_and(|t| now.as_second() - t.as_second() <= r.ttl_seconds)
-            })
-            .collect();
+        let live: Vec<&Report> = reports.iter().filter(|r| r.is_live(now)).collect();
         Self {
             live: live.len() as u32,
             enforcing: live

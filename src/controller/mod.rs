@@ -596,7 +596,7 @@ impl Shell {
             .reports()
             .into_iter()
             .map(|r| {
-                let live = Enforcement::of(std::slice::from_ref(&r), 0, now).live > 0;
+                let live = r.is_live(now);
                 (r.replica, r.version, live)
             })
             .collect();

@@ -235,23 +235,12 @@ impl Gateway {
             }
         }
 
+        let path = parts.uri.path();
         let admitted = match self.shared.as_ref().filter(|s| s.is_shared()) {
             None => {
-                let result = match (&self.shared, self.options.state.fallback) {
-                    (None, _) => table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref(), 1),
-                    (Some(s), Fallback::Local) => table::admit(
-                        entry,
-                        parts.uri.path(),
-                        self.now(),
-                        self.cap.as_ref(),
-                        s.replicas(),
-                    ),
-                    (Some(_), Fallback::FailClosed) if table::is_limited(entry, parts.uri.path()) => {
-                        Err(Refusal::Unavailable)
-                    }
-                    (Some(_), Fallback::FailClosed) => {
-                        table::admit(entry, parts.uri.path(), self.now(), self.cap.as_ref(), 1)
-                    }
+                let result = match &self.shared {
+                    None => table::admit(entry, path, self.now(), self.cap.as_ref(), 1),
+                    Some(s) => self.fallback(entry, path, s.replicas()),
                 };
                 let admitted = self.hold(entry, result);
                 // The table guard must not be held across the upstream await.
@@ -262,20 +251,10 @@ impl Gateway {
                 // The decision awaits Redis: own the table instead of borrowing it.
                 let table = arc_swap::Guard::into_inner(table);
                 let entry = table.get(&digest).expect("the same table holds the same key");
-                let result =
-                    match table::admit_shared(entry, parts.uri.path(), shared, self.cap.as_ref()).await {
-                        Ok(result) => result,
-                        Err(_) => match self.options.state.fallback {
-                            Fallback::Local => table::admit(
-                                entry,
-                                parts.uri.path(),
-                                self.now(),
-                                self.cap.as_ref(),
-                                shared.replicas(),
-                            ),
-                            Fallback::FailClosed => Err(Refusal::Unavailable),
-                        },
-                    };
+                let result = match table::admit_shared(entry, path, shared, self.cap.as_ref()).await {
+                    Ok(result) => result,
+                    Err(_) => self.fallback(entry, path, shared.replicas()),
+                };
                 self.hold(entry, result)
             }
         };
@@ -365,6 +344,20 @@ struct Admission {
 }
 
 impl Gateway {
+    /// The decision while the shared state is unreachable, by the configured policy.
+    fn fallback(
+        &self,
+        entry: &table::KeyEntry,
+        path: &str,
+        replicas: u32,
+    ) -> Result<table::Admitted, Refusal> {
+        match self.options.state.fallback {
+            Fallback::Local => table::admit(entry, path, self.now(), self.cap.as_ref(), replicas),
+            Fallback::FailClosed if table::is_limited(entry, path) => Err(Refusal::Unavailable),
+            Fallback::FailClosed => table::admit(entry, path, self.now(), self.cap.as_ref(), 1),
+        }
+    }
+
     /// Counts a refusal, or turns an admission into what the request holds while in flight.
     fn hold(
         &self,

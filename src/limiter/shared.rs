@@ -406,17 +406,13 @@ impl SharedLimiter {
             .arg(per_second)
             .arg(burst);
         let mut conn = core.conn.clone();
-        let started = Instant::now();
-        let result =
-            match tokio::time::timeout(core.timeout, call.invoke_async::<(i64, i64, i64, i64)>(&mut conn))
-                .await
-            {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(SharedError::Redis(e)),
-                Err(_) => Err(SharedError::Timeout(core.timeout)),
-            };
-        core.observer
-            .call(SharedOp::Admit, started.elapsed(), result.as_ref().err());
+        let result = core
+            .bounded(
+                SharedOp::Admit,
+                core.timeout,
+                call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+            )
+            .await;
         let (status, in_flight, remaining, retry_us) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -468,16 +464,15 @@ impl SharedLimiter {
 
 /// A replica id unique across restarts and hosts: host name, process id, start time.
 fn replica_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "gateway".into());
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    format!("{host}:{}:{:x}", std::process::id(), nanos & 0xffff_ffff)
+    format!(
+        "{}:{}:{:x}",
+        crate::host_name(),
+        std::process::id(),
+        nanos & 0xffff_ffff
+    )
 }
 
 impl Core {
@@ -492,16 +487,23 @@ impl Core {
         }
     }
 
+    /// Background calls may wait a little longer than an admission: nobody is waiting on them.
+    fn background_timeout(&self) -> Duration {
+        self.timeout.max(Duration::from_millis(250))
+    }
+
+    /// Runs one call within `limit`, and tells the observer how it went.
     async fn bounded<T>(
         &self,
         op: SharedOp,
+        limit: Duration,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SharedError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout.max(Duration::from_millis(250)), fut).await {
+        let result = match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(SharedError::Redis(e)),
-            Err(_) => Err(SharedError::Timeout(self.timeout)),
+            Err(_) => Err(SharedError::Timeout(limit)),
         };
         self.observer.call(op, started.elapsed(), result.as_ref().err());
         result
@@ -523,7 +525,11 @@ impl Core {
         }
         let mut conn = self.conn.clone();
         if self
-            .bounded(SharedOp::Release, pipe.query_async::<()>(&mut conn))
+            .bounded(
+                SharedOp::Release,
+                self.background_timeout(),
+                pipe.query_async::<()>(&mut conn),
+            )
             .await
             .is_err()
         {
@@ -539,7 +545,11 @@ impl Core {
         let mut beat = HEARTBEAT.prepare_invoke();
         beat.key(&self.replicas_key).arg(self.ttl_ms).arg(&self.replica);
         let live = match self
-            .bounded(SharedOp::Renew, beat.invoke_async::<u32>(&mut conn))
+            .bounded(
+                SharedOp::Renew,
+                self.background_timeout(),
+                beat.invoke_async::<u32>(&mut conn),
+            )
             .await
         {
             Ok(n) => n,
@@ -564,7 +574,7 @@ impl Core {
             }
         });
         let renewed = self
-            .bounded(SharedOp::Renew, async {
+            .bounded(SharedOp::Renew, self.background_timeout(), async {
                 futures::future::try_join_all(renewals).await.map(|_| ())
             })
             .await;
@@ -600,7 +610,7 @@ async fn maintain(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                     let mut conn = core.conn.clone();
                     let mut bye = HEARTBEAT.prepare_invoke();
                     bye.key(&core.replicas_key).arg(0).arg(&core.replica);
-                    let _ = core.bounded(SharedOp::Renew, bye.invoke_async::<u32>(&mut conn)).await;
+                    let _ = core.bounded(SharedOp::Renew, core.background_timeout(), bye.invoke_async::<u32>(&mut conn)).await;
                     let _ = done.send(());
                 }
             }
