@@ -64,7 +64,9 @@ pub struct StateOptions {
 pub enum Fallback {
     /// Each replica enforces its share of every limit in memory: the limit divided by the live
     /// replicas last seen (rounded up, never more than the limit). Traffic keeps flowing; the total
-    /// can exceed a limit by at most one request per replica.
+    /// can exceed a limit by the rounding (at most one request per replica), and, for as long as
+    /// the requests admitted through Redis before the switch take to finish, by their uneven
+    /// spread over the replicas.
     #[default]
     Local,
     /// Answer 503 `limiter_unavailable`: never exceed a limit, at the cost of availability.

@@ -543,7 +543,12 @@ impl Core {
         self.flush(pending).await;
         let mut conn = self.conn.clone();
         let mut beat = HEARTBEAT.prepare_invoke();
-        beat.key(&self.replicas_key).arg(self.ttl_ms).arg(&self.replica);
+        // A replica counts as live for three lease TTLs: a heartbeat late on a busy machine must
+        // not shrink the count, since the fallback share is the limit divided by it (counting a
+        // dead replica a little longer only makes the fallback stricter).
+        beat.key(&self.replicas_key)
+            .arg(self.ttl_ms * 3)
+            .arg(&self.replica);
         let live = match self
             .bounded(
                 SharedOp::Renew,
