@@ -23,6 +23,48 @@ pub mod load;
 pub mod standalone;
 pub mod up;
 
+/// How far an API call reaches: decides whether the Helm chart grants it through a ClusterRole or a
+/// Role in the release's namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Any namespace, or a cluster-scoped resource.
+    Cluster,
+    /// Only the namespace slotgate runs in (its configuration objects, reports and leader Lease).
+    OwnNamespace,
+}
+
+/// One kind of Kubernetes API call a slotgate component makes. The component's list is the one
+/// place its RBAC is derived from: the chart's rules are tested against it, and the tests'
+/// in-memory API server checks that every call made is on it.
+#[derive(Clone, Copy, Debug)]
+pub struct ApiCall {
+    /// API group (`""` for the core group).
+    pub group: &'static str,
+    /// Resource, with `/subresource` when the call is on one.
+    pub resource: &'static str,
+    /// RBAC verbs. A server-side apply that may create its object needs `create` and `patch`.
+    pub verbs: &'static [&'static str],
+    /// Where the calls go.
+    pub reach: Reach,
+}
+
+impl ApiCall {
+    /// One line of a component's list.
+    pub const fn new(
+        group: &'static str,
+        resource: &'static str,
+        verbs: &'static [&'static str],
+        reach: Reach,
+    ) -> Self {
+        Self {
+            group,
+            resource,
+            verbs,
+            reach,
+        }
+    }
+}
+
 /// This machine's (or pod's) name: `$HOSTNAME`, else `/etc/hostname`, else `pid-<pid>`. Names a
 /// replica in leases and reports.
 pub fn host_name() -> String {

@@ -140,6 +140,10 @@ struct GatewayArgs {
     /// On shutdown, time left to requests in flight before connections are closed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+    /// On SIGTERM, keep accepting requests this long with /readyz answering 503, so that the
+    /// Service's endpoints drop this pod before its listener closes (e.g. 5s in Kubernetes).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    shutdown_delay: Duration,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -352,7 +356,17 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     tracing::info!(proxy = %listening.proxy, admin = %listening.admin, upstream = %args.upstream, "gateway started");
 
     let watcher = tokio::spawn(source);
-    gateway::run(gw, proxy, admin, shutdown_signal(), args.shutdown_timeout).await;
+    let draining = Arc::clone(&gw);
+    let delay = args.shutdown_delay;
+    let shutdown = async move {
+        shutdown_signal().await;
+        draining.drain();
+        if !delay.is_zero() {
+            tracing::info!(delay = ?delay, "shutting down: /readyz answers 503; still serving until the delay ends");
+            tokio::time::sleep(delay).await;
+        }
+    };
+    gateway::run(gw, proxy, admin, shutdown, args.shutdown_timeout).await;
     watcher.abort();
     Ok(())
 }

@@ -98,6 +98,31 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Every call the controller and the gateway made is one their `API_CALLS` lists declare (the Helm
+/// chart's RBAC is generated from and tested against those lists), and a call outside the own
+/// namespace is declared as cluster-wide.
+fn assert_calls_declared(api: &FakeApi) {
+    let calls = api.calls.lock().unwrap().clone();
+    for c in &calls {
+        let declared = match c.who.as_str() {
+            "controller" => slotgate::controller::API_CALLS,
+            "gateway" => slotgate::gateway::kube_source::API_CALLS,
+            other => panic!("a call by an unknown client {other}: {c:?}"),
+        };
+        let ok = declared.iter().any(|d| {
+            d.group == c.group
+                && d.resource == c.resource
+                && d.verbs.contains(&c.verb)
+                && (d.reach == slotgate::Reach::Cluster || c.namespace.as_deref() == Some(NS))
+        });
+        assert!(ok, "{} made a call its API_CALLS does not declare: {c:?}", c.who);
+    }
+    assert!(
+        calls.iter().any(|c| c.who == "controller"),
+        "no controller call was seen"
+    );
+}
+
 fn condition(obj: &Option<Value>, type_: &str) -> Option<(String, String, String)> {
     let conds = obj.as_ref()?["status"]["conditions"].as_array()?.clone();
     let c = conds.iter().find(|c| c["type"] == type_)?;
@@ -228,6 +253,7 @@ async fn plans_and_keys_reach_the_gateway_and_upgrades_propagate_with_one_object
         samples[samples.len() * 99 / 100],
         samples.last().unwrap()
     );
+    assert_calls_declared(&api);
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
@@ -293,6 +319,7 @@ async fn a_plan_in_use_stays_terminating_naming_its_keys_until_they_move() {
             .is_some_and(|k| k["status"]["effective"]["maxConcurrentRequests"] == 50)
     })
     .await;
+    assert_calls_declared(&api);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,6 +376,7 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
     wait_for("deletion enforced", || reported_version(&api, "gw-0") > before).await;
     let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-rotated")]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_calls_declared(&api);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,6 +433,7 @@ async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects
     .await;
     let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
     assert_eq!(r.num("x-concurrent-limit"), 7);
+    assert_calls_declared(&api);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,4 +463,5 @@ async fn a_second_controller_takes_over_when_the_leader_dies() {
     api.apply("apiplans", plan("startup", 9));
     wait_for("the new leader publishes", || config_version(&api) > before).await;
     assert_eq!(second.1.leader.get(), 1);
+    assert_calls_declared(&api);
 }

@@ -236,6 +236,7 @@ async fn upgrade_and_downgrade_under_load_fail_no_request() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.num("x-concurrent-limit"), 1);
     assert_eq!(gw.metric("slotgate_config_reload_failures_total").await, 0.0);
+    assert!(gw.metric("slotgate_config_reload_duration_seconds_count").await >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,4 +565,44 @@ async fn upstream_connections_are_kept_alive_and_closed_ones_are_not_reused() {
     assert_eq!(held(&gw, "/v1/a").await.status, StatusCode::OK);
     gw.wait_metric("slotgate_in_flight{plan=\"p\"}", |v| v == 0.0)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_readyz_then_finishes_requests_in_flight_and_exits() {
+    let stub = Stub::start().await;
+    let cfg = ConfigDir::new(&(slots_plan("p", 5) + &key_yaml("k", "p", "")));
+    let mut gw = Proc::gateway(&cfg.config, &stub.url(), &["--shutdown-delay", "2s"]);
+    let readyz = format!("http://{}/readyz", gw.admin.unwrap());
+    assert_eq!(get(&readyz, &[]).await.status, StatusCode::OK);
+    let slow = tokio::spawn({
+        let url = gw.url("/v1/slow?delay_ms=2500");
+        async move { get(&url, &[("x-api-key", TOKEN)]).await }
+    });
+    stub.wait_in_flight(1).await;
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // Load balancers see the pod leave while it still serves: new requests are admitted.
+    wait_until("/readyz to answer 503", || {
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &readyz])
+            .output()
+            .is_ok_and(|o| o.stdout == b"503")
+    })
+    .await;
+    let late = held(&gw, "/v1/late").await;
+    assert_eq!(late.status, StatusCode::OK, "{}", late.body);
+
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "the request in flight was cut: {}", r.body);
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = gw.child.wait().unwrap();
+        (status, gw)
+    })
+    .await
+    .unwrap();
+    assert!(exited.0.success(), "exit status {:?}", exited.0);
 }

@@ -42,6 +42,7 @@ use tokio::sync::{Notify, watch};
 pub use metrics::ControllerMetrics;
 
 use crate::{
+    ApiCall, Reach,
     api::{ApiKey, ApiPlan, ConditionSpec},
     config::{
         Compiled, CompiledKey, GatewayConfig, KeyLimits, TokenHashes, TokenState, compile,
@@ -59,22 +60,41 @@ pub const TOKEN_LABEL: &str = "slotgate.dev/token";
 /// Prefix of generated tokens: recognisable in a leak scan.
 pub const TOKEN_PREFIX: &str = "sg_live_";
 
-/// Every API call the controller makes, as `(group, resource, verbs)`: the Helm chart's RBAC is
-/// checked against this list.
-pub const API_CALLS: &[(&str, &str, &[&str])] = &[
-    ("slotgate.dev", "apiplans", &["get", "list", "watch", "patch"]),
-    ("slotgate.dev", "apiplans/status", &["patch"]),
-    ("slotgate.dev", "apikeys", &["get", "list", "watch"]),
-    ("slotgate.dev", "apikeys/status", &["patch"]),
-    ("", "secrets", &["list", "watch", "create"]),
-    ("", "configmaps", &["get", "list", "watch", "patch", "delete"]),
-    (
-        "coordination.k8s.io",
-        "leases",
-        &["get", "list", "watch", "create", "update"],
-    ),
-    ("events.k8s.io", "events", &["create", "patch"]),
-];
+/// Every API call the controller makes: the Helm chart's RBAC is checked against this list.
+pub const API_CALLS: &[ApiCall] = {
+    use ApiCall as C;
+    &[
+        // The in-use finalizer is kept by a patch; everything else is read from watches.
+        C::new(
+            "slotgate.dev",
+            "apiplans",
+            &["list", "watch", "patch"],
+            Reach::Cluster,
+        ),
+        C::new("slotgate.dev", "apiplans/status", &["patch"], Reach::Cluster),
+        C::new("slotgate.dev", "apikeys", &["list", "watch"], Reach::Cluster),
+        C::new("slotgate.dev", "apikeys/status", &["patch"], Reach::Cluster),
+        // Token Secrets are read where the keys are; generated ones are created there.
+        C::new("", "secrets", &["list", "watch", "create"], Reach::Cluster),
+        // Events go to the namespace of the object they are about.
+        C::new("events.k8s.io", "events", &["create", "patch"], Reach::Cluster),
+        // Configuration objects are written by server-side apply, which creates them the first time;
+        // stale shards are deleted.
+        C::new(
+            "",
+            "configmaps",
+            &["list", "watch", "create", "patch", "delete"],
+            Reach::OwnNamespace,
+        ),
+        // The gateways' reports (list, watch) and the leader Lease (get, create, update).
+        C::new(
+            "coordination.k8s.io",
+            "leases",
+            &["get", "list", "watch", "create", "update"],
+            Reach::OwnNamespace,
+        ),
+    ]
+};
 
 /// What the controller manages and who it is.
 #[derive(Clone, Debug)]

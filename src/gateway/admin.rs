@@ -47,6 +47,11 @@ impl tower::Service<Request<Incoming>> for AdminService {
         let plain = "text/plain; charset=utf-8";
         let res = match req.uri().path() {
             "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
+            "/readyz" if g.is_draining() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                plain,
+                "not ready: shutting down, finishing requests in flight\n".into(),
+            ),
             "/readyz" if g.is_ready() => text(
                 StatusCode::OK,
                 plain,

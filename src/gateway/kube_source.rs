@@ -25,6 +25,20 @@ use crate::config::pieces::{AssembleError, INDEX_ENTRY, SHARD_ENTRY, assemble};
 pub use crate::config::pieces::{
     CONFIG_LABEL, GATEWAY_MANAGER, HASH_ANNOTATION, REPORT_LABEL, REPORT_TTL_SECONDS, VERSION_ANNOTATION,
 };
+use crate::{ApiCall, Reach};
+
+/// Every API call the gateway makes: it reads its configuration objects and writes its own report
+/// (by server-side apply, which creates the Lease the first time). No Secrets, nothing outside its
+/// namespace. The Helm chart's RBAC is checked against this list.
+pub const API_CALLS: &[ApiCall] = &[
+    ApiCall::new("", "configmaps", &["list", "watch"], Reach::OwnNamespace),
+    ApiCall::new(
+        "coordination.k8s.io",
+        "leases",
+        &["create", "patch"],
+        Reach::OwnNamespace,
+    ),
+];
 
 /// Where the configuration lives and who this replica is.
 #[derive(Clone, Debug)]
@@ -97,14 +111,15 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
         if refused_index.as_deref() == Some(index.as_str()) {
             continue;
         }
+        let started = std::time::Instant::now();
         match assemble(index, |name| data.get(name).map(String::as_str)) {
             Ok(config) => {
                 refused_index = None;
                 if config.hash == gateway.table().config.hash && gateway.is_ready() {
                     continue;
                 }
-                let started = std::time::Instant::now();
                 let report = gateway.apply(config);
+                gateway.metrics.reload_duration.observe(started.elapsed().as_secs_f64());
                 tracing::info!(
                     origin,
                     from = report.from_version,

@@ -141,6 +141,8 @@ pub struct Metrics {
     /// Configurations applied.
     pub reloads: Counter,
     reload_failures: Family<Labels, Counter>,
+    /// Time to parse, check and swap in a new configuration.
+    pub reload_duration: Histogram,
     /// Time from forwarding a request to the upstream's response headers.
     pub upstream_latency: Histogram,
     /// Endpoint buckets dropped because they were idle.
@@ -227,6 +229,7 @@ impl Metrics {
             config_keys: Gauge::default(),
             reloads: Counter::default(),
             reload_failures: Family::default(),
+            reload_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             buckets_evicted: Counter::default(),
             registry: Registry::default(),
@@ -289,6 +292,11 @@ impl Metrics {
             "config_reload_failures",
             "Configurations refused (the last good one kept serving), by reason",
             m.reload_failures.clone(),
+        );
+        registry.register(
+            "config_reload_duration_seconds",
+            "Time to parse, check and swap in a new configuration",
+            m.reload_duration.clone(),
         );
         registry.register(
             "upstream_latency_seconds",

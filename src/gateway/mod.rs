@@ -110,6 +110,7 @@ pub struct ReloadReport {
 pub struct Gateway {
     table: ArcSwap<KeyTable>,
     ready: AtomicBool,
+    draining: AtomicBool,
     options: GatewayOptions,
     cap: Option<UpstreamCap>,
     pool: Arc<upstream::Pool>,
@@ -151,6 +152,7 @@ impl Gateway {
         Ok(Arc::new(Self {
             table: ArcSwap::from_pointee(KeyTable::empty()),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             cap: options.max_upstream_in_flight.map(|limit| UpstreamCap {
                 pool: Arc::default(),
                 limit,
@@ -221,6 +223,17 @@ impl Gateway {
     /// Whether a configuration has been loaded.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the gateway as leaving: `/readyz` answers 503 so that load balancers stop sending
+    /// new connections, while requests keep being served until the listeners close.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Gateway::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Monotonic nanoseconds since the gateway started: the limiter's clock.

@@ -211,6 +211,10 @@ impl FileSource {
         if let Ok(r) = apply_bytes(&self.gateway, path, &bytes)
             && r.changed
         {
+            self.gateway
+                .metrics
+                .reload_duration
+                .observe(started.elapsed().as_secs_f64());
             tracing::info!(
                 path = %path.display(),
                 from = r.from_version,

@@ -56,6 +56,18 @@ pub struct Write {
     pub path: String,
 }
 
+/// One kind of call as RBAC sees it: who made it (the bearer token: `controller` for
+/// [`FakeApi::client`], `gateway` for the kubeconfig), the API group, the resource (with
+/// `/subresource`), the verb, and the namespace (`None` for a cluster-wide or cluster-scoped call).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Call {
+    pub who: String,
+    pub group: String,
+    pub resource: String,
+    pub verb: &'static str,
+    pub namespace: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct FakeApi {
     pub addr: SocketAddr,
@@ -63,6 +75,8 @@ pub struct FakeApi {
     events: broadcast::Sender<WatchEvent>,
     down: Arc<AtomicBool>,
     pub writes: Arc<Mutex<Vec<Write>>>,
+    /// Every kind of call made, for the RBAC check.
+    pub calls: Arc<Mutex<std::collections::BTreeSet<Call>>>,
     _dir: Arc<tempfile::TempDir>,
     pub kubeconfig: std::path::PathBuf,
 }
@@ -180,7 +194,7 @@ impl FakeApi {
         std::fs::write(
             &kubeconfig,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: slotgate-system\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n"
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: slotgate-system\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: gateway\n"
             ),
         )
         .unwrap();
@@ -190,6 +204,7 @@ impl FakeApi {
             events: broadcast::channel(1 << 16).0,
             down: Arc::default(),
             writes: Arc::default(),
+            calls: Arc::default(),
             _dir: Arc::new(dir),
             kubeconfig,
         };
@@ -218,6 +233,7 @@ impl FakeApi {
     pub fn client(&self) -> kube::Client {
         let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
         config.default_namespace = "slotgate-system".into();
+        config.auth_info.token = Some("controller".to_string().into());
         kube::Client::try_from(config).unwrap()
     }
 
@@ -382,6 +398,13 @@ impl FakeApi {
         }
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let who = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("anonymous")
+            .to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let content_type = req
             .headers()
@@ -405,6 +428,29 @@ impl FakeApi {
                 path: path.clone(),
             });
         }
+        let verb = match (&method, &t.name) {
+            (&Method::GET, None) if matches!(query_param(&query, "watch").as_deref(), Some("true" | "1")) => {
+                "watch"
+            }
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        };
+        let call = |verb: &'static str| Call {
+            who: who.clone(),
+            group: t.api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string(),
+            resource: match &t.subresource {
+                Some(sub) => format!("{}/{sub}", t.resource),
+                None => t.resource.clone(),
+            },
+            verb,
+            namespace: t.namespace.clone(),
+        };
+        self.calls.lock().unwrap().insert(call(verb));
         let ns = t.namespace.clone().unwrap_or_default();
         let cluster = CLUSTER_SCOPED.contains(&t.resource.as_str());
         match (&method, &t.name) {
@@ -499,6 +545,8 @@ impl FakeApi {
                 let status_only = t.subresource.as_deref() == Some("status");
                 match st.objects.get(&key).cloned() {
                     None if apply && !status_only => {
+                        // A real API server authorizes an apply that creates as a create as well.
+                        self.calls.lock().unwrap().insert(call("create"));
                         let mut obj = patch;
                         obj["metadata"]["name"] = json!(name);
                         let out = self.create_locked(&mut st, key, obj);
