@@ -15,6 +15,20 @@ if ((${#missing[@]})); then
   # The package starts a system-wide server; the tests run their own on free ports.
   (service redis-server stop || true) >/dev/null 2>&1
 fi
+# The chart tests render charts/slotgate with the real Helm engine (helm-python-sdk: Helm v4 as a
+# library, no helm binary) and check every object against the Kubernetes schemas
+# (kubernetes-validate). Both live in a virtual environment under target/.
+venv=target/chart-venv
+if ! "$venv/bin/python" -c "import helm_python, kubernetes_validate" >/dev/null 2>&1; then
+  if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+  fi
+  rm -rf "$venv"
+  python3 -m venv "$venv" || {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"
+  }
+  "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
+fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 
 cargo fmt --all -- --check

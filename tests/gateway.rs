@@ -235,7 +235,11 @@ async fn upgrade_and_downgrade_under_load_fail_no_request() {
     let r = held(&gw, "/v1/x").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.num("x-concurrent-limit"), 1);
-    assert_eq!(gw.metric("slotgate_config_reload_failures_total").await, 0.0);
+    let metrics = gw.metrics().await;
+    for reason in ["parse", "schema", "hash_mismatch", "invalid"] {
+        let series = format!("slotgate_config_reload_failures_total{{reason=\"{reason}\"}} 0");
+        assert!(metrics.contains(&series), "{series} missing");
+    }
     assert!(gw.metric("slotgate_config_reload_duration_seconds_count").await >= 2.0);
 }
 
@@ -597,7 +601,12 @@ async fn sigterm_drains_readyz_then_finishes_requests_in_flight_and_exits() {
     assert_eq!(late.status, StatusCode::OK, "{}", late.body);
 
     let r = slow.await.unwrap();
-    assert_eq!(r.status, StatusCode::OK, "the request in flight was cut: {}", r.body);
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the request in flight was cut: {}",
+        r.body
+    );
     let exited = tokio::task::spawn_blocking(move || {
         let status = gw.child.wait().unwrap();
         (status, gw)

@@ -270,8 +270,13 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// Every [`ConfigError::metric_label`], so that each series exists (at 0) before the first
+    /// failure: an alert on its increase needs the series to be there.
+    pub const METRIC_LABELS: [&'static str; 4] = ["parse", "schema", "hash_mismatch", "invalid"];
+
     /// Short label for metrics.
     pub fn metric_label(&self) -> &'static str {
+        // Keep in step with METRIC_LABELS.
         match self {
             Self::Parse(_) => "parse",
             Self::Schema(_) => "schema",

@@ -74,6 +74,10 @@ pub const API_CALLS: &[ApiCall] = {
         C::new("slotgate.dev", "apiplans/status", &["patch"], Reach::Cluster),
         C::new("slotgate.dev", "apikeys", &["list", "watch"], Reach::Cluster),
         C::new("slotgate.dev", "apikeys/status", &["patch"], Reach::Cluster),
+        // Not a call: a generated Secret is owned by its key with `blockOwnerDeletion`, which the
+        // OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allows only to whoever
+        // may update the owner's finalizers.
+        C::new("slotgate.dev", "apikeys/finalizers", &["update"], Reach::Cluster),
         // Token Secrets are read where the keys are; generated ones are created there.
         C::new("", "secrets", &["list", "watch", "create"], Reach::Cluster),
         // Events go to the namespace of the object they are about.

@@ -119,7 +119,10 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
                     continue;
                 }
                 let report = gateway.apply(config);
-                gateway.metrics.reload_duration.observe(started.elapsed().as_secs_f64());
+                gateway
+                    .metrics
+                    .reload_duration
+                    .observe(started.elapsed().as_secs_f64());
                 tracing::info!(
                     origin,
                     from = report.from_version,

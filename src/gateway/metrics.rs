@@ -168,6 +168,17 @@ pub struct StateMetrics {
     pub fallback: Fallback,
 }
 
+impl StateMetrics {
+    /// Creates the series of every op at 0, for a gateway that shares its limits.
+    pub fn init_series(&self) {
+        for op in crate::limiter::shared::SharedOp::ALL {
+            let labels = vec![("op", op.as_str().to_string())];
+            drop(self.latency.get_or_create(&labels));
+            drop(self.errors.get_or_create(&labels));
+        }
+    }
+}
+
 impl SharedObserver for StateMetrics {
     fn call(&self, op: SharedOp, elapsed: std::time::Duration, error: Option<&SharedError>) {
         let labels = vec![("op", op.as_str().to_string())];
@@ -293,6 +304,12 @@ impl Metrics {
             "Configurations refused (the last good one kept serving), by reason",
             m.reload_failures.clone(),
         );
+        for reason in crate::config::ConfigError::METRIC_LABELS {
+            drop(
+                m.reload_failures
+                    .get_or_create(&vec![("reason", reason.to_string())]),
+            );
+        }
         registry.register(
             "config_reload_duration_seconds",
             "Time to parse, check and swap in a new configuration",

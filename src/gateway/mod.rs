@@ -145,6 +145,7 @@ impl Gateway {
                     lease_ttl = ?o.lease_ttl,
                     "limits shared through redis"
                 );
+                metrics.state.init_series();
                 Some(SharedLimiter::start(o.clone(), Arc::new(metrics.state.clone())).await?)
             }
             None => None,

@@ -177,6 +177,10 @@ pub enum SharedOp {
 }
 
 impl SharedOp {
+    /// Every op, to export their series from the start (a rate over a series that appears only
+    /// with its first error misses that error).
+    pub const ALL: [SharedOp; 3] = [Self::Admit, Self::Release, Self::Renew];
+
     /// The op as a metric label.
     pub fn as_str(self) -> &'static str {
         match self {
