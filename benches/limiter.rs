@@ -41,7 +41,7 @@ fn table(keys: usize, per: BucketScope) -> KeyTable {
         },
     );
     for i in 0..keys {
-        c.keys.insert(
+        std::sync::Arc::make_mut(&mut c.keys).insert(
             hex::encode(digest(i)),
             CompiledKey {
                 id: format!("default/key-{i}"),

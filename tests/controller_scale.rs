@@ -1,6 +1,6 @@
 //! The controller binary at scale against the in-memory API server: many keys, one plan upgrade.
-//! CI runs 20,000 keys; `SLOTGATE_SCALE_KEYS=100000 cargo test --release --test controller_scale
-//! -- --nocapture` gives the figures quoted for 100,000.
+//! CI runs 20,000 keys; `SLOTGATE_SCALE_KEYS=100000 SLOTGATE_SCALE_ROUNDS=20 cargo test --release
+//! --test controller_scale -- --nocapture` gives the figures quoted for 100,000.
 
 mod common;
 
@@ -106,32 +106,112 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
         "an object of {largest} bytes exceeds the 1 MiB limit"
     );
 
-    // One plan upgrade: exactly one configuration object written.
+    // A gateway watching the configuration through the API, as in a cluster.
+    let stub = Stub::start().await;
+    let gw = Proc::start_env(
+        &[
+            "gateway",
+            "--config-source",
+            "kubernetes",
+            "--namespace",
+            NS,
+            "--replica-name",
+            "gw-0",
+            "--upstream",
+            &stub.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
+    );
     let version = published["version"].as_u64().unwrap();
-    let writes_before = api.writes.lock().unwrap().len();
-    let t0 = Instant::now();
-    api.apply("apiplans", plan(50));
-    while index(&api).and_then(|i| i["version"].as_u64()) == Some(version) {
-        assert!(Instant::now() < deadline, "the upgrade was never published");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    while reported_version(&api, "gw-0") < version {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never enforced the configuration"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let upgrade = t0.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let config_writes = api.writes.lock().unwrap()[writes_before..]
-        .iter()
-        .filter(|w| w.path.contains("/configmaps/"))
-        .count();
+    let gateway_first = started.elapsed();
+    // Steady state: the first pass (statuses of every key included) is over.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Plan upgrades: each rewrites exactly one configuration object, and is timed from the API
+    // server's change to the controller's publish and to the gateway reporting it enforces it.
+    let rounds: usize = std::env::var("SLOTGATE_SCALE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (mut to_publish, mut to_enforce, mut writes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut version = version;
+    for round in 0..rounds {
+        let writes_before = api.writes.lock().unwrap().len();
+        let t0 = Instant::now();
+        api.apply("apiplans", plan(26 + round as u32));
+        while index(&api).and_then(|i| i["version"].as_u64()) == Some(version) {
+            assert!(Instant::now() < deadline, "the upgrade was never published");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        to_publish.push(t0.elapsed());
+        version = index(&api).unwrap()["version"].as_u64().unwrap();
+        while reported_version(&api, "gw-0") < version {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway never enforced the upgrade"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        to_enforce.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        writes.push(
+            api.writes.lock().unwrap()[writes_before..]
+                .iter()
+                .filter(|w| w.path.contains("/configmaps/"))
+                .count(),
+        );
+    }
     let rss = peak_rss_mib(ctl.child.id());
+    let gw_rss = peak_rss_mib(gw.child.id());
     for line in ctl
         .stderr()
         .lines()
-        .filter(|l| l.contains("reconcile pass") || l.contains("published"))
+        .filter(|l| l.contains("published") || l.contains("pass phases"))
+        .chain(
+            gw.stderr()
+                .lines()
+                .filter(|l| l.contains("configuration applied")),
+        )
     {
-        eprintln!("controller: {line}");
+        eprintln!("{line}");
     }
+    to_publish.sort();
+    to_enforce.sort();
     eprintln!(
-        "{n} keys: first publish {first_publish:?} ({shards} shards, largest object {largest} bytes); plan upgrade published in {upgrade:?} with {config_writes} configuration object(s) written; controller peak RSS {rss:.0} MiB"
+        "{n} keys: first publish {first_publish:?} ({shards} shards, largest object {largest} bytes), \
+         gateway enforcing at {gateway_first:?}; {rounds} plan upgrades: published p50 {:?} max {:?}, \
+         enforced by the gateway p50 {:?} max {:?}; configuration objects written per upgrade {writes:?}; \
+         peak RSS controller {rss:.0} MiB, gateway {gw_rss:.0} MiB",
+        to_publish[rounds / 2],
+        to_publish[rounds - 1],
+        to_enforce[rounds / 2],
+        to_enforce[rounds - 1],
     );
-    assert_eq!(config_writes, 1, "a plan upgrade rewrites the index only");
+    assert!(
+        writes.iter().all(|w| *w == 1),
+        "a plan upgrade rewrites the index only: {writes:?}"
+    );
     assert_eq!(shards, n.div_ceil(2000).next_power_of_two());
+}
+
+fn reported_version(api: &FakeApi, replica: &str) -> u64 {
+    api.get("leases", NS, &format!("slotgate-gateway-{replica}"))
+        .and_then(|l| {
+            l["metadata"]["annotations"]["slotgate.dev/version"]
+                .as_str()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }

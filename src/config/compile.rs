@@ -78,6 +78,8 @@ pub struct Compiled {
     pub plans: BTreeMap<String, PlanReport>,
     /// Status of every ApiKey, by `namespace/name`.
     pub keys: BTreeMap<String, KeyReport>,
+    /// [`super::keys_digest`] of the configuration's keys, for [`compile_plans_only`].
+    pub keys_digest: String,
 }
 
 /// Compiles plans and keys into the next gateway configuration.
@@ -285,9 +287,10 @@ pub fn compile<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         version: 0,
         hash: String::new(),
         plans: out_plans,
-        keys: out_keys,
+        keys: std::sync::Arc::new(out_keys),
     };
-    config.hash = config.content_hash();
+    let keys_digest = super::keys_digest(&config.keys);
+    config.hash = config.content_hash_with(&keys_digest);
     config.version = match previous {
         Some(p) if p.hash == config.hash => p.version,
         Some(p) => p.version + 1,
@@ -297,7 +300,46 @@ pub fn compile<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         config,
         plans: plan_reports,
         keys: key_reports,
+        keys_digest,
     }
+}
+
+/// The configuration [`compile`] would give when only the plans' limits changed since `previous`
+/// was compiled from the same keys and tokens: the same keys (shared, not copied) under the new
+/// plans, hashed with the keys' digest already known. `None` when the shortcut does not hold (a
+/// plan added, removed or invalid, or a plan kept as last known good); then run [`compile`].
+///
+/// This is what takes a plan upgrade to the gateways in milliseconds at 100,000 keys; the key
+/// reports (statuses) come from a full [`compile`] afterwards.
+pub fn compile_plans_only<P: Borrow<ApiPlan>>(
+    plans: &[P],
+    previous: &GatewayConfig,
+    keys_digest: &str,
+) -> Option<GatewayConfig> {
+    if previous.plans.values().any(|p| p.retained) || plans.len() != previous.plans.len() {
+        return None;
+    }
+    let mut out = BTreeMap::new();
+    for plan in plans {
+        let plan: &ApiPlan = plan.borrow();
+        let name = plan.name_any();
+        if !previous.plans.contains_key(&name) {
+            return None;
+        }
+        out.insert(name, compile_plan(plan).ok()?);
+    }
+    let mut config = GatewayConfig {
+        schema: SCHEMA_VERSION,
+        version: previous.version,
+        hash: String::new(),
+        plans: out,
+        keys: std::sync::Arc::clone(&previous.keys),
+    };
+    config.hash = config.content_hash_with(keys_digest);
+    if config.hash != previous.hash {
+        config.version += 1;
+    }
+    Some(config)
 }
 
 fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {

@@ -343,3 +343,44 @@ fn a_tampered_or_broken_document_is_refused() {
     let err = GatewayConfig::from_json(b"{\"schema\": 1").unwrap_err();
     assert_eq!(err.metric_label(), "parse");
 }
+
+proptest::proptest! {
+    /// The plans-only shortcut gives exactly what a full compile gives, whenever it applies, and
+    /// applies to every change of limits.
+    #[test]
+    fn compiling_plans_only_equals_a_full_compile(
+        before in proptest::collection::vec((proptest::option::of(0u32..60), proptest::option::of(1u32..2000)), 1..4),
+        after in proptest::collection::vec((proptest::option::of(0u32..60), proptest::option::of(0u32..2000)), 1..4),
+        on in proptest::collection::vec(0usize..4, 0..12),
+    ) {
+        let names = ["trial", "startup", "business", "gone"];
+        let plans = |limits: &[(Option<u32>, Option<u32>)]| -> Vec<ApiPlan> {
+            limits.iter().enumerate().map(|(i, (s, r))| plan(names[i], *s, *r)).collect()
+        };
+        let key_names: Vec<String> = (0..on.len()).map(|i| format!("k{i}")).collect();
+        let keys: Vec<ApiKey> = on.iter().enumerate().map(|(i, p)| key(&key_names[i], names[*p], i as i64)).collect();
+        let refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
+        let tokens = tokens_for(&refs);
+        let first = compile(&plans(&before), &keys, &tokens, None).config;
+        let second = plans(&after);
+        let full = compile(&second, &keys, &tokens, Some(&first)).config;
+        let digest = crate::config::keys_digest(&first.keys);
+        match compile_plans_only(&second, &first, &digest) {
+            Some(fast) => {
+                proptest::prop_assert_eq!(&fast, &full);
+                proptest::prop_assert!(std::sync::Arc::ptr_eq(&fast.keys, &first.keys));
+            }
+            None => {
+                // It declines only when the set of valid plans changed.
+                let valid: Vec<&String> = full.plans.keys().collect();
+                let had: Vec<&String> = first.plans.keys().collect();
+                let all_valid = after.iter().all(|(_, r)| *r != Some(0));
+                proptest::prop_assert!(
+                    before.len() != after.len() || !all_valid || valid != had
+                        || first.plans.values().any(|p| p.retained),
+                    "declined a change of limits alone"
+                );
+            }
+        }
+    }
+}

@@ -9,12 +9,12 @@ mod compile;
 pub mod pieces;
 mod tokens;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use compile::{Compiled, KeyReport, PlanReport, compile};
+pub use compile::{Compiled, KeyReport, PlanReport, compile, compile_plans_only};
 pub use tokens::{TokenHashes, TokenState, hash_token};
 
 use crate::api::{BucketScope, EffectiveLimits, LimitOverrides};
@@ -37,8 +37,9 @@ pub struct GatewayConfig {
     pub hash: String,
     /// Plans by name.
     pub plans: BTreeMap<String, CompiledPlan>,
-    /// Admitted keys by the SHA-256 (hex) of their token.
-    pub keys: BTreeMap<String, CompiledKey>,
+    /// Admitted keys by the SHA-256 (hex) of their token. Shared: a plan change makes a new
+    /// configuration around the same keys without copying 100,000 of them.
+    pub keys: Arc<BTreeMap<String, CompiledKey>>,
 }
 
 /// A plan as the gateway enforces it.
@@ -162,6 +163,28 @@ impl KeyLimits {
     }
 }
 
+/// SHA-256 (hex) of a key set's canonical JSON: the part of [`GatewayConfig::content_hash`]
+/// that a plan change leaves alone.
+pub fn keys_digest(keys: &BTreeMap<String, CompiledKey>) -> String {
+    let mut hasher = Sha256::new();
+    serde_json::to_writer(HashWriter(&mut hasher), keys).expect("keys serialise");
+    hex::encode(hasher.finalize())
+}
+
+/// Feeds serialised bytes straight into a hasher (100,000 keys make tens of megabytes of JSON).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl GatewayConfig {
     /// An empty configuration: no plans, no keys, version 0.
     pub fn empty() -> Self {
@@ -170,17 +193,25 @@ impl GatewayConfig {
             version: 0,
             hash: String::new(),
             plans: BTreeMap::new(),
-            keys: BTreeMap::new(),
+            keys: Arc::default(),
         };
         config.hash = config.content_hash();
         config
     }
 
-    /// SHA-256 of the plans and keys, independent of version and hash fields.
+    /// SHA-256 of the plans and keys, independent of version and hash fields: the plans' JSON
+    /// followed by [`keys_digest`], so that whoever kept the keys of an earlier configuration
+    /// (a plan change) hashes the plans alone.
     pub fn content_hash(&self) -> String {
+        self.content_hash_with(&keys_digest(&self.keys))
+    }
+
+    /// [`GatewayConfig::content_hash`] with the [`keys_digest`] of these keys already known.
+    pub fn content_hash_with(&self, keys_digest: &str) -> String {
         let mut hasher = Sha256::new();
-        let body = serde_json::to_vec(&(&self.plans, &self.keys)).expect("config serialises");
-        hasher.update(&body);
+        hasher.update(serde_json::to_vec(&self.plans).expect("plans serialise"));
+        hasher.update(b"\n");
+        hasher.update(keys_digest.as_bytes());
         hex::encode(hasher.finalize())
     }
 
@@ -206,10 +237,15 @@ impl GatewayConfig {
 
     /// Checks the invariants the gateway relies on.
     pub fn check(&self) -> Result<(), ConfigError> {
+        self.check_with(&keys_digest(&self.keys))
+    }
+
+    /// [`GatewayConfig::check`] with the [`keys_digest`] of these keys already known.
+    pub fn check_with(&self, keys_digest: &str) -> Result<(), ConfigError> {
         if self.schema != SCHEMA_VERSION {
             return Err(ConfigError::Schema(self.schema));
         }
-        let actual = self.content_hash();
+        let actual = self.content_hash_with(keys_digest);
         if actual != self.hash {
             return Err(ConfigError::HashMismatch {
                 declared: self.hash.clone(),
@@ -229,7 +265,7 @@ impl GatewayConfig {
                 check_pattern(p).map_err(|e| ConfigError::Invalid(format!("plan {name}: {e}")))?;
             }
         }
-        for (hash, key) in &self.keys {
+        for (hash, key) in self.keys.iter() {
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ConfigError::Invalid(format!(
                     "key {}: index must be a SHA-256 hex digest",

@@ -8,12 +8,12 @@
 //! the digest the index gives it; until then it keeps enforcing the last complete one. Pure: no
 //! I/O.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{CompiledKey, CompiledPlan, ConfigError, GatewayConfig, SCHEMA_VERSION};
+use super::{CompiledKey, CompiledPlan, ConfigError, GatewayConfig, SCHEMA_VERSION, keys_digest};
 
 /// Label on every configuration object; its value is the configuration's name.
 pub const CONFIG_LABEL: &str = "slotgate.dev/config";
@@ -102,7 +102,7 @@ pub fn split(config: &GatewayConfig, base: &str) -> Vec<Piece> {
 pub fn shards(config: &GatewayConfig, base: &str) -> Vec<Piece> {
     let count = shard_count(config.keys.len());
     let mut parts: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
-    for (digest, key) in &config.keys {
+    for (digest, key) in config.keys.iter() {
         parts[shard_of(digest, count)].insert(digest, key);
     }
     parts
@@ -140,18 +140,50 @@ pub fn assemble<'a>(
     index: &str,
     shard: impl Fn(&str) -> Option<&'a str>,
 ) -> Result<GatewayConfig, AssembleError> {
+    assemble_from(index, shard, None).map(|a| a.config)
+}
+
+/// A configuration assembled from its pieces, with what the next assembly can reuse.
+#[derive(Clone, Debug)]
+pub struct Assembled {
+    /// The configuration.
+    pub config: GatewayConfig,
+    /// Shard names and digests it was assembled from.
+    shards: BTreeMap<String, String>,
+    /// [`keys_digest`] of its keys.
+    keys_digest: String,
+}
+
+/// [`assemble`], reusing the keys of `last` when the index names the same shards with the same
+/// digests (a plan change): no shard is read, parsed or hashed again, so the cost no longer grows
+/// with the number of keys.
+pub fn assemble_from<'a>(
+    index: &str,
+    shard: impl Fn(&str) -> Option<&'a str>,
+    last: Option<&Assembled>,
+) -> Result<Assembled, AssembleError> {
     let index: Index = serde_json::from_str(index).map_err(ConfigError::Parse)?;
     if index.schema != SCHEMA_VERSION {
         return Err(ConfigError::Schema(index.schema).into());
     }
-    let mut keys = BTreeMap::new();
-    for (name, digest) in &index.shards {
-        let data = shard(name)
-            .filter(|d| sha256_hex(d) == *digest)
-            .ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
-        let part: BTreeMap<String, CompiledKey> = serde_json::from_str(data).map_err(ConfigError::Parse)?;
-        keys.extend(part);
-    }
+    let (keys, keys_digest) = match last {
+        Some(last) if last.shards == index.shards => {
+            (Arc::clone(&last.config.keys), last.keys_digest.clone())
+        }
+        _ => {
+            let mut keys = BTreeMap::new();
+            for (name, digest) in &index.shards {
+                let data = shard(name)
+                    .filter(|d| sha256_hex(d) == *digest)
+                    .ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
+                let part: BTreeMap<String, CompiledKey> =
+                    serde_json::from_str(data).map_err(ConfigError::Parse)?;
+                keys.extend(part);
+            }
+            let digest = keys_digest(&keys);
+            (Arc::new(keys), digest)
+        }
+    };
     let config = GatewayConfig {
         schema: index.schema,
         version: index.version,
@@ -159,8 +191,12 @@ pub fn assemble<'a>(
         plans: index.plans,
         keys,
     };
-    config.check()?;
-    Ok(config)
+    config.check_with(&keys_digest)?;
+    Ok(Assembled {
+        config,
+        shards: index.shards,
+        keys_digest,
+    })
 }
 
 #[cfg(test)]
@@ -185,7 +221,7 @@ mod tests {
             },
         );
         for i in 0..keys {
-            c.keys.insert(
+            std::sync::Arc::make_mut(&mut c.keys).insert(
                 sha256_hex(&i.to_string()),
                 CompiledKey {
                     id: format!("ns/k{i}"),
@@ -248,5 +284,53 @@ mod tests {
             assemble("{not json", |_| None),
             Err(AssembleError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_plan_upgrade_reassembles_without_reading_a_shard() {
+        let before = config(10_000, 25);
+        let map = by_name(&split(&before, "cfg"));
+        let first = assemble_from(&map["cfg"], |n| map.get(n).map(String::as_str), None).unwrap();
+        let mut upgraded = before.clone();
+        upgraded
+            .plans
+            .get_mut("p")
+            .unwrap()
+            .concurrency
+            .as_mut()
+            .unwrap()
+            .max = 50;
+        upgraded.version = 8;
+        upgraded.hash = upgraded.content_hash();
+        let map2 = by_name(&split(&upgraded, "cfg"));
+        // Only the index is at hand: the keys come from the last assembly.
+        let second = assemble_from(&map2["cfg"], |_| None, Some(&first)).unwrap();
+        assert_eq!(second.config, upgraded);
+        assert!(Arc::ptr_eq(&second.config.keys, &first.config.keys));
+        // A tampered plan in the index is still caught by the content hash.
+        let tampered = map2["cfg"].replace("\"max\":50", "\"max\":5000");
+        assert!(matches!(
+            assemble_from(&tampered, |_| None, Some(&first)),
+            Err(AssembleError::Invalid(ConfigError::HashMismatch { .. }))
+        ));
+        // Changed keys mean changed shard digests: the shards are read again.
+        let mut more = upgraded.clone();
+        let key = more.keys.values().next().unwrap().clone();
+        Arc::make_mut(&mut more.keys).insert(
+            sha256_hex("new"),
+            CompiledKey {
+                id: "ns/new".into(),
+                ..key
+            },
+        );
+        more.version = 9;
+        more.hash = more.content_hash();
+        let map3 = by_name(&split(&more, "cfg"));
+        assert!(matches!(
+            assemble_from(&map3["cfg"], |_| None, Some(&second)),
+            Err(AssembleError::Incomplete(_))
+        ));
+        let third = assemble_from(&map3["cfg"], |n| map3.get(n).map(String::as_str), Some(&second)).unwrap();
+        assert_eq!(third.config, more);
     }
 }

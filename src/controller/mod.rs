@@ -15,7 +15,10 @@ mod status;
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -37,7 +40,7 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Mutex, Notify, watch};
 
 pub use metrics::ControllerMetrics;
 
@@ -46,6 +49,7 @@ use crate::{
     api::{ApiKey, ApiPlan, ConditionSpec},
     config::{
         Compiled, CompiledKey, GatewayConfig, KeyLimits, TokenHashes, TokenState, compile,
+        compile_plans_only,
         pieces::{self, CONFIG_LABEL, Piece, REPORT_LABEL, VERSION_ANNOTATION},
     },
 };
@@ -129,6 +133,10 @@ struct Stores {
     plans: Store<ApiPlan>,
     keys: Store<ApiKey>,
     secrets: Store<Secret>,
+    /// Bumped after each change of what compile reads from keys and from token Secrets: equal
+    /// generations mean the same key set, so a plan change can skip the key compile.
+    key_generation: Arc<AtomicU64>,
+    secret_generation: Arc<AtomicU64>,
     reports: Store<Lease>,
     /// The configuration objects as they are, to repair one that was edited or deleted.
     configs: Store<ConfigMap>,
@@ -152,13 +160,14 @@ fn spec_fingerprint<S: serde::Serialize>(
     h.finish()
 }
 
-/// Starts reflectors for everything the controller reads; each change wakes `notify` (and, for
-/// reports, `reports_changed`).
+/// Starts reflectors for everything the controller reads; each change wakes `notify` (plans also
+/// `plans_changed`; reports only `reports_changed`).
 fn reflect(
     client: &Client,
     ns: &str,
     name: &str,
     notify: Arc<Notify>,
+    plans_changed: Arc<Notify>,
     reports_changed: Arc<Notify>,
     tasks: &mut Tasks,
 ) -> Stores {
@@ -170,7 +179,8 @@ fn reflect(
         tasks: &mut Tasks,
         api: Api<K>,
         cfg: watcher::Config,
-        wake: Arc<Notify>,
+        wake: Vec<Arc<Notify>>,
+        generation: Option<Arc<AtomicU64>>,
         relevant: Relevant<K>,
     ) -> Store<K>
     where
@@ -205,7 +215,13 @@ fn reflect(
                             _ => true,
                         };
                         if changed {
-                            wake.notify_one();
+                            // The store already holds the change: bump, then wake.
+                            if let Some(g) = &generation {
+                                g.fetch_add(1, Ordering::AcqRel);
+                            }
+                            for w in &wake {
+                                w.notify_one();
+                            }
                         }
                     }
                     Err(e) if !down => {
@@ -218,42 +234,61 @@ fn reflect(
         }));
         reader
     }
+    let key_generation = Arc::new(AtomicU64::new(0));
+    let secret_generation = Arc::new(AtomicU64::new(0));
     Stores {
         plans: spawn(
             tasks,
             Api::all(client.clone()),
             watcher::Config::default(),
-            Arc::clone(&notify),
+            vec![Arc::clone(&notify), plans_changed],
+            None,
             Some(|p: &ApiPlan| spec_fingerprint(p.meta(), &p.spec)),
         ),
         keys: spawn(
             tasks,
             Api::all(client.clone()),
             watcher::Config::default(),
-            Arc::clone(&notify),
+            vec![Arc::clone(&notify)],
+            Some(Arc::clone(&key_generation)),
             Some(|k: &ApiKey| spec_fingerprint(k.meta(), &k.spec)),
         ),
         secrets: spawn(
             tasks,
             Api::all(client.clone()),
             watcher::Config::default().labels(TOKEN_LABEL),
-            Arc::clone(&notify),
+            vec![Arc::clone(&notify)],
+            Some(Arc::clone(&secret_generation)),
             None,
         ),
         reports: spawn(
             tasks,
             Api::namespaced(client.clone(), ns),
             watcher::Config::default().labels(&format!("{REPORT_LABEL}={name}")),
-            reports_changed,
+            vec![reports_changed],
+            None,
             None,
         ),
         configs: spawn(
             tasks,
             Api::namespaced(client.clone(), ns),
             watcher::Config::default().labels(&format!("{CONFIG_LABEL}={name}")),
-            notify,
+            vec![notify],
+            None,
             None,
         ),
+        key_generation,
+        secret_generation,
+    }
+}
+
+impl Stores {
+    /// Generations of the keys and of the token Secrets; read before the stores themselves.
+    fn generations(&self) -> (u64, u64) {
+        (
+            self.key_generation.load(Ordering::Acquire),
+            self.secret_generation.load(Ordering::Acquire),
+        )
     }
 }
 
@@ -277,6 +312,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControllerError> {
     let notify = Arc::new(Notify::new());
+    let plans_changed = Arc::new(Notify::new());
     let reports_changed = Arc::new(Notify::new());
     let mut tasks = Tasks(Vec::new());
     let stores = reflect(
@@ -284,6 +320,7 @@ pub async fn run(
         &opts.namespace,
         &opts.config_name,
         Arc::clone(&notify),
+        Arc::clone(&plans_changed),
         Arc::clone(&reports_changed),
         &mut tasks,
     );
@@ -312,12 +349,31 @@ pub async fn run(
             instance: Some(opts.identity.clone()),
         },
     );
+    let publisher = Arc::new(Mutex::new(Publisher {
+        api: Api::namespaced(client.clone(), &opts.namespace),
+        namespace: opts.namespace.clone(),
+        config_name: opts.config_name.clone(),
+        configs: stores.configs.clone(),
+        metrics: Arc::clone(&metrics),
+        previous: None,
+        written: BTreeMap::new(),
+        shards: None,
+        keys_digest: None,
+        compiled_from: None,
+    }));
+    tasks.0.push(tokio::spawn(fast_path(
+        Arc::clone(&publisher),
+        stores.clone(),
+        plans_changed,
+        leading.clone(),
+    )));
     let mut shell = Shell {
         client,
         opts,
         stores,
-        previous: None,
-        written: BTreeMap::new(),
+        publisher,
+        accounted: None,
+        tokens: None,
         since: HashMap::new(),
         recorder,
         metrics,
@@ -327,7 +383,6 @@ pub async fn run(
         last: None,
         last_reports: Vec::new(),
         token_cache: HashMap::new(),
-        shards: None,
     };
     let work = async {
         loop {
@@ -344,7 +399,7 @@ pub async fn run(
             let _ = shell.stores.keys.wait_until_ready().await;
             let _ = shell.stores.secrets.wait_until_ready().await;
             // The first pass adopts what an earlier leader wrote instead of rewriting it.
-            shell.adopt().await;
+            shell.publisher.lock().await.adopt().await;
             let mut full = true;
             let mut backoff = Duration::from_millis(500);
             while *leading.borrow() {
@@ -420,13 +475,208 @@ impl Written {
     }
 }
 
+/// Writes configurations and remembers what it wrote. Shared by the full passes and the plan
+/// shortcut ([`fast_path`]), which publish one after the other under its lock.
+struct Publisher {
+    api: Api<ConfigMap>,
+    namespace: String,
+    config_name: String,
+    configs: Store<ConfigMap>,
+    metrics: Arc<ControllerMetrics>,
+    /// The configuration last published (or found by [`Publisher::adopt`]).
+    previous: Option<GatewayConfig>,
+    /// Each configuration object as last written (or found), to write only what changed.
+    written: BTreeMap<String, Written>,
+    /// The key shards of the configuration last published.
+    shards: Option<Vec<Piece>>,
+    /// Digest of `previous`' keys, once a full compile of this replica has produced them.
+    keys_digest: Option<String>,
+    /// Key and Secret generations the last full compile read: while they hold, a plan change
+    /// keeps the keys.
+    compiled_from: Option<(u64, u64)>,
+}
+
+impl Publisher {
+    /// Reads the configuration objects already there, so a new leader continues the version
+    /// sequence and rewrites nothing that is already right.
+    async fn adopt(&mut self) {
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&format!("{CONFIG_LABEL}={}", self.config_name)))
+            .await;
+        let Ok(list) = list else { return };
+        self.written.clear();
+        for cm in list {
+            if let Some(d) = cm.data.as_ref().and_then(|d| d.values().next()) {
+                self.written.insert(
+                    cm.name_any(),
+                    Written::new(d.clone(), cm.resource_version().unwrap_or_default()),
+                );
+            }
+        }
+        if let Some(index) = self.written.get(&self.config_name) {
+            let found = pieces::assemble(&index.data, |n| self.written.get(n).map(|w| w.data.as_str()));
+            if let Ok(config) = found {
+                self.previous = Some(config);
+            }
+        }
+        // Whatever the last leader compiled from, this replica has not: no shortcut until it has.
+        self.compiled_from = None;
+        self.keys_digest = None;
+    }
+
+    /// Writes the configuration objects whose data changed (shards first, the index last), then
+    /// removes objects no longer part of it.
+    async fn publish(&mut self, config: &GatewayConfig) -> kube::Result<()> {
+        let api = self.api.clone();
+        let base = &self.config_name;
+        // Keys unchanged (a plan upgrade): keep the shards, serialise the index alone.
+        let shards = match (&self.previous, self.shards.take()) {
+            (Some(prev), Some(shards))
+                if Arc::ptr_eq(&prev.keys, &config.keys) || prev.keys == config.keys =>
+            {
+                shards
+            }
+            _ => pieces::shards(config, base),
+        };
+        let mut all = shards.clone();
+        all.push(pieces::index(config, base, &shards));
+        self.shards = Some(shards);
+        let mut writes = 0;
+        for Piece { name, entry, data } in &all {
+            if !self.needs_write(name, data) {
+                continue;
+            }
+            let cm = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": { "name": name, "labels": { CONFIG_LABEL: self.config_name } },
+                "data": { *entry: data },
+            });
+            let done = api
+                .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm))
+                .await?;
+            let version = done.resource_version().unwrap_or_default();
+            match self.written.get_mut(name) {
+                Some(w) if w.data == *data => {
+                    w.versions.push(version);
+                    w.at = Instant::now();
+                    if w.versions.len() > 8 {
+                        w.versions.remove(0);
+                    }
+                }
+                _ => {
+                    self.written
+                        .insert(name.clone(), Written::new(data.clone(), version));
+                }
+            }
+            writes += 1;
+        }
+        let stale: Vec<String> = self
+            .written
+            .keys()
+            .filter(|n| !all.iter().any(|p| &p.name == *n))
+            .cloned()
+            .collect();
+        for name in stale {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            self.written.remove(&name);
+        }
+        self.metrics.config_version.set(config.version as i64);
+        self.previous = Some(config.clone());
+        if writes == 0 {
+            return Ok(());
+        }
+        self.metrics.objects_written.inc_by(writes);
+        tracing::info!(
+            version = config.version,
+            keys = config.keys.len(),
+            objects_written = writes,
+            "configuration published"
+        );
+        Ok(())
+    }
+
+    /// Whether an object must be written: its data changed, or someone else edited or deleted it
+    /// since this controller wrote it.
+    fn needs_write(&self, name: &str, data: &str) -> bool {
+        let Some(ours) = self.written.get(name) else {
+            return true;
+        };
+        if ours.data != data {
+            return true;
+        }
+        let seen = self
+            .configs
+            .get(&reflector::ObjectRef::new(name).within(&self.namespace));
+        match seen {
+            Some(cm) => {
+                let version = cm.resource_version().unwrap_or_default();
+                let theirs = cm.data.as_ref().and_then(|d| d.values().next());
+                !ours.versions.contains(&version) && theirs.map(String::as_str) != Some(data)
+            }
+            // Gone from a watch that has had time to see it: deleted by someone.
+            None => ours.at.elapsed() > Duration::from_secs(2),
+        }
+    }
+}
+
+/// Publishes plan changes without compiling the keys again, while the keys and token Secrets are
+/// those of the last full compile: at 100,000 keys that takes milliseconds instead of seconds.
+/// The full pass the same change wakes writes the statuses and events afterwards.
+async fn fast_path(
+    publisher: Arc<Mutex<Publisher>>,
+    stores: Stores,
+    plans_changed: Arc<Notify>,
+    leading: watch::Receiver<bool>,
+) {
+    loop {
+        plans_changed.notified().await;
+        if !*leading.borrow() {
+            continue;
+        }
+        let started = Instant::now();
+        let generations = stores.generations();
+        let plans = stores.plans.state();
+        let mut p = publisher.lock().await;
+        if p.compiled_from != Some(generations) {
+            continue;
+        }
+        let (Some(previous), Some(digest)) = (&p.previous, &p.keys_digest) else {
+            continue;
+        };
+        let Some(config) = compile_plans_only(&plans, previous, digest) else {
+            continue;
+        };
+        if config.hash == previous.hash {
+            continue;
+        }
+        let version = config.version;
+        match p.publish(&config).await {
+            Ok(()) => tracing::debug!(
+                version,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "plan change published without compiling the keys"
+            ),
+            // The full pass the change also woke retries.
+            Err(e) => tracing::warn!(error = %e, "could not publish a plan change"),
+        }
+    }
+}
+
 struct Shell {
     client: Client,
     opts: ControllerOptions,
     stores: Stores,
-    previous: Option<GatewayConfig>,
-    /// Each configuration object as last written (or found), to write only what changed.
-    written: BTreeMap<String, Written>,
+    publisher: Arc<Mutex<Publisher>>,
+    /// The configuration statuses and events were last derived from.
+    accounted: Option<GatewayConfig>,
+    /// Token hashes as of a Secret generation.
+    tokens: Option<(u64, Arc<TokenHashes>)>,
     /// Per key id: the configuration version since which its compiled entry is unchanged.
     since: HashMap<String, u64>,
     recorder: Recorder,
@@ -434,8 +684,6 @@ struct Shell {
     status: watch::Sender<Arc<status::Desired>>,
     /// Per key id: whether it was admitted at the last pass (for transition events).
     last_admitted: HashMap<String, bool>,
-    /// The key shards of the configuration last published.
-    shards: Option<Vec<Piece>>,
     /// Token hashes by Secret uid, with the resourceVersion they were computed from.
     token_cache: HashMap<String, (String, HashedEntries)>,
     /// The last pass's compile output, for status refreshes when only reports change.
@@ -448,35 +696,6 @@ struct Shell {
 }
 
 impl Shell {
-    fn configmaps(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), &self.opts.namespace)
-    }
-
-    /// Reads the configuration objects already there, so a new leader continues the version
-    /// sequence and rewrites nothing that is already right.
-    async fn adopt(&mut self) {
-        let list = self
-            .configmaps()
-            .list(&ListParams::default().labels(&format!("{CONFIG_LABEL}={}", self.opts.config_name)))
-            .await;
-        let Ok(list) = list else { return };
-        self.written.clear();
-        for cm in list {
-            if let Some(d) = cm.data.as_ref().and_then(|d| d.values().next()) {
-                self.written.insert(
-                    cm.name_any(),
-                    Written::new(d.clone(), cm.resource_version().unwrap_or_default()),
-                );
-            }
-        }
-        if let Some(index) = self.written.get(&self.opts.config_name) {
-            let found = pieces::assemble(&index.data, |n| self.written.get(n).map(|w| w.data.as_str()));
-            if let Ok(config) = found {
-                self.previous = Some(config);
-            }
-        }
-    }
-
     fn tokens(&mut self) -> TokenHashes {
         let mut tokens = TokenHashes::default();
         let mut cache = HashMap::with_capacity(self.token_cache.len());
@@ -591,24 +810,60 @@ impl Shell {
 
     /// One pass: tokens, compile, publish, finalizers, statuses.
     async fn sync(&mut self) -> kube::Result<()> {
+        let t0 = Instant::now();
+        let generations = self.stores.generations();
         let plans = self.stores.plans.state();
         let keys = self.stores.keys.state();
-        let mut tokens = self.tokens();
-        self.generate_tokens(&keys, &mut tokens).await?;
-        let compiled = compile(&plans, &keys, &tokens, self.previous.as_ref());
-        let changed = self.previous.as_ref().map(|p| &p.hash) != Some(&compiled.config.hash);
-        // Writes only objects whose data differs from what is there (none on most passes).
-        self.publish(&compiled.config).await?;
-        if changed {
+        // Token hashes are recomputed only when a Secret changed (taken out, so that adding a
+        // generated token does not copy them).
+        let mut tokens = match self.tokens.take() {
+            Some((g, t)) if g == generations.1 => t,
+            _ => Arc::new(self.tokens()),
+        };
+        self.generate_tokens(&keys, Arc::make_mut(&mut tokens)).await?;
+        self.tokens = Some((generations.1, Arc::clone(&tokens)));
+        let t_tokens = t0.elapsed();
+        let previous = self.publisher.lock().await.previous.clone();
+        // Off the async workers: at 100,000 keys this takes a second, while the plan shortcut,
+        // the watches and the status writer keep going.
+        let compiled = {
+            let (plans, keys, previous) = (plans.clone(), keys.clone(), previous.clone());
+            tokio::task::spawn_blocking(move || compile(&plans, &keys, &tokens, previous.as_ref()))
+                .await
+                .expect("compile does not panic")
+        };
+        let t_compile = t0.elapsed();
+        {
+            let mut p = self.publisher.lock().await;
+            if p.previous.as_ref().map(|c| &c.hash) != previous.as_ref().map(|c| &c.hash) {
+                // The plan shortcut published while this compile ran on older plans: its output is
+                // stale. The change that triggered the shortcut has woken the next pass already.
+                tracing::debug!("a plan change was published during the compile; compiling again");
+                return Ok(());
+            }
+            // Writes only objects whose data differs from what is there (none on most passes).
+            p.publish(&compiled.config).await?;
+            p.keys_digest = Some(compiled.keys_digest.clone());
+            p.compiled_from = Some(generations);
+        }
+        let t_publish = t0.elapsed();
+        if self.accounted.as_ref().map(|c| &c.hash) != Some(&compiled.config.hash) {
             self.track_changes(&compiled);
             self.plan_events(&plans, &compiled).await;
-            self.previous = Some(compiled.config.clone());
+            self.accounted = Some(compiled.config.clone());
         }
         self.finalizers(&plans, &compiled).await?;
         self.key_events(&keys, &compiled).await;
         self.last = Some(compiled);
         self.last_reports.clear();
         self.refresh_enforced();
+        tracing::debug!(
+            tokens_ms = t_tokens.as_millis() as u64,
+            compile_ms = (t_compile - t_tokens).as_millis() as u64,
+            publish_ms = (t_publish - t_compile).as_millis() as u64,
+            after_ms = (t0.elapsed() - t_publish).as_millis() as u64,
+            "pass phases"
+        );
         Ok(())
     }
 
@@ -635,106 +890,11 @@ impl Shell {
         self.desire_statuses(&plans, &keys, compiled);
     }
 
-    /// Writes the configuration objects whose data changed (shards first, the index last), then
-    /// removes objects no longer part of it.
-    async fn publish(&mut self, config: &GatewayConfig) -> kube::Result<()> {
-        let api = self.configmaps();
-        let base = &self.opts.config_name;
-        // Keys unchanged (a plan upgrade): keep the shards, serialise the index alone.
-        let shards = match (&self.previous, self.shards.take()) {
-            (Some(prev), Some(shards)) if prev.keys == config.keys => shards,
-            _ => pieces::shards(config, base),
-        };
-        let mut all = shards.clone();
-        all.push(pieces::index(config, base, &shards));
-        self.shards = Some(shards);
-        let mut writes = 0;
-        for Piece { name, entry, data } in &all {
-            if !self.needs_write(name, data) {
-                continue;
-            }
-            let cm = serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": { "name": name, "labels": { CONFIG_LABEL: self.opts.config_name } },
-                "data": { *entry: data },
-            });
-            let done = api
-                .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm))
-                .await?;
-            let version = done.resource_version().unwrap_or_default();
-            match self.written.get_mut(name) {
-                Some(w) if w.data == *data => {
-                    w.versions.push(version);
-                    w.at = Instant::now();
-                    if w.versions.len() > 8 {
-                        w.versions.remove(0);
-                    }
-                }
-                _ => {
-                    self.written
-                        .insert(name.clone(), Written::new(data.clone(), version));
-                }
-            }
-            writes += 1;
-        }
-        let stale: Vec<String> = self
-            .written
-            .keys()
-            .filter(|n| !all.iter().any(|p| &p.name == *n))
-            .cloned()
-            .collect();
-        for name in stale {
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e),
-            }
-            self.written.remove(&name);
-        }
-        self.metrics.config_version.set(config.version as i64);
-        if writes == 0 {
-            return Ok(());
-        }
-        self.metrics.objects_written.inc_by(writes);
-        tracing::info!(
-            version = config.version,
-            keys = config.keys.len(),
-            objects_written = writes,
-            "configuration published"
-        );
-        Ok(())
-    }
-
-    /// Whether an object must be written: its data changed, or someone else edited or deleted it
-    /// since this controller wrote it.
-    fn needs_write(&self, name: &str, data: &str) -> bool {
-        let Some(ours) = self.written.get(name) else {
-            return true;
-        };
-        if ours.data != data {
-            return true;
-        }
-        let seen = self
-            .stores
-            .configs
-            .get(&reflector::ObjectRef::new(name).within(&self.opts.namespace));
-        match seen {
-            Some(cm) => {
-                let version = cm.resource_version().unwrap_or_default();
-                let theirs = cm.data.as_ref().and_then(|d| d.values().next());
-                !ours.versions.contains(&version) && theirs.map(String::as_str) != Some(data)
-            }
-            // Gone from a watch that has had time to see it: deleted by someone.
-            None => ours.at.elapsed() > Duration::from_secs(2),
-        }
-    }
-
     /// Remembers, per key, the version since which what the gateways enforce for it is unchanged.
     fn track_changes(&mut self, compiled: &Compiled) {
         let new = &compiled.config;
         let old_by_id: HashMap<&str, (&CompiledKey, Option<KeyLimits>)> = self
-            .previous
+            .accounted
             .as_ref()
             .map(|c| {
                 c.keys
@@ -758,7 +918,7 @@ impl Shell {
     }
 
     async fn plan_events(&self, plans: &[Arc<ApiPlan>], compiled: &Compiled) {
-        let Some(old) = &self.previous else { return };
+        let Some(old) = &self.accounted else { return };
         for plan in plans {
             let name = plan.name_any();
             let (Some(a), Some(b)) = (old.plans.get(&name), compiled.config.plans.get(&name)) else {

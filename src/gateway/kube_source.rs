@@ -21,7 +21,7 @@ use kube::{
 };
 
 use super::Gateway;
-use crate::config::pieces::{AssembleError, INDEX_ENTRY, SHARD_ENTRY, assemble};
+use crate::config::pieces::{AssembleError, Assembled, INDEX_ENTRY, SHARD_ENTRY, assemble_from};
 pub use crate::config::pieces::{
     CONFIG_LABEL, GATEWAY_MANAGER, HASH_ANNOTATION, REPORT_LABEL, REPORT_TTL_SECONDS, VERSION_ANNOTATION,
 };
@@ -64,6 +64,8 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
     let mut data: HashMap<String, String> = HashMap::new();
     let mut init: Option<HashMap<String, String>> = None;
     let mut refused_index: Option<String> = None;
+    // The last configuration applied: a plan change reuses its keys instead of re-reading shards.
+    let mut last: Option<Assembled> = None;
     let mut api_down = false;
     while let Some(event) = events.next().await {
         let event = match event {
@@ -112,9 +114,11 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
             continue;
         }
         let started = std::time::Instant::now();
-        match assemble(index, |name| data.get(name).map(String::as_str)) {
-            Ok(config) => {
+        match assemble_from(index, |name| data.get(name).map(String::as_str), last.as_ref()) {
+            Ok(assembled) => {
                 refused_index = None;
+                let config = assembled.config.clone();
+                last = Some(assembled);
                 if config.hash == gateway.table().config.hash && gateway.is_ready() {
                     continue;
                 }

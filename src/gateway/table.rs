@@ -147,6 +147,8 @@ pub struct KeyEntry {
     pub plan: Arc<str>,
     /// Limits in force for this key; shared by every key of a plan without overrides.
     pub limits: Arc<KeyLimits>,
+    /// Whether the key overrides some of its plan's limits.
+    pub overridden: bool,
     /// Refused with 403.
     pub suspended: bool,
     /// Unix seconds after which the key is refused.
@@ -175,6 +177,11 @@ impl KeyTable {
 
     /// Builds the table for `config`, carrying over each key's live state from `previous` by key id.
     pub fn build(config: Arc<GatewayConfig>, previous: Option<&KeyTable>, metrics: &Metrics) -> Self {
+        if let Some(previous) = previous
+            && Arc::ptr_eq(&previous.config.keys, &config.keys)
+        {
+            return Self::with_new_plans(config, previous, metrics);
+        }
         let old: HashMap<&str, &Arc<KeyState>> = previous
             .map(|p| p.keys.values().map(|e| (&*e.id, &e.state)).collect())
             .unwrap_or_default();
@@ -183,7 +190,7 @@ impl KeyTable {
         let mut plans: HashMap<&str, PlanShared> = HashMap::new();
         let mut keys = DigestMap::default();
         keys.reserve(config.keys.len());
-        for (hex_digest, key) in &config.keys {
+        for (hex_digest, key) in config.keys.iter() {
             let mut digest = [0u8; 32];
             // `GatewayConfig::check` guarantees 64 hex digits; skip rather than panic if not.
             if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
@@ -215,6 +222,7 @@ impl KeyTable {
                     id: key.id.as_str().into(),
                     plan: Arc::clone(plan),
                     limits,
+                    overridden: key.overrides.is_some(),
                     suspended: key.suspended,
                     expires_at: key.expires_at,
                     state,
@@ -222,6 +230,54 @@ impl KeyTable {
                     upstream_headers: http::HeaderValue::from_str(&key.id)
                         .ok()
                         .zip(http::HeaderValue::from_str(&key.plan).ok()),
+                },
+            );
+        }
+        Self { config, keys }
+    }
+
+    /// A plan change: the same keys (the configuration shares them with the previous one) under
+    /// new plan limits. Everything but the limits is carried over as it is, so a plan upgrade at
+    /// 100,000 keys costs a pass over the table rather than a rebuild.
+    fn with_new_plans(config: Arc<GatewayConfig>, previous: &KeyTable, metrics: &Metrics) -> Self {
+        // Per plan: limits for keys without overrides and metric handles; `None`: plan gone.
+        type PlanShared = Option<(Arc<KeyLimits>, Arc<PlanMetrics>)>;
+        let mut plans: HashMap<&str, PlanShared> = HashMap::new();
+        let mut keys = DigestMap::default();
+        keys.reserve(previous.keys.len());
+        for (digest, e) in &previous.keys {
+            let Some((shared, plan_metrics)) = plans
+                .entry(&e.plan)
+                .or_insert_with(|| {
+                    let def = config.plans.get(&*e.plan)?;
+                    Some((Arc::new(KeyLimits::resolve(def, None)), metrics.plan(&e.plan)))
+                })
+                .clone()
+            else {
+                continue;
+            };
+            let limits = if e.overridden {
+                let key = config.keys.get(&hex::encode(digest));
+                let def = config.plans.get(&*e.plan);
+                match (key, def) {
+                    (Some(k), Some(def)) => Arc::new(KeyLimits::resolve(def, k.overrides.as_ref())),
+                    _ => continue,
+                }
+            } else {
+                shared
+            };
+            keys.insert(
+                *digest,
+                KeyEntry {
+                    id: Arc::clone(&e.id),
+                    plan: Arc::clone(&e.plan),
+                    limits,
+                    overridden: e.overridden,
+                    suspended: e.suspended,
+                    expires_at: e.expires_at,
+                    state: Arc::clone(&e.state),
+                    metrics: plan_metrics,
+                    upstream_headers: e.upstream_headers.clone(),
                 },
             );
         }
@@ -617,7 +673,7 @@ mod tests {
                 retained: false,
             },
         );
-        c.keys.insert(
+        std::sync::Arc::make_mut(&mut c.keys).insert(
             "ab".repeat(32),
             CompiledKey {
                 id: "ns/k".into(),
@@ -629,6 +685,55 @@ mod tests {
         );
         c.hash = c.content_hash();
         Arc::new(c)
+    }
+
+    #[test]
+    fn a_plan_change_over_the_same_keys_gives_the_table_a_full_build_gives() {
+        let metrics = Metrics::new();
+        let mut a = (*config(3, BucketScope::Key)).clone();
+        let keys = Arc::make_mut(&mut a.keys);
+        keys.insert(
+            "cd".repeat(32),
+            CompiledKey {
+                id: "ns/custom".into(),
+                plan: "p".into(),
+                overrides: Some(crate::api::LimitOverrides {
+                    max_concurrent_requests: Some(7),
+                    ..Default::default()
+                }),
+                suspended: true,
+                expires_at: Some(42),
+            },
+        );
+        a.hash = a.content_hash();
+        let first = KeyTable::build(Arc::new(a.clone()), None, &metrics);
+        let mut b = a.clone();
+        b.plans.get_mut("p").unwrap().concurrency.as_mut().unwrap().max = 9;
+        b.hash = b.content_hash();
+        assert!(Arc::ptr_eq(&b.keys, &first.config.keys));
+        let fast = KeyTable::build(Arc::new(b.clone()), Some(&first), &metrics);
+        let mut unshared = b.clone();
+        unshared.keys = Arc::new((*b.keys).clone());
+        let full = KeyTable::build(Arc::new(unshared), Some(&first), &metrics);
+        assert_eq!(fast.len(), 2);
+        assert_eq!(fast.len(), full.len());
+        for (digest, f) in &full.keys {
+            let q = &fast.keys[digest];
+            assert_eq!(
+                (&q.id, &q.plan, &q.limits, q.overridden),
+                (&f.id, &f.plan, &f.limits, f.overridden)
+            );
+            assert_eq!((q.suspended, q.expires_at), (f.suspended, f.expires_at));
+            assert!(Arc::ptr_eq(&q.state, &f.state), "live state carried over");
+            assert_eq!(q.upstream_headers, f.upstream_headers);
+        }
+        let slots = |t: &KeyTable, d: &str| {
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(d, &mut digest).unwrap();
+            t.get(&digest).unwrap().limits.slots.as_ref().unwrap().max
+        };
+        assert_eq!(slots(&fast, &"ab".repeat(32)), 9);
+        assert_eq!(slots(&fast, &"cd".repeat(32)), 7, "the override still wins");
     }
 
     #[test]
