@@ -123,6 +123,20 @@ fn assert_calls_declared(api: &FakeApi) {
     );
 }
 
+/// Events (events.k8s.io) about one object, as `(reason, note)`.
+fn events_about(api: &FakeApi, kind: &str, name: &str) -> Vec<(String, String)> {
+    api.list("events")
+        .iter()
+        .filter(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["note"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn condition(obj: &Option<Value>, type_: &str) -> Option<(String, String, String)> {
     let conds = obj.as_ref()?["status"]["conditions"].as_array()?.clone();
     let c = conds.iter().find(|c| c["type"] == type_)?;
@@ -245,6 +259,21 @@ async fn plans_and_keys_reach_the_gateway_and_upgrades_propagate_with_one_object
         let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
         assert_eq!(r.num("x-concurrent-limit"), u64::from(slots));
     }
+    // Transitions are Events: the token generated, the plan's limits changed (upgrades that
+    // follow each other closely are one Event series).
+    assert!(
+        events_about(&api, "ApiKey", "generated")
+            .iter()
+            .any(|(r, _)| r == "TokenGenerated"),
+        "{:?}",
+        api.list("events")
+    );
+    wait_for("a PlanChanged event", || {
+        events_about(&api, "ApiPlan", "startup")
+            .iter()
+            .any(|(r, n)| r == "PlanChanged" && n.contains(" slots); configuration "))
+    })
+    .await;
     samples.sort();
     eprintln!(
         "propagation over {} upgrades: p50 {:?}, p99 {:?}, max {:?}",

@@ -92,10 +92,16 @@ pub async fn run(api: Api<Lease>, e: Election, leading: watch::Sender<bool>) {
                 if lead {
                     last_renewed = tokio::time::Instant::now();
                 }
-                if *leading.borrow() != lead {
-                    tracing::info!(identity = e.identity, leading = lead, "leadership changed");
-                }
-                leading.send_replace(lead);
+                // Only a change is sent: every send wakes the controller's loop, and a renewal
+                // that changes nothing must not cost a full pass.
+                leading.send_if_modified(|l| {
+                    let changed = *l != lead;
+                    if changed {
+                        tracing::info!(identity = e.identity, leading = lead, "leadership changed");
+                        *l = lead;
+                    }
+                    changed
+                });
             }
             Err(err) => {
                 tracing::warn!(error = %err, "leader election: cannot reach the Lease");

@@ -182,6 +182,7 @@ fn reflect(
         wake: Vec<Arc<Notify>>,
         generation: Option<Arc<AtomicU64>>,
         relevant: Relevant<K>,
+        keep: fn(&mut K),
     ) -> Store<K>
     where
         K: Resource<DynamicType = ()>
@@ -193,7 +194,7 @@ fn reflect(
             + 'static,
     {
         let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+        let stream = reflector::reflector(writer, watcher(api, cfg).modify(keep)).default_backoff();
         tasks.0.push(tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut down = false;
@@ -244,6 +245,7 @@ fn reflect(
             vec![Arc::clone(&notify), plans_changed],
             None,
             Some(|p: &ApiPlan| spec_fingerprint(p.meta(), &p.spec)),
+            strip::<ApiPlan>,
         ),
         keys: spawn(
             tasks,
@@ -252,6 +254,7 @@ fn reflect(
             vec![Arc::clone(&notify)],
             Some(Arc::clone(&key_generation)),
             Some(|k: &ApiKey| spec_fingerprint(k.meta(), &k.spec)),
+            strip::<ApiKey>,
         ),
         secrets: spawn(
             tasks,
@@ -260,6 +263,7 @@ fn reflect(
             vec![Arc::clone(&notify)],
             Some(Arc::clone(&secret_generation)),
             None,
+            hash_tokens,
         ),
         reports: spawn(
             tasks,
@@ -268,6 +272,7 @@ fn reflect(
             vec![reports_changed],
             None,
             None,
+            strip::<Lease>,
         ),
         configs: spawn(
             tasks,
@@ -276,6 +281,7 @@ fn reflect(
             vec![notify],
             None,
             None,
+            strip::<ConfigMap>,
         ),
         key_generation,
         secret_generation,
@@ -289,6 +295,30 @@ impl Stores {
             self.key_generation.load(Ordering::Acquire),
             self.secret_generation.load(Ordering::Acquire),
         )
+    }
+}
+
+/// Drops what the controller never reads from a watched object before the store keeps it:
+/// managed fields and `kubectl apply`'s copy of the object (at 100,000 keys, hundreds of MiB).
+fn strip<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Keeps a token Secret as the SHA-256 of each entry (empty: blank entry): the raw tokens are read
+/// from the watch and never held, and each is hashed once per Secret version.
+fn hash_tokens(s: &mut Secret) {
+    strip(s);
+    s.string_data = None;
+    for v in s.data.iter_mut().flat_map(|d| d.values_mut()) {
+        v.0 = if v.0.trim_ascii().is_empty() {
+            Vec::new()
+        } else {
+            crate::config::hash_token(&v.0).into_bytes()
+        };
     }
 }
 
@@ -382,7 +412,6 @@ pub async fn run(
         generated: HashMap::new(),
         last: None,
         last_reports: Vec::new(),
-        token_cache: HashMap::new(),
     };
     let work = async {
         loop {
@@ -452,9 +481,6 @@ pub async fn run(
     drop(tasks);
     Ok(())
 }
-
-/// A Secret's entries with the SHA-256 of each (`None`: blank).
-type HashedEntries = Vec<(String, Option<String>)>;
 
 /// What this replica last wrote to one configuration object.
 struct Written {
@@ -684,8 +710,6 @@ struct Shell {
     status: watch::Sender<Arc<status::Desired>>,
     /// Per key id: whether it was admitted at the last pass (for transition events).
     last_admitted: HashMap<String, bool>,
-    /// Token hashes by Secret uid, with the resourceVersion they were computed from.
-    token_cache: HashMap<String, (String, HashedEntries)>,
     /// The last pass's compile output, for status refreshes when only reports change.
     last: Option<Compiled>,
     /// What the reports said at the last status decision: (replica, version, live).
@@ -698,37 +722,19 @@ struct Shell {
 impl Shell {
     fn tokens(&mut self) -> TokenHashes {
         let mut tokens = TokenHashes::default();
-        let mut cache = HashMap::with_capacity(self.token_cache.len());
         for s in self.stores.secrets.state() {
             let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
-            let uid = s.meta().uid.clone().unwrap_or_default();
-            let version = s.resource_version().unwrap_or_default();
-            // Hash each Secret once per version, not once per pass.
-            let hashed = match self.token_cache.remove(&uid) {
-                Some((v, h)) if v == version => h,
-                _ => s
-                    .data
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| {
-                        let blank = v.0.trim_ascii().is_empty();
-                        (k.clone(), (!blank).then(|| crate::config::hash_token(&v.0)))
-                    })
-                    .collect(),
-            };
-            let blanks = hashed
-                .iter()
-                .filter(|(_, h)| h.is_none())
+            // The store holds hashes already ([`hash_tokens`]); an empty entry is a blank one.
+            let entries = s.data.iter().flatten();
+            let blanks = entries
+                .clone()
+                .filter(|(_, v)| v.0.is_empty())
                 .map(|(k, _)| (k.as_str(), &b""[..]));
             tokens.insert_secret(&ns, &name, blanks);
-            for (entry, hash) in &hashed {
-                if let Some(h) = hash {
-                    tokens.insert_hash(&ns, &name, entry, h);
-                }
+            for (entry, hash) in entries.filter(|(_, v)| !v.0.is_empty()) {
+                tokens.insert_hash(&ns, &name, entry, &String::from_utf8_lossy(&hash.0));
             }
-            cache.insert(uid, (version, hashed));
         }
-        self.token_cache = cache;
         self.generated.retain(|(ns, name, entry), hash| {
             let seen = tokens.lookup(ns, name, entry) != TokenState::SecretNotFound;
             if !seen {
@@ -824,6 +830,8 @@ impl Shell {
         self.tokens = Some((generations.1, Arc::clone(&tokens)));
         let t_tokens = t0.elapsed();
         let previous = self.publisher.lock().await.previous.clone();
+        // The last pass's reports are replaced by this one's: not two sets of 100,000 at once.
+        self.last = None;
         // Off the async workers: at 100,000 keys this takes a second, while the plan shortcut,
         // the watches and the status writer keep going.
         let compiled = {
