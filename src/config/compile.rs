@@ -287,7 +287,12 @@ pub fn compile<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         version: 0,
         hash: String::new(),
         plans: out_plans,
-        keys: std::sync::Arc::new(out_keys),
+        // Unchanged keys stay shared with the previous configuration: one copy in memory, and
+        // whoever compares them finds the same pointer.
+        keys: match previous {
+            Some(p) if *p.keys == out_keys => std::sync::Arc::clone(&p.keys),
+            _ => std::sync::Arc::new(out_keys),
+        },
     };
     let keys_digest = super::keys_digest(&config.keys);
     config.hash = config.content_hash_with(&keys_digest);

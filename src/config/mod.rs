@@ -39,8 +39,11 @@ pub struct GatewayConfig {
     pub plans: BTreeMap<String, CompiledPlan>,
     /// Admitted keys by the SHA-256 (hex) of their token. Shared: a plan change makes a new
     /// configuration around the same keys without copying 100,000 of them.
-    pub keys: Arc<BTreeMap<String, CompiledKey>>,
+    pub keys: SharedKeys,
 }
+
+/// Admitted keys by token digest, shared between configurations that have the same keys.
+pub type SharedKeys = Arc<BTreeMap<String, CompiledKey>>;
 
 /// A plan as the gateway enforces it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -513,8 +513,9 @@ struct Publisher {
     previous: Option<GatewayConfig>,
     /// Each configuration object as last written (or found), to write only what changed.
     written: BTreeMap<String, Written>,
-    /// The key shards of the configuration last published.
-    shards: Option<Vec<Piece>>,
+    /// Key shards, with the keys they were cut from (those of the last publish, which may have
+    /// failed half-way).
+    shards: Option<(crate::config::SharedKeys, Vec<Piece>)>,
     /// Digest of `previous`' keys, once a full compile of this replica has produced them.
     keys_digest: Option<String>,
     /// Key and Secret generations the last full compile read: while they hold, a plan change
@@ -557,17 +558,13 @@ impl Publisher {
         let api = self.api.clone();
         let base = &self.config_name;
         // Keys unchanged (a plan upgrade): keep the shards, serialise the index alone.
-        let shards = match (&self.previous, self.shards.take()) {
-            (Some(prev), Some(shards))
-                if Arc::ptr_eq(&prev.keys, &config.keys) || prev.keys == config.keys =>
-            {
-                shards
-            }
+        let shards = match self.shards.take() {
+            Some((keys, shards)) if Arc::ptr_eq(&keys, &config.keys) || *keys == *config.keys => shards,
             _ => pieces::shards(config, base),
         };
         let mut all = shards.clone();
         all.push(pieces::index(config, base, &shards));
-        self.shards = Some(shards);
+        self.shards = Some((Arc::clone(&config.keys), shards));
         let mut writes = 0;
         for Piece { name, entry, data } in &all {
             if !self.needs_write(name, data) {
@@ -666,9 +663,11 @@ async fn fast_path(
             continue;
         }
         let started = Instant::now();
+        // Plans are read under the lock: a full pass publishing meanwhile may have used plans
+        // newer than any read before it, and must not be overwritten with older ones.
+        let mut p = publisher.lock().await;
         let generations = stores.generations();
         let plans = stores.plans.state();
-        let mut p = publisher.lock().await;
         if p.compiled_from != Some(generations) {
             continue;
         }
@@ -817,6 +816,10 @@ impl Shell {
     /// One pass: tokens, compile, publish, finalizers, statuses.
     async fn sync(&mut self) -> kube::Result<()> {
         let t0 = Instant::now();
+        // What was published before anything is read: if the plan shortcut publishes after this,
+        // this pass's output is stale and is dropped below; if it published before, the plans
+        // read next already hold its change.
+        let previous = self.publisher.lock().await.previous.clone();
         let generations = self.stores.generations();
         let plans = self.stores.plans.state();
         let keys = self.stores.keys.state();
@@ -829,7 +832,6 @@ impl Shell {
         self.generate_tokens(&keys, Arc::make_mut(&mut tokens)).await?;
         self.tokens = Some((generations.1, Arc::clone(&tokens)));
         let t_tokens = t0.elapsed();
-        let previous = self.publisher.lock().await.previous.clone();
         // The last pass's reports are replaced by this one's: not two sets of 100,000 at once.
         self.last = None;
         // Off the async workers: at 100,000 keys this takes a second, while the plan shortcut,
