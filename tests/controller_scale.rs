@@ -165,6 +165,13 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
         }
         to_enforce.push(t0.elapsed());
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Still the upgraded plan once every pass has settled: a full pass that read the plans
+        // before the shortcut published must not have written the old ones back.
+        assert_eq!(
+            index(&api).unwrap()["plans"]["startup"]["concurrency"]["max"],
+            26 + round as u64,
+            "the upgrade was reverted"
+        );
         writes.push(
             api.writes.lock().unwrap()[writes_before..]
                 .iter()
