@@ -404,6 +404,7 @@ pub async fn run(
         publisher,
         accounted: None,
         tokens: None,
+        again: false,
         since: HashMap::new(),
         recorder,
         metrics,
@@ -455,6 +456,12 @@ pub async fn run(
                     // Only the gateways' reports moved: statuses, no compile, no writes.
                     shell.refresh_enforced();
                     shell.metrics.reconciled("report", "ok", started.elapsed());
+                }
+                // A pass whose compile went stale runs again at once: the change that made it
+                // stale may have been the one that woke it.
+                if std::mem::take(&mut shell.again) {
+                    full = true;
+                    continue;
                 }
                 full = tokio::select! {
                     () = notify.notified() => true,
@@ -702,6 +709,8 @@ struct Shell {
     accounted: Option<GatewayConfig>,
     /// Token hashes as of a Secret generation.
     tokens: Option<(u64, Arc<TokenHashes>)>,
+    /// The last pass's compile was stale: run another pass without waiting for a change.
+    again: bool,
     /// Per key id: the configuration version since which its compiled entry is unchanged.
     since: HashMap<String, u64>,
     recorder: Recorder,
@@ -849,6 +858,7 @@ impl Shell {
                 // The plan shortcut published while this compile ran on older plans: its output is
                 // stale. The change that triggered the shortcut has woken the next pass already.
                 tracing::debug!("a plan change was published during the compile; compiling again");
+                self.again = true;
                 return Ok(());
             }
             // Writes only objects whose data differs from what is there (none on most passes).
