@@ -629,3 +629,35 @@ async fn the_dashboard_queries_metrics_slotgate_exports() {
         );
     }
 }
+
+#[test]
+fn the_binary_accepts_the_arguments_the_chart_gives_it() {
+    for values in [
+        json!({}),
+        json!({"gateway": {"upstream": "http://api.prod.svc:8000", "replicas": 3, "maxUpstreamInFlight": 500,
+                           "workerThreads": 2},
+               "state": {"url": "redis://redis:6379/0", "fallback": "fail-closed"}}),
+    ] {
+        let objects = rendered(values.clone());
+        for name in ["slotgate-controller", "slotgate-gateway"] {
+            let deployment = find(&objects, "Deployment", name);
+            // No cluster here: with valid arguments the process gets as far as looking for the
+            // Kubernetes API; a flag it does not know would stop it at parsing (exit 2).
+            let out = Command::new(common::SLOTGATE)
+                .args(args(deployment))
+                .env("KUBECONFIG", "/nonexistent/kubeconfig")
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .env("POD_NAME", "pod-0")
+                .env("POD_NAMESPACE", NS)
+                .env("SLOTGATE_LOG", "error")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_ne!(out.status.code(), Some(2), "{name} with {values}: {stderr}");
+            assert!(
+                stderr.contains("cannot reach the Kubernetes API"),
+                "{name} with {values} stopped before looking for the API: {stderr}"
+            );
+        }
+    }
+}
