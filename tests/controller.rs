@@ -147,17 +147,6 @@ fn condition(obj: &Option<Value>, type_: &str) -> Option<(String, String, String
     ))
 }
 
-fn reported_version(api: &FakeApi, replica: &str) -> u64 {
-    api.get("leases", NS, &format!("slotgate-gateway-{replica}"))
-        .and_then(|l| {
-            l["metadata"]["annotations"]["slotgate.dev/version"]
-                .as_str()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 fn config_version(api: &FakeApi) -> u64 {
     api.get("configmaps", NS, "slotgate-config")
         .and_then(|c| {
@@ -179,7 +168,7 @@ async fn plans_and_keys_reach_the_gateway_and_upgrades_propagate_with_one_object
     wait_for("the configuration index", || config_version(&api) > 0).await;
     let gw = start_gateway(&api, &stub, "gw-0");
     wait_for("the gateway's report", || {
-        reported_version(&api, "gw-0") >= config_version(&api)
+        api.reported_version(NS, "gw-0") >= config_version(&api)
     })
     .await;
 
@@ -243,7 +232,7 @@ async fn plans_and_keys_reach_the_gateway_and_upgrades_propagate_with_one_object
         let t0 = Instant::now();
         api.apply("apiplans", plan("startup", slots));
         wait_for("the gateway to enforce the upgrade", || {
-            reported_version(&api, "gw-0") > before
+            api.reported_version(NS, "gw-0") > before
         })
         .await;
         samples.push(t0.elapsed());
@@ -371,7 +360,7 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
     .await;
     let gw = start_gateway(&api, &stub, "gw-0");
     wait_for("the gateway's report", || {
-        reported_version(&api, "gw-0") >= config_version(&api)
+        api.reported_version(NS, "gw-0") >= config_version(&api)
     })
     .await;
     assert_eq!(
@@ -383,7 +372,7 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
     let before = config_version(&api);
     let t0 = Instant::now();
     api.apply("secrets", secret("a-token", "tok-rotated"));
-    wait_for("rotation enforced", || reported_version(&api, "gw-0") > before).await;
+    wait_for("rotation enforced", || api.reported_version(NS, "gw-0") > before).await;
     eprintln!(
         "token rotation enforced {:?} after the Secret changed",
         t0.elapsed()
@@ -402,7 +391,7 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
     // A deleted key stops being admitted; its generated Secret is garbage-collected with it.
     let before = config_version(&api);
     api.delete("apikeys", "default", "a");
-    wait_for("deletion enforced", || reported_version(&api, "gw-0") > before).await;
+    wait_for("deletion enforced", || api.reported_version(NS, "gw-0") > before).await;
     let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-rotated")]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_calls_declared(&api);
@@ -419,7 +408,7 @@ async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects
     wait_for("the configuration index", || config_version(&api) > 0).await;
     let gw = start_gateway(&api, &stub, "gw-0");
     wait_for("the gateway's report", || {
-        reported_version(&api, "gw-0") >= config_version(&api)
+        api.reported_version(NS, "gw-0") >= config_version(&api)
     })
     .await;
     let good = config_version(&api);
@@ -457,7 +446,7 @@ async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects
     api.set_down(false);
     api.apply("apiplans", plan("startup", 7));
     wait_for("the upgrade after the outage", || {
-        reported_version(&api, "gw-0") > good
+        api.reported_version(NS, "gw-0") > good
     })
     .await;
     let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;

@@ -127,7 +127,7 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
         &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
     );
     let version = published["version"].as_u64().unwrap();
-    while reported_version(&api, "gw-0") < version {
+    while api.reported_version(NS, "gw-0") < version {
         assert!(
             Instant::now() < deadline,
             "the gateway never enforced the configuration"
@@ -156,7 +156,7 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
         }
         to_publish.push(t0.elapsed());
         version = index(&api).unwrap()["version"].as_u64().unwrap();
-        while reported_version(&api, "gw-0") < version {
+        while api.reported_version(NS, "gw-0") < version {
             assert!(
                 Instant::now() < deadline,
                 "the gateway never enforced the upgrade"
@@ -210,15 +210,4 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
         "a plan upgrade rewrites the index only: {writes:?}"
     );
     assert_eq!(shards, n.div_ceil(2000).next_power_of_two());
-}
-
-fn reported_version(api: &FakeApi, replica: &str) -> u64 {
-    api.get("leases", NS, &format!("slotgate-gateway-{replica}"))
-        .and_then(|l| {
-            l["metadata"]["annotations"]["slotgate.dev/version"]
-                .as_str()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }

@@ -251,6 +251,18 @@ impl FakeApi {
         }
     }
 
+    /// The configuration version a gateway replica reports in its Lease (0 before it reports).
+    pub fn reported_version(&self, namespace: &str, replica: &str) -> u64 {
+        self.get("leases", namespace, &format!("slotgate-gateway-{replica}"))
+            .and_then(|l| {
+                l["metadata"]["annotations"]["slotgate.dev/version"]
+                    .as_str()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
         let st = self.state.lock().unwrap();
         st.objects

@@ -40,19 +40,15 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s-config" (include "slotgate.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{- define "slotgate.controllerServiceAccount" -}}
-{{- if .Values.controller.serviceAccount.create }}
-{{- default (printf "%s-controller" (include "slotgate.fullname" .)) .Values.controller.serviceAccount.name }}
+{{/* ServiceAccount of one component: call with (list . "gateway"). */}}
+{{- define "slotgate.serviceAccount" -}}
+{{- $root := index . 0 -}}
+{{- $component := index . 1 -}}
+{{- $sa := (index $root.Values $component).serviceAccount -}}
+{{- if $sa.create }}
+{{- default (printf "%s-%s" (include "slotgate.fullname" $root) $component) $sa.name }}
 {{- else }}
-{{- default "default" .Values.controller.serviceAccount.name }}
-{{- end }}
-{{- end }}
-
-{{- define "slotgate.gatewayServiceAccount" -}}
-{{- if .Values.gateway.serviceAccount.create }}
-{{- default (printf "%s-gateway" (include "slotgate.fullname" .)) .Values.gateway.serviceAccount.name }}
-{{- else }}
-{{- default "default" .Values.gateway.serviceAccount.name }}
+{{- default "default" $sa.name }}
 {{- end }}
 {{- end }}
 
