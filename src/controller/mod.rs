@@ -587,15 +587,18 @@ impl Publisher {
                 .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm))
                 .await?;
             let version = done.resource_version().unwrap_or_default();
+            // Versions of earlier data are kept: until the watch catches up it shows one of them,
+            // which is this replica's own write and no reason to write again.
             match self.written.get_mut(name) {
-                Some(w) if w.data == *data => {
+                Some(w) => {
+                    w.data.clone_from(data);
                     w.versions.push(version);
                     w.at = Instant::now();
-                    if w.versions.len() > 8 {
+                    if w.versions.len() > 16 {
                         w.versions.remove(0);
                     }
                 }
-                _ => {
+                None => {
                     self.written
                         .insert(name.clone(), Written::new(data.clone(), version));
                 }
