@@ -18,6 +18,10 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
+// The gateway's allocator (src/main.rs), so that the difference stays slotgate's own work.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type Body =
     http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
 

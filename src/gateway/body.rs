@@ -3,7 +3,6 @@
 
 use std::{
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -11,16 +10,12 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::{
-    table::{Admitted, KeyState},
-    upstream::Lease,
-};
+use super::{table::Admitted, upstream::Lease};
 
 /// What an admitted request holds while it is in flight.
 #[derive(Debug)]
 pub(super) struct Hold {
     pub admitted: Admitted,
-    pub state: Arc<KeyState>,
     pub started: Instant,
     pub gauge: Option<Gauge>,
     /// The upstream connection, back to the pool once the body has been read to its end.
@@ -29,8 +24,8 @@ pub(super) struct Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        if self.admitted.slot.is_some() {
-            self.state
+        if let Some(slot) = &self.admitted.slot {
+            slot.owner()
                 .record_duration(self.started.elapsed().as_nanos() as u64);
         }
         if let Some(g) = &self.gauge {

@@ -375,7 +375,6 @@ impl Gateway {
             hold: Hold {
                 lease: None,
                 admitted,
-                state: Arc::clone(&entry.state),
                 started: Instant::now(),
                 gauge,
             },

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
+    hash::{BuildHasher, BuildHasherDefault, Hasher},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -19,8 +19,8 @@ use crate::{
     api::BucketScope,
     config::{GatewayConfig, KeyLimits, RateLimit, matches_any},
     limiter::{
-        Bucket, RateParams, RateRefusal, SharedDecision, SharedLease, SharedLimiter, SlotGuard, SlotPool,
-        SlotsFull,
+        Gcra, RateParams, RateRefusal, SharedDecision, SharedLease, SharedLimiter, SlotGuard, SlotOwner,
+        SlotPool, SlotsFull,
         shared::{BucketName, SharedError, SharedRequest},
     },
 };
@@ -49,13 +49,48 @@ impl Hasher for DigestHasher {
 
 type DigestMap<V> = HashMap<[u8; 32], V, BuildHasherDefault<DigestHasher>>;
 
+/// Passes on a hash computed already.
+#[derive(Default)]
+struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Endpoint buckets are keyed by a 64-bit hash of the path, seeded at random per process: the
+/// lookup then touches no memory beyond the map itself (a boxed path would be one more cache
+/// miss per request). Two endpoints of one key whose hashes collide would share a bucket; with
+/// at most [`MAX_ENDPOINT_BUCKETS`] endpoints the odds are about 1 in 10^13, and a client cannot
+/// aim for a collision without the seed.
+fn endpoint_hash(path: &str) -> u64 {
+    static SEED: std::sync::LazyLock<foldhash::quality::RandomState> =
+        std::sync::LazyLock::new(foldhash::quality::RandomState::default);
+    SEED.hash_one(path)
+}
+
+/// A key's endpoint buckets, bounded by [`MAX_ENDPOINT_BUCKETS`].
+#[derive(Debug)]
+struct Endpoints {
+    buckets: HashMap<u64, Gcra, BuildHasherDefault<PrehashedHasher>>,
+    /// Shared by the endpoints beyond the bound while none of the others is idle.
+    overflow: Gcra,
+}
+
 /// The live limiter state of one key, shared across configuration reloads.
 #[derive(Debug)]
 pub struct KeyState {
-    slots: Arc<SlotPool>,
-    key_bucket: Bucket,
-    endpoints: Mutex<HashMap<Box<str>, Bucket, foldhash::fast::RandomState>>,
-    overflow: Bucket,
+    slots: SlotPool,
+    key_bucket: Mutex<Gcra>,
+    /// Endpoint buckets need no lock of their own: they are used under this one.
+    endpoints: Mutex<Endpoints>,
     /// Exponentially weighted mean of request durations, in nanoseconds (0: none seen yet).
     mean_duration: AtomicU64,
 }
@@ -63,10 +98,12 @@ pub struct KeyState {
 impl KeyState {
     fn new(params: RateParams) -> Self {
         Self {
-            slots: Arc::default(),
-            key_bucket: Bucket::new(params),
-            endpoints: Mutex::default(),
-            overflow: Bucket::new(params),
+            slots: SlotPool::default(),
+            key_bucket: Mutex::new(Gcra::new(params)),
+            endpoints: Mutex::new(Endpoints {
+                buckets: HashMap::default(),
+                overflow: Gcra::new(params),
+            }),
             mean_duration: AtomicU64::new(0),
         }
     }
@@ -105,36 +142,48 @@ impl KeyState {
         path: &str,
         now: u64,
         params: RateParams,
-        f: impl FnOnce(&Bucket) -> R,
+        f: impl FnOnce(&mut Gcra) -> R,
     ) -> R {
+        // A panic while holding these locks cannot leave a timestamp half-written.
         if scope == BucketScope::Key {
-            return f(&self.key_bucket);
+            return f(&mut self.key_bucket.lock().unwrap_or_else(|e| e.into_inner()));
         }
-        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = map.get(path) {
+        let hash = endpoint_hash(path);
+        let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let Endpoints { buckets, overflow } = &mut *guard;
+        if let Some(b) = buckets.get_mut(&hash) {
             return f(b);
         }
-        if map.len() >= MAX_ENDPOINT_BUCKETS {
-            map.retain(|_, b| !b.is_idle(now));
-            if map.len() >= MAX_ENDPOINT_BUCKETS {
-                drop(map);
-                return f(&self.overflow);
+        if buckets.len() >= MAX_ENDPOINT_BUCKETS {
+            buckets.retain(|_, b| !b.is_idle(now));
+            if buckets.len() >= MAX_ENDPOINT_BUCKETS {
+                return f(overflow);
             }
         }
-        f(map.entry(path.into()).or_insert_with(|| Bucket::new(params)))
+        f(buckets.entry(hash).or_insert_with(|| Gcra::new(params)))
     }
 
     /// Drops endpoint buckets that are full again: they hold no information.
     pub fn sweep(&self, now: u64) -> usize {
-        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let before = map.len();
-        map.retain(|_, b| !b.is_idle(now));
-        before - map.len()
+        let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let before = guard.buckets.len();
+        guard.buckets.retain(|_, b| !b.is_idle(now));
+        before - guard.buckets.len()
     }
 
     /// Endpoint buckets held now.
     pub fn endpoint_buckets(&self) -> usize {
-        self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .buckets
+            .len()
+    }
+}
+
+impl SlotOwner for KeyState {
+    fn pool(&self) -> &SlotPool {
+        &self.slots
     }
 }
 
@@ -345,7 +394,7 @@ pub struct RateView {
 #[derive(Debug)]
 pub struct Admitted {
     /// The key's slot, when its path is under the plan's concurrency patterns.
-    pub slot: Option<SlotGuard>,
+    pub slot: Option<SlotGuard<KeyState>>,
     /// The gateway-wide upstream slot, when a cap is configured.
     pub upstream: Option<SlotGuard>,
     /// The slot lease in the shared state, when limits are shared by several replicas.
@@ -453,9 +502,9 @@ pub fn admit(
 ) -> Result<Admitted, Refusal> {
     let (slot_limit, rate) = limits_for(entry, path);
     let slot_limit = slot_limit.map(|l| share_of(l, share));
-    let take = || -> Result<(Option<SlotGuard>, Option<SlotGuard>), Inner> {
+    let take = || -> Result<(Option<SlotGuard<KeyState>>, Option<SlotGuard>), Inner> {
         let slot = match slot_limit {
-            Some(limit) => Some(entry.state.slots.try_acquire(limit).map_err(Inner::Slots)?),
+            Some(limit) => Some(SlotPool::try_acquire_in(&entry.state, limit).map_err(Inner::Slots)?),
             None => None,
         };
         let upstream = match cap {
@@ -464,7 +513,7 @@ pub fn admit(
         };
         Ok((slot, upstream))
     };
-    let slot_view = |g: &Option<SlotGuard>| {
+    let slot_view = |g: &Option<SlotGuard<KeyState>>| {
         slot_limit.zip(g.as_ref()).map(|(limit, g)| SlotView {
             limit,
             current: g.in_flight,
@@ -613,7 +662,7 @@ pub async fn admit_shared(
         } => Ok(Admitted {
             slot: lease
                 .is_some()
-                .then(|| entry.state.slots.try_acquire(u32::MAX).ok())
+                .then(|| SlotPool::try_acquire_in(&entry.state, u32::MAX).ok())
                 .flatten(),
             upstream,
             slots: slot_view(in_flight),

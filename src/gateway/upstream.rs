@@ -108,7 +108,9 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                // Boxed: the handshake's state is large and needed only for a new connection,
+                // and every request's future (moved once into its box) would otherwise carry it.
+                None => (Box::pin(self.connect()).await?, false),
             };
             if sender.ready().await.is_err() {
                 if reused {

@@ -2,8 +2,6 @@
 //! be read without consuming quota, so responses can report `Remaining` and an honest
 //! `Retry-After`.
 
-use std::sync::Mutex;
-
 /// Rate and burst of a bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateParams {
@@ -22,7 +20,7 @@ impl RateParams {
     }
 }
 
-/// Why [`Bucket::admit_with`] refused a request.
+/// Why [`Gcra::admit_with`] refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RateRefusal<E> {
     /// The bucket is empty; it admits one request after `retry_after_nanos`.
@@ -34,83 +32,70 @@ pub enum RateRefusal<E> {
     Other(E),
 }
 
-#[derive(Debug)]
-struct State {
+/// One rate bucket. Not synchronised: the caller serialises access (one lock per key, or one
+/// over a key's map of endpoint buckets), so a request takes one lock, not two.
+#[derive(Clone, Copy, Debug)]
+pub struct Gcra {
     /// Theoretical arrival time: the bucket is full again at `tat`.
     tat: u64,
     params: RateParams,
 }
 
-/// One rate bucket.
-#[derive(Debug)]
-pub struct Bucket {
-    state: Mutex<State>,
-}
-
-impl Bucket {
+impl Gcra {
     /// A full bucket.
     pub fn new(params: RateParams) -> Self {
-        Self {
-            state: Mutex::new(State { tat: 0, params }),
-        }
+        Self { tat: 0, params }
     }
 
     /// Whether the bucket is full at `now`: an idle bucket is indistinguishable from a new one, so
     /// it can be dropped without losing anything.
     pub fn is_idle(&self, now: u64) -> bool {
-        self.lock().tat <= now
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the timestamp half-written.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.tat <= now
     }
 
     /// Reads the bucket without consuming: requests it would admit now.
-    pub fn remaining(&self, now: u64, params: RateParams) -> u32 {
-        let mut s = self.lock();
-        rescale(&mut s, now, params);
-        remaining_at(s.tat.max(now), now, params)
+    pub fn remaining(&mut self, now: u64, params: RateParams) -> u32 {
+        self.rescale(now, params);
+        remaining_at(self.tat.max(now), now, params)
     }
 
     /// Admits one request if the bucket has a token *and* `then` succeeds; only then is the token
     /// consumed, so a request refused for another reason (no free slot) costs no quota. On success
     /// also returns the requests the bucket still admits at once.
     pub fn admit_with<T, E>(
-        &self,
+        &mut self,
         now: u64,
         params: RateParams,
         then: impl FnOnce() -> Result<T, E>,
     ) -> Result<(T, u32), RateRefusal<E>> {
-        let mut s = self.lock();
-        rescale(&mut s, now, params);
+        self.rescale(now, params);
         let (t, tau) = (params.interval(), params.tau());
-        let next = s.tat.max(now) + t;
+        let next = self.tat.max(now) + t;
         if next > now + tau {
             return Err(RateRefusal::Limited {
                 retry_after_nanos: next - tau - now,
             });
         }
         let value = then().map_err(RateRefusal::Other)?;
-        s.tat = next;
+        self.tat = next;
         Ok((value, remaining_at(next, now, params)))
+    }
+
+    /// A plan change keeps the fraction of the burst already used: neither a fresh full bucket nor
+    /// the old plan's remaining count.
+    fn rescale(&mut self, now: u64, params: RateParams) {
+        if self.params == params {
+            return;
+        }
+        let used = self.tat.saturating_sub(now) as f64 / self.params.tau() as f64;
+        self.tat = now + (used.min(1.0) * params.tau() as f64) as u64;
+        self.params = params;
     }
 }
 
 fn remaining_at(tat: u64, now: u64, params: RateParams) -> u32 {
     let free = (now + params.tau()).saturating_sub(tat);
     (free / params.interval()).min(u64::from(params.burst)) as u32
-}
-
-/// A plan change keeps the fraction of the burst already used: neither a fresh full bucket nor the
-/// old plan's remaining count.
-fn rescale(s: &mut State, now: u64, params: RateParams) {
-    if s.params == params {
-        return;
-    }
-    let used = s.tat.saturating_sub(now) as f64 / s.params.tau() as f64;
-    s.tat = now + (used.min(1.0) * params.tau() as f64) as u64;
-    s.params = params;
 }
 
 #[cfg(test)]
@@ -129,7 +114,7 @@ mod tests {
         burst: 5,
     };
 
-    fn take(b: &Bucket, now: u64, p: RateParams) -> RateDecision {
+    fn take(b: &mut Gcra, now: u64, p: RateParams) -> RateDecision {
         match b.admit_with(now, p, || Ok::<_, ()>(())) {
             Ok(((), remaining)) => RateDecision::Allowed { remaining },
             Err(RateRefusal::Limited { retry_after_nanos }) => RateDecision::Limited { retry_after_nanos },
@@ -139,13 +124,16 @@ mod tests {
 
     #[test]
     fn burst_then_the_sustained_rate() {
-        let b = Bucket::new(P);
+        let mut b = Gcra::new(P);
         let now = 10 * SEC;
         for expected in (0..5).rev() {
-            assert_eq!(take(&b, now, P), RateDecision::Allowed { remaining: expected });
+            assert_eq!(
+                take(&mut b, now, P),
+                RateDecision::Allowed { remaining: expected }
+            );
         }
         assert_eq!(
-            take(&b, now, P),
+            take(&mut b, now, P),
             RateDecision::Limited {
                 retry_after_nanos: SEC / 10
             }
@@ -153,11 +141,11 @@ mod tests {
         assert_eq!(b.remaining(now, P), 0);
         // One interval later, exactly one more.
         assert!(matches!(
-            take(&b, now + SEC / 10, P),
+            take(&mut b, now + SEC / 10, P),
             RateDecision::Allowed { remaining: 0 }
         ));
         assert!(matches!(
-            take(&b, now + SEC / 10, P),
+            take(&mut b, now + SEC / 10, P),
             RateDecision::Limited { .. }
         ));
         assert!(b.is_idle(now + 2 * SEC));
@@ -165,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_refusal_for_another_reason_costs_no_quota() {
-        let b = Bucket::new(P);
+        let mut b = Gcra::new(P);
         for _ in 0..100 {
             assert!(matches!(
                 b.admit_with(SEC, P, || Err::<(), _>("no slot")),
@@ -177,10 +165,10 @@ mod tests {
 
     #[test]
     fn a_plan_change_rescales_the_used_fraction() {
-        let b = Bucket::new(P);
+        let mut b = Gcra::new(P);
         let now = 10 * SEC;
         for _ in 0..3 {
-            take(&b, now, P);
+            take(&mut b, now, P);
         }
         assert_eq!(b.remaining(now, P), 2);
         // Upgrade to burst 50: 60% used stays 60% used, so 20 remain (not 50, not 2).

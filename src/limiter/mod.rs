@@ -10,6 +10,6 @@ mod gcra;
 pub mod shared;
 mod slots;
 
-pub use gcra::{Bucket, RateParams, RateRefusal};
+pub use gcra::{Gcra, RateParams, RateRefusal};
 pub use shared::{SharedDecision, SharedLease, SharedLimiter, SharedOptions};
-pub use slots::{SlotGuard, SlotPool, SlotsFull};
+pub use slots::{SlotGuard, SlotOwner, SlotPool, SlotsFull};

@@ -20,12 +20,32 @@ pub struct SlotsFull {
     pub in_flight: u32,
 }
 
+/// Whatever holds a [`SlotPool`] inside it. A guard keeps its owner alive: a pool embedded in a
+/// larger per-key state costs no allocation and no pointer hop of its own on the request path.
+pub trait SlotOwner: Send + Sync + 'static {
+    /// The pool.
+    fn pool(&self) -> &SlotPool;
+}
+
+impl SlotOwner for SlotPool {
+    fn pool(&self) -> &SlotPool {
+        self
+    }
+}
+
 /// A taken slot, returned when dropped (on success, error, timeout, client abort or panic).
 #[derive(Debug)]
-pub struct SlotGuard {
-    pool: Arc<SlotPool>,
+pub struct SlotGuard<O: SlotOwner = SlotPool> {
+    owner: Arc<O>,
     /// Requests in flight counting this one, when it was admitted.
     pub in_flight: u32,
+}
+
+impl<O: SlotOwner> SlotGuard<O> {
+    /// What holds the pool the slot was taken from.
+    pub fn owner(&self) -> &Arc<O> {
+        &self.owner
+    }
 }
 
 impl SlotPool {
@@ -36,12 +56,18 @@ impl SlotPool {
 
     /// Takes a slot if fewer than `limit` are in flight; never waits.
     pub fn try_acquire(self: &Arc<Self>, limit: u32) -> Result<SlotGuard, SlotsFull> {
-        let mut current = self.in_flight.load(Ordering::Relaxed);
+        Self::try_acquire_in(self, limit)
+    }
+
+    /// Takes a slot of the pool `owner` holds, if fewer than `limit` are in flight; never waits.
+    pub fn try_acquire_in<O: SlotOwner>(owner: &Arc<O>, limit: u32) -> Result<SlotGuard<O>, SlotsFull> {
+        let pool = owner.pool();
+        let mut current = pool.in_flight.load(Ordering::Relaxed);
         loop {
             if current >= limit {
                 return Err(SlotsFull { in_flight: current });
             }
-            match self.in_flight.compare_exchange_weak(
+            match pool.in_flight.compare_exchange_weak(
                 current,
                 current + 1,
                 Ordering::AcqRel,
@@ -49,7 +75,7 @@ impl SlotPool {
             ) {
                 Ok(_) => {
                     return Ok(SlotGuard {
-                        pool: Arc::clone(self),
+                        owner: Arc::clone(owner),
                         in_flight: current + 1,
                     });
                 }
@@ -59,9 +85,9 @@ impl SlotPool {
     }
 }
 
-impl Drop for SlotGuard {
+impl<O: SlotOwner> Drop for SlotGuard<O> {
     fn drop(&mut self) {
-        self.pool.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.owner.pool().in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
