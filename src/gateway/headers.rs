@@ -1,6 +1,8 @@
 //! What the gateway reads from and writes to HTTP messages: the presented key, the limit headers,
 //! and JSON error bodies.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header, request::Parts};
 
@@ -11,7 +13,7 @@ use super::{
 };
 
 /// Where a client may present its key, in the order they are looked at.
-pub(super) fn presented_key(parts: &Parts) -> Option<String> {
+pub(super) fn presented_key(parts: &Parts) -> Option<Cow<'_, str>> {
     if let Some(v) = parts
         .headers
         .get(header::AUTHORIZATION)
@@ -20,19 +22,19 @@ pub(super) fn presented_key(parts: &Parts) -> Option<String> {
         && scheme.eq_ignore_ascii_case("bearer")
         && !token.trim().is_empty()
     {
-        return Some(token.trim().to_string());
+        return Some(Cow::Borrowed(token.trim()));
     }
     if let Some(v) = parts.headers.get(X_API_KEY).and_then(|v| v.to_str().ok())
         && !v.trim().is_empty()
     {
-        return Some(v.trim().to_string());
+        return Some(Cow::Borrowed(v.trim()));
     }
     let query = parts.uri.query()?;
     query
         .split('&')
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
         .find(|(name, value)| *name == "apikey" && !value.is_empty())
-        .map(|(_, value)| percent_decode(value))
+        .map(|(_, value)| Cow::Owned(percent_decode(value)))
 }
 
 /// The query without any `apikey` parameter, or `None` when nothing is left.
@@ -119,6 +121,11 @@ pub(super) const KEY_ID: HeaderName = HeaderName::from_static("x-slotgate-key-id
 pub(super) const PLAN: HeaderName = HeaderName::from_static("x-slotgate-plan");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// A header value made of a string known to be valid (digits and punctuation), without a copy.
+fn text(s: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(s)).expect("a valid header value")
+}
+
 fn num(n: impl itoa::Integer) -> HeaderValue {
     let mut buf = itoa::Buffer::new();
     HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
@@ -137,6 +144,9 @@ const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset
 
 /// Writes the limit headers: the de-facto `X-Concurrent-*` and `X-RateLimit-*` names, the
 /// `Concurrency-*` names, and the IETF `RateLimit-Policy` / `RateLimit` fields.
+/// Headers [`limit_headers`] may add.
+pub(super) const LIMIT_HEADERS: usize = 10;
+
 pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Option<RateView>) {
     if let Some(s) = slots {
         h.insert(X_CONCURRENT_LIMIT, num(s.limit));
@@ -151,12 +161,14 @@ pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Op
         // The bucket refills completely in burst/rate seconds: that is the policy's window.
         let window = u64::from(r.burst).div_ceil(u64::from(r.per_second.max(1))).max(1);
         let refill = u64::from(r.burst - r.remaining.min(r.burst)).div_ceil(u64::from(r.per_second.max(1)));
-        if let Ok(v) = HeaderValue::from_str(&format!("\"default\";q={};w={window}", r.burst)) {
-            h.insert(RATELIMIT_POLICY, v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r={};t={refill}", r.remaining)) {
-            h.insert(RATELIMIT, v);
-        }
+        h.insert(
+            RATELIMIT_POLICY,
+            text(format!("\"default\";q={};w={window}", r.burst)),
+        );
+        h.insert(
+            RATELIMIT,
+            text(format!("\"default\";r={};t={refill}", r.remaining)),
+        );
         h.insert(X_RATELIMIT_RESET, num(refill));
     }
 }
@@ -177,6 +189,8 @@ pub(super) fn error_response(code: ErrorCode, message: &str, limit: Option<u64>)
     body.push_str("}}");
     let mut res = Response::new(super::proxy::full(Bytes::from(body)));
     *res.status_mut() = code.status();
+    // Room for the limit headers, so that the map is not reallocated as they go in.
+    res.headers_mut().reserve(LIMIT_HEADERS + 3);
     res.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res

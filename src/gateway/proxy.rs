@@ -25,7 +25,7 @@ use super::{
     Fallback, Gateway,
     body::{Held, Hold},
     headers::{
-        KEY_ID, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
+        KEY_ID, LIMIT_HEADERS, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
         strip_hop_by_hop, strip_request_headers,
     },
     metrics::ErrorCode,
@@ -310,6 +310,7 @@ impl Gateway {
                     hold.lease = Some(lease);
                 }
                 strip_hop_by_hop(&mut parts.headers);
+                parts.headers.reserve(LIMIT_HEADERS);
                 limit_headers(&mut parts.headers, slots, rate);
                 let body = Held::new(body.map_err(|e| Box::new(e) as BoxError), hold).boxed_unsync();
                 (None, Response::from_parts(parts, body))
