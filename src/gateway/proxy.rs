@@ -288,9 +288,10 @@ impl Gateway {
         {
             parts.headers.append("x-forwarded-for", v);
         }
-        if let Some((id, plan)) = upstream_headers {
-            parts.headers.insert(KEY_ID, id);
-            parts.headers.insert(PLAN, plan);
+        if let Some(h) = upstream_headers {
+            let (id, plan) = &*h;
+            parts.headers.insert(KEY_ID, id.clone());
+            parts.headers.insert(PLAN, plan.clone());
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -341,7 +342,7 @@ struct Admission {
     hold: Hold,
     slots: Option<table::SlotView>,
     rate: Option<table::RateView>,
-    upstream_headers: Option<(HeaderValue, HeaderValue)>,
+    upstream_headers: Option<Arc<(HeaderValue, HeaderValue)>>,
 }
 
 impl Gateway {

@@ -206,8 +206,10 @@ pub struct KeyEntry {
     pub state: Arc<KeyState>,
     /// Metric handles of the key's plan.
     pub metrics: Arc<PlanMetrics>,
-    /// The key id and plan as header values for the upstream, built once per reload.
-    pub upstream_headers: Option<(http::HeaderValue, http::HeaderValue)>,
+    /// The key id and plan as header values for the upstream, built once per key. Behind a
+    /// pointer: the limiter decision never reads them, and an entry that fits in fewer cache
+    /// lines is what keeps the decision fast at a million keys.
+    pub upstream_headers: Option<Arc<(http::HeaderValue, http::HeaderValue)>>,
 }
 
 /// A configuration ready to enforce.
@@ -278,7 +280,8 @@ impl KeyTable {
                     metrics: Arc::clone(plan_metrics),
                     upstream_headers: http::HeaderValue::from_str(&key.id)
                         .ok()
-                        .zip(http::HeaderValue::from_str(&key.plan).ok()),
+                        .zip(http::HeaderValue::from_str(&key.plan).ok())
+                        .map(Arc::new),
                 },
             );
         }
