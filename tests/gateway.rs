@@ -615,3 +615,66 @@ async fn sigterm_drains_readyz_then_finishes_requests_in_flight_and_exits() {
     .unwrap();
     assert!(exited.0.success(), "exit status {:?}", exited.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_reach_the_upstream_whole_over_kept_alive_connections() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+    use hyper::body::Frame;
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    let stub = Stub::start().await;
+    let cfg = ConfigDir::new(&(slots_plan("p", 5) + &key_yaml("k", "p", "")));
+    let gw = Proc::gateway(&cfg.config, &stub.url(), &[]);
+    // Keeps its connection to the gateway alive between requests.
+    let client =
+        Client::builder(TokioExecutor::new()).build_http::<BoxBody<Bytes, std::convert::Infallible>>();
+    let pattern = |size: usize| -> Vec<u8> { (0..size).map(|i| (i * 31 % 251) as u8).collect() };
+    for (size, chunked) in [
+        (0, false),
+        (1, false),
+        (64 * 1024, false),
+        (3 * 1024 * 1024 + 17, false),
+        (1024 * 1024 + 5, true),
+    ] {
+        let sent = pattern(size);
+        let body = if chunked {
+            // No Content-Length: the gateway forwards a chunked body as it arrives.
+            let chunks: Vec<_> = sent
+                .chunks(100_000)
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
+            BoxBody::new(StreamBody::new(futures::stream::iter(chunks)))
+        } else {
+            BoxBody::new(Full::new(Bytes::from(sent.clone())))
+        };
+        let req = http::Request::post(gw.url("/v1/upload?echo=1"))
+            .header("x-api-key", TOKEN)
+            .body(body)
+            .unwrap();
+        // A hang guard, not a timing assertion.
+        let res = tokio::time::timeout(Duration::from_secs(60), async {
+            let res = client.request(req).await.expect("an answer");
+            let (parts, body) = res.into_parts();
+            (parts, body.collect().await.expect("a whole body").to_bytes())
+        })
+        .await
+        .expect("answered within 60 s");
+        let (parts, got) = res;
+        assert_eq!(parts.status, StatusCode::OK, "{size} bytes");
+        assert_eq!(parts.headers["x-concurrent-limit"], "5");
+        assert_eq!(got.len(), size, "chunked: {chunked}");
+        assert!(got == sent, "{size} bytes came back altered");
+    }
+    // The gateway reused one upstream connection for all of them, and holds no slot now.
+    assert_eq!(stub.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    gw.wait_metric("slotgate_in_flight{plan=\"p\"}", |v| v == 0.0)
+        .await;
+    assert!(
+        stub.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| !s.headers.contains_key("x-api-key"))
+    );
+}

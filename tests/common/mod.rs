@@ -36,8 +36,8 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
-/// An upstream that answers 200 after `?delay_ms=N`, streams its body over `?stream_ms=N`, and
-/// records the peak number of requests in flight.
+/// An upstream that answers 200 after `?delay_ms=N`, streams its body over `?stream_ms=N`, sends
+/// the request body back with `?echo=1`, and records the peak number of requests in flight.
 #[derive(Clone, Default)]
 pub struct Stub {
     pub addr: Option<SocketAddr>,
@@ -102,6 +102,10 @@ impl Stub {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
         let count = Count(Arc::clone(&self.in_flight));
+        if query_ms(req.uri(), "echo") == 1 {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            return Response::new(Full::new(body.unwrap_or_default()).boxed());
+        }
         let delay = query_ms(req.uri(), "delay_ms");
         let stream = query_ms(req.uri(), "stream_ms");
         if delay > 0 {
