@@ -69,27 +69,6 @@ fn start_controller(api: &FakeApi, identity: &str) -> Controller {
     )
 }
 
-fn start_gateway(api: &FakeApi, stub: &Stub, replica: &str) -> Proc {
-    Proc::start_env(
-        &[
-            "gateway",
-            "--config-source",
-            "kubernetes",
-            "--namespace",
-            NS,
-            "--replica-name",
-            replica,
-            "--upstream",
-            &stub.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
-    )
-}
-
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond() {
@@ -166,7 +145,7 @@ async fn plans_and_keys_reach_the_gateway_and_upgrades_propagate_with_one_object
     api.apply("apikeys", key("generated", "startup", None));
     let _ctl = start_controller(&api, "ctl-0");
     wait_for("the configuration index", || config_version(&api) > 0).await;
-    let gw = start_gateway(&api, &stub, "gw-0");
+    let gw = api.start_gateway(NS, "gw-0", &stub.url());
     wait_for("the gateway's report", || {
         api.reported_version(NS, "gw-0") >= config_version(&api)
     })
@@ -358,7 +337,7 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
                 .is_some_and(|c| c.0 == "False" && c.1 == "DuplicateToken")
     })
     .await;
-    let gw = start_gateway(&api, &stub, "gw-0");
+    let gw = api.start_gateway(NS, "gw-0", &stub.url());
     wait_for("the gateway's report", || {
         api.reported_version(NS, "gw-0") >= config_version(&api)
     })
@@ -406,7 +385,7 @@ async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects
     api.apply("apikeys", key("acme", "startup", Some("acme-token")));
     let ctl = start_controller(&api, "ctl-0");
     wait_for("the configuration index", || config_version(&api) > 0).await;
-    let gw = start_gateway(&api, &stub, "gw-0");
+    let gw = api.start_gateway(NS, "gw-0", &stub.url());
     wait_for("the gateway's report", || {
         api.reported_version(NS, "gw-0") >= config_version(&api)
     })

@@ -108,24 +108,7 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
 
     // A gateway watching the configuration through the API, as in a cluster.
     let stub = Stub::start().await;
-    let gw = Proc::start_env(
-        &[
-            "gateway",
-            "--config-source",
-            "kubernetes",
-            "--namespace",
-            NS,
-            "--replica-name",
-            "gw-0",
-            "--upstream",
-            &stub.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
-    );
+    let gw = api.start_gateway(NS, "gw-0", &stub.url());
     let version = published["version"].as_u64().unwrap();
     while api.reported_version(NS, "gw-0") < version {
         assert!(

@@ -575,7 +575,7 @@ async fn upstream_connections_are_kept_alive_and_closed_ones_are_not_reused() {
 async fn sigterm_drains_readyz_then_finishes_requests_in_flight_and_exits() {
     let stub = Stub::start().await;
     let cfg = ConfigDir::new(&(slots_plan("p", 5) + &key_yaml("k", "p", "")));
-    let mut gw = Proc::gateway(&cfg.config, &stub.url(), &["--shutdown-delay", "2s"]);
+    let gw = Proc::gateway(&cfg.config, &stub.url(), &["--shutdown-delay", "2s"]);
     let readyz = format!("http://{}/readyz", gw.admin.unwrap());
     assert_eq!(get(&readyz, &[]).await.status, StatusCode::OK);
     let slow = tokio::spawn({
@@ -607,13 +607,8 @@ async fn sigterm_drains_readyz_then_finishes_requests_in_flight_and_exits() {
         "the request in flight was cut: {}",
         r.body
     );
-    let exited = tokio::task::spawn_blocking(move || {
-        let status = gw.child.wait().unwrap();
-        (status, gw)
-    })
-    .await
-    .unwrap();
-    assert!(exited.0.success(), "exit status {:?}", exited.0);
+    let status = gw.exit_status().await;
+    assert!(status.success(), "exit status {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,7 +169,7 @@ async fn a_broken_edit_keeps_the_old_limits_and_names_file_and_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_lets_requests_in_flight_finish_and_exits_zero() {
     let dir = examples();
-    let mut gw = up(dir.path());
+    let gw = up(dir.path());
     let url = gw.url("/v1/monitor/chatgpt?delay_ms=700");
     let held = tokio::spawn(async move { get(&url, &[("x-api-key", STARTUP)]).await });
     gw.wait_metric("slotgate_in_flight{plan=\"startup\"}", |v| v == 1.0)
@@ -180,13 +180,8 @@ async fn ctrl_c_lets_requests_in_flight_finish_and_exits_zero() {
         .unwrap();
     assert!(status.success());
     assert_eq!(held.await.unwrap().status, StatusCode::OK);
-    let code = tokio::task::spawn_blocking(move || {
-        let s = gw.child.wait().unwrap();
-        (s, gw)
-    })
-    .await
-    .unwrap();
-    assert!(code.0.success(), "exit status {:?}", code.0);
+    let status = gw.exit_status().await;
+    assert!(status.success(), "exit status {status:?}");
 }
 
 fn load(gw: &Proc, key: &str, extra: &[&str]) -> serde_json::Value {

@@ -251,6 +251,29 @@ impl FakeApi {
         }
     }
 
+    /// Starts `slotgate gateway` with this API server as its configuration source, watching
+    /// `namespace` and reporting as `replica`, in front of `upstream`.
+    pub fn start_gateway(&self, namespace: &str, replica: &str, upstream: &str) -> super::Proc {
+        super::Proc::start_env(
+            &[
+                "gateway",
+                "--config-source",
+                "kubernetes",
+                "--namespace",
+                namespace,
+                "--replica-name",
+                replica,
+                "--upstream",
+                upstream,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            &[("KUBECONFIG", self.kubeconfig.to_str().unwrap())],
+        )
+    }
+
     /// The configuration version a gateway replica reports in its Lease (0 before it reports).
     pub fn reported_version(&self, namespace: &str, replica: &str) -> u64 {
         self.get("leases", namespace, &format!("slotgate-gateway-{replica}"))

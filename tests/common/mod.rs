@@ -223,6 +223,13 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    /// Waits, off the async workers, for the process to exit by itself.
+    pub async fn exit_status(mut self) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || self.child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+
     /// Starts `slotgate ARGS`, and waits for its "listening on http://A (admin http://B)" line.
     pub fn start(args: &[&str]) -> Proc {
         Proc::start_env(args, &[])
