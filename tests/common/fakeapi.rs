@@ -254,22 +254,17 @@ impl FakeApi {
     /// Starts `slotgate gateway` with this API server as its configuration source, watching
     /// `namespace` and reporting as `replica`, in front of `upstream`.
     pub fn start_gateway(&self, namespace: &str, replica: &str, upstream: &str) -> super::Proc {
-        super::Proc::start_env(
+        super::Proc::gateway_from(
             &[
-                "gateway",
                 "--config-source",
                 "kubernetes",
                 "--namespace",
                 namespace,
                 "--replica-name",
                 replica,
-                "--upstream",
-                upstream,
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
             ],
+            upstream,
+            &[],
             &[("KUBECONFIG", self.kubeconfig.to_str().unwrap())],
         )
     }

@@ -299,20 +299,25 @@ impl Proc {
         .await;
     }
 
+    /// `slotgate gateway` enforcing the configuration file `config`.
     pub fn gateway(config: &Path, upstream: &str, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            "gateway",
-            "--config",
-            config.to_str().unwrap(),
+        Proc::gateway_from(&["--config", config.to_str().unwrap()], upstream, extra, &[])
+    }
+
+    /// `slotgate gateway` with its configuration `source` arguments, on free ports.
+    pub fn gateway_from(source: &[&str], upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut args = vec!["gateway"];
+        args.extend_from_slice(source);
+        args.extend_from_slice(&[
             "--upstream",
             upstream,
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
-        ];
+        ]);
         args.extend_from_slice(extra);
-        Proc::start(&args)
+        Proc::start_env(&args, env)
     }
 
     pub fn url(&self, path: &str) -> String {
