@@ -10,7 +10,7 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::{table::Admitted, upstream::Lease};
+use super::table::Admitted;
 
 /// What an admitted request holds while it is in flight.
 #[derive(Debug)]
@@ -18,8 +18,6 @@ pub(super) struct Hold {
     pub admitted: Admitted,
     pub started: Instant,
     pub gauge: Option<Gauge>,
-    /// The upstream connection, back to the pool once the body has been read to its end.
-    pub lease: Option<Lease>,
 }
 
 impl Drop for Hold {
@@ -74,11 +72,8 @@ impl<B: Body> Body for Held<B> {
             }
             Poll::Pending => false,
         };
-        if ended
-            && let Some(mut hold) = this.hold.take()
-            && let Some(lease) = hold.lease.take()
-        {
-            lease.release();
+        if ended {
+            drop(this.hold.take());
         }
         polled
     }

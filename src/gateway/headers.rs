@@ -72,25 +72,54 @@ fn percent_decode(s: &str) -> String {
 /// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward, plus the key carriers and the
 /// headers the gateway itself sets for the upstream (so a client cannot forge them).
 pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(X_API_KEY);
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .get(..7)
-                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
-        });
+    // One look at each name first: most requests carry none of these but the key, and each
+    // removal is a hash and a probe.
+    let (mut ours, mut hop, mut bearer) = (false, false, false);
+    for (name, value) in headers.iter() {
+        if name == header::AUTHORIZATION {
+            bearer |= value.to_str().is_ok_and(|v| {
+                v.trim_start()
+                    .get(..7)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
+            });
+        } else if name == X_API_KEY || name == KEY_ID || name == PLAN {
+            ours = true;
+        } else {
+            hop |= is_hop_by_hop(name);
+        }
+    }
+    if hop {
+        strip_hop_by_hop(headers);
+    }
     if bearer {
         headers.remove(header::AUTHORIZATION);
     }
-    headers.remove(KEY_ID);
-    headers.remove(PLAN);
+    if ours {
+        headers.remove(X_API_KEY);
+        headers.remove(KEY_ID);
+        headers.remove(PLAN);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
 }
 
 /// Removes the hop-by-hop headers, including those named in `Connection`.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -163,14 +192,25 @@ pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Op
         let refill = u64::from(r.burst - r.remaining.min(r.burst)).div_ceil(u64::from(r.per_second.max(1)));
         h.insert(
             RATELIMIT_POLICY,
-            text(format!("\"default\";q={};w={window}", r.burst)),
+            text(concat_num("\"default\";q=", r.burst, ";w=", window)),
         );
         h.insert(
             RATELIMIT,
-            text(format!("\"default\";r={};t={refill}", r.remaining)),
+            text(concat_num("\"default\";r=", r.remaining, ";t=", refill)),
         );
         h.insert(X_RATELIMIT_RESET, num(refill));
     }
+}
+
+/// `{a}{x}{b}{y}` without the formatting machinery (this runs for every response).
+fn concat_num(a: &str, x: impl itoa::Integer, b: &str, y: impl itoa::Integer) -> String {
+    let (mut bx, mut by) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (x, y) = (bx.format(x), by.format(y));
+    let mut s = String::with_capacity(a.len() + x.len() + b.len() + y.len());
+    for part in [a, x, b, y] {
+        s.push_str(part);
+    }
+    s
 }
 
 /// A machine-readable error: `{"error": {"code", "message", "limit"}}`.
@@ -232,6 +272,29 @@ mod tests {
             presented_key(&parts("/", &[("authorization", "Basic Zm9v")])),
             None
         );
+    }
+
+    #[test]
+    fn carriers_hop_by_hop_and_forged_headers_are_stripped_in_any_order() {
+        let mut p = parts(
+            "/",
+            &[
+                ("connection", "x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("authorization", "Bearer abc"),
+                ("x-slotgate-plan", "forged"),
+                ("x-api-key", "k"),
+                ("accept", "*/*"),
+            ],
+        );
+        strip_request_headers(&mut p.headers);
+        let left: Vec<_> = p.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+        // Nothing to strip: untouched, and a non-bearer Authorization is the upstream's own.
+        let mut p = parts("/", &[("authorization", "Basic Zm9v"), ("accept", "*/*")]);
+        strip_request_headers(&mut p.headers);
+        assert_eq!(p.headers.len(), 2);
     }
 
     #[test]

@@ -25,11 +25,12 @@ use super::{
     Fallback, Gateway,
     body::{Held, Hold},
     headers::{
-        KEY_ID, LIMIT_HEADERS, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
+        KEY_ID, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
         strip_hop_by_hop, strip_request_headers,
     },
     metrics::ErrorCode,
     table::{self, Refusal},
+    upstream::SendError,
 };
 
 /// Any error a response body may end with.
@@ -180,9 +181,9 @@ impl Gateway {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        remote: Option<SocketAddr>,
+        client_ip: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
-        let (code, res) = self.route(req, remote).await;
+        let (code, res) = self.route(req, client_ip).await;
         match code {
             Some(c) => self.metrics.answered(c),
             None => self.metrics.forwarded(res.status().as_u16()),
@@ -194,7 +195,7 @@ impl Gateway {
     async fn route(
         &self,
         req: Request<Incoming>,
-        remote: Option<SocketAddr>,
+        client_ip: Option<HeaderValue>,
     ) -> (Option<ErrorCode>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         let Some(token) = presented_key(&parts) else {
@@ -259,7 +260,7 @@ impl Gateway {
             }
         };
         let Admission {
-            mut hold,
+            hold,
             slots,
             rate,
             upstream_headers,
@@ -281,12 +282,10 @@ impl Gateway {
         strip_request_headers(&mut parts.headers);
         parts.headers.insert(HOST, self.upstream_host.clone());
         if let Some(h) = original_host {
-            parts.headers.insert("x-forwarded-host", h);
+            parts.headers.insert(X_FORWARDED_HOST, h);
         }
-        if let Some(addr) = remote
-            && let Ok(v) = HeaderValue::from_str(&addr.ip().to_string())
-        {
-            parts.headers.append("x-forwarded-for", v);
+        if let Some(ip) = client_ip {
+            parts.headers.append(X_FORWARDED_FOR, ip);
         }
         if let Some(h) = upstream_headers {
             let (id, plan) = &*h;
@@ -303,18 +302,26 @@ impl Gateway {
             .upstream_latency
             .observe(sent.elapsed().as_secs_f64());
         match result {
-            Ok(Ok((res, lease))) => {
+            Ok(Ok(res)) => {
                 let (mut parts, body) = res.into_parts();
-                if http_body::Body::is_end_stream(&body) {
-                    lease.release();
-                } else {
-                    hold.lease = Some(lease);
-                }
                 strip_hop_by_hop(&mut parts.headers);
-                parts.headers.reserve(LIMIT_HEADERS);
                 limit_headers(&mut parts.headers, slots, rate);
                 let body = Held::new(body.map_err(|e| Box::new(e) as BoxError), hold).boxed_unsync();
                 (None, Response::from_parts(parts, body))
+            }
+            Ok(Err(SendError::RequestBody(e))) => {
+                tracing::debug!(error = %e, "request body failed while it was forwarded");
+                fail(
+                    ErrorCode::InvalidRequest,
+                    "The request body could not be read to its end.",
+                )
+            }
+            Ok(Err(e @ SendError::Protocol(_))) => {
+                tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream answered invalid HTTP");
+                fail(
+                    ErrorCode::UpstreamUnavailable,
+                    "The upstream service sent an invalid response. Retry shortly.",
+                )
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream unavailable");
@@ -375,7 +382,6 @@ impl Gateway {
         });
         Ok(Admission {
             hold: Hold {
-                lease: None,
                 admitted,
                 started: Instant::now(),
                 gauge,
@@ -401,10 +407,17 @@ fn refuse_auth(code: ErrorCode, message: &str) -> (Option<ErrorCode>, Response<P
 /// The gateway as a tower `Service`, one per connection (it knows the client's address).
 #[derive(Clone, Debug)]
 pub struct GatewayService {
-    /// The shared gateway.
-    pub gateway: Arc<Gateway>,
-    /// The client's address.
-    pub remote: Option<SocketAddr>,
+    gateway: Arc<Gateway>,
+    /// The client's address as an `X-Forwarded-For` value, made once per connection.
+    client_ip: Option<HeaderValue>,
+}
+
+impl GatewayService {
+    /// The service for one connection from `remote`.
+    pub fn new(gateway: Arc<Gateway>, remote: Option<SocketAddr>) -> Self {
+        let client_ip = remote.and_then(|addr| HeaderValue::try_from(addr.ip().to_string()).ok());
+        Self { gateway, client_ip }
+    }
 }
 
 impl tower::Service<Request<Incoming>> for GatewayService {
@@ -418,7 +431,10 @@ impl tower::Service<Request<Incoming>> for GatewayService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let gateway = Arc::clone(&self.gateway);
-        let remote = self.remote;
-        Box::pin(async move { Ok(gateway.handle(req, remote).await) })
+        let client_ip = self.client_ip.clone();
+        Box::pin(async move { Ok(gateway.handle(req, client_ip).await) })
     }
 }
+
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");

@@ -107,10 +107,7 @@ pub async fn run(
     ));
     serve(
         proxy,
-        move |remote| super::GatewayService {
-            gateway: Arc::clone(&gateway),
-            remote: Some(remote),
-        },
+        move |remote| super::GatewayService::new(Arc::clone(&gateway), Some(remote)),
         shutdown,
         grace,
     )
