@@ -239,7 +239,12 @@ impl Gateway {
 
     /// Monotonic nanoseconds since the gateway started: the limiter's clock.
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.nanos(Instant::now())
+    }
+
+    /// [`Self::now`] of an instant already read.
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// Drops idle endpoint buckets of every key; run now and then so memory follows the traffic.

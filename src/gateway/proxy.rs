@@ -1,5 +1,9 @@
 //! The request path: authenticate, admit, forward, and answer with the limit headers.
 
+// The `Err` of the request path's steps is the response itself (an `Answer`), returned at once.
+// Boxing it would put an allocation on the refusal path, which must stay cheap under a flood.
+#![allow(clippy::result_large_err)]
+
 use std::{
     convert::Infallible,
     future::Future,
@@ -15,11 +19,14 @@ use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri,
     header::{self, HOST},
+    request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
+
+use crate::limiter::SharedLimiter;
 
 use super::{
     Fallback, Gateway,
@@ -30,7 +37,7 @@ use super::{
     },
     metrics::ErrorCode,
     table::{self, Refusal},
-    upstream::SendError,
+    upstream::{self, SendError},
 };
 
 /// Any error a response body may end with.
@@ -176,6 +183,17 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
     }
 }
 
+/// A response and, when the gateway answered itself, why.
+type Answer = (Option<ErrorCode>, Response<ProxyBody>);
+
+/// An admitted request, encoded for the upstream.
+struct Forward {
+    request: upstream::Prepared,
+    hold: Hold,
+    slots: Option<table::SlotView>,
+    rate: Option<table::RateView>,
+}
+
 impl Gateway {
     /// Answers one request: authenticate, admit, forward.
     pub async fn handle(
@@ -183,7 +201,43 @@ impl Gateway {
         req: Request<Incoming>,
         client_ip: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
-        let (code, res) = self.route(req, client_ip).await;
+        let (parts, body) = req.into_parts();
+        let admitted = match self.shared_decision() {
+            None => self.decide_locally(&parts),
+            Some(shared) => self.decide_shared(&parts, shared).await,
+        };
+        let answer = match admitted.and_then(|a| self.prepare(parts, body, a, client_ip)) {
+            Ok(forward) => self.forward(forward).await,
+            Err(answer) => answer,
+        };
+        self.count(answer)
+    }
+
+    /// The request as a future. When the decision needs no I/O, everything up to the upstream
+    /// exchange is done before the future is returned: a refusal is a ready value, not an async
+    /// state machine, and a forwarded request's future holds only the exchange.
+    fn respond(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client_ip: Option<HeaderValue>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
+        if self.shared_decision().is_some() {
+            return Box::pin(async move { Ok(self.handle(req, client_ip).await) });
+        }
+        let (parts, body) = req.into_parts();
+        match self
+            .decide_locally(&parts)
+            .and_then(|a| self.prepare(parts, body, a, client_ip))
+        {
+            Ok(forward) => Box::pin(async move {
+                let answer = self.forward(forward).await;
+                Ok(self.count(answer))
+            }),
+            Err(answer) => Box::pin(std::future::ready(Ok(self.count(answer)))),
+        }
+    }
+
+    fn count(&self, (code, res): Answer) -> Response<ProxyBody> {
         match code {
             Some(c) => self.metrics.answered(c),
             None => self.metrics.forwarded(res.status().as_u16()),
@@ -191,37 +245,38 @@ impl Gateway {
         res
     }
 
-    /// Answers a request; the code is `None` when the upstream answered.
-    async fn route(
+    /// The shared limiter, when decisions go through it now.
+    fn shared_decision(&self) -> Option<&SharedLimiter> {
+        self.shared.as_ref().filter(|s| s.is_shared())
+    }
+
+    /// The key's table entry, or the answer to a request without a usable key.
+    fn authenticate<'t>(
         &self,
-        req: Request<Incoming>,
-        client_ip: Option<HeaderValue>,
-    ) -> (Option<ErrorCode>, Response<ProxyBody>) {
-        let (mut parts, body) = req.into_parts();
-        let Some(token) = presented_key(&parts) else {
+        parts: &Parts,
+        table: &'t table::KeyTable,
+    ) -> Result<&'t table::KeyEntry, Answer> {
+        let Some(token) = presented_key(parts) else {
             self.metrics.refusal_without_plan(ErrorCode::MissingApiKey);
-            return refuse_auth(
+            return Err(refuse_auth(
                 ErrorCode::MissingApiKey,
                 "No API key. Send it as `Authorization: Bearer <key>`, an `X-API-Key` header, or an `apikey` query parameter.",
-            );
+            ));
         };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        drop(token);
-
-        let table = self.table.load();
         let Some(entry) = table.get(&digest) else {
             self.metrics.refusal_without_plan(ErrorCode::InvalidApiKey);
-            return refuse_auth(
+            return Err(refuse_auth(
                 ErrorCode::InvalidApiKey,
                 "This API key is not valid. Check it for typos, or create a new key.",
-            );
+            ));
         };
         if entry.suspended {
             entry.metrics.refusal(ErrorCode::KeySuspended);
-            return refuse_auth(
+            return Err(refuse_auth(
                 ErrorCode::KeySuspended,
                 "This API key is suspended. Contact the API provider to re-enable it.",
-            );
+            ));
         }
         if let Some(at) = entry.expires_at {
             let now = SystemTime::now()
@@ -229,54 +284,64 @@ impl Gateway {
                 .map_or(0, |d| d.as_secs() as i64);
             if now >= at {
                 entry.metrics.refusal(ErrorCode::KeyExpired);
-                return refuse_auth(
+                return Err(refuse_auth(
                     ErrorCode::KeyExpired,
                     "This API key has expired. Create a new key or extend this one.",
-                );
+                ));
             }
         }
+        Ok(entry)
+    }
 
+    /// Authenticates and admits with this replica's own state (no shared limiter, or the
+    /// fallback while it is unreachable).
+    fn decide_locally(&self, parts: &Parts) -> Result<Admission, Answer> {
+        let table = self.table.load();
+        let entry = self.authenticate(parts, &table)?;
         let path = parts.uri.path();
-        let admitted = match self.shared.as_ref().filter(|s| s.is_shared()) {
-            None => {
-                let result = match &self.shared {
-                    None => table::admit(entry, path, self.now(), self.cap.as_ref(), 1),
-                    Some(s) => self.fallback(entry, path, s.replicas()),
-                };
-                let admitted = self.hold(entry, result);
-                // The table guard must not be held across the upstream await.
-                drop(table);
-                admitted
-            }
-            Some(shared) => {
-                // The decision awaits Redis: own the table instead of borrowing it.
-                let table = arc_swap::Guard::into_inner(table);
-                let entry = table.get(&digest).expect("the same table holds the same key");
-                let result = match table::admit_shared(entry, path, shared, self.cap.as_ref()).await {
-                    Ok(result) => result,
-                    Err(_) => self.fallback(entry, path, shared.replicas()),
-                };
-                self.hold(entry, result)
-            }
+        // One clock read serves the limiter, the slot's duration and the upstream latency.
+        let at = Instant::now();
+        let result = match &self.shared {
+            None => table::admit(entry, path, self.nanos(at), self.cap.as_ref(), 1),
+            Some(s) => self.fallback(entry, path, s.replicas()),
         };
+        self.hold(entry, result, at)
+    }
+
+    /// Authenticates and admits through the shared limiter (Redis).
+    async fn decide_shared(&self, parts: &Parts, shared: &SharedLimiter) -> Result<Admission, Answer> {
+        // The decision awaits Redis: own the table instead of borrowing it.
+        let table = arc_swap::Guard::into_inner(self.table.load());
+        let entry = self.authenticate(parts, &table)?;
+        let path = parts.uri.path();
+        let result = match table::admit_shared(entry, path, shared, self.cap.as_ref()).await {
+            Ok(result) => result,
+            Err(_) => self.fallback(entry, path, shared.replicas()),
+        };
+        self.hold(entry, result, Instant::now())
+    }
+
+    /// Rewrites an admitted request for the upstream and encodes it.
+    fn prepare(
+        &self,
+        mut parts: Parts,
+        body: Incoming,
+        admission: Admission,
+        client_ip: Option<HeaderValue>,
+    ) -> Result<Forward, Answer> {
         let Admission {
             hold,
             slots,
             rate,
             upstream_headers,
-        } = match admitted {
-            Ok(a) => a,
-            Err(refusal) => return (Some(refusal.code()), refused(refusal)),
-        };
-        // A failure after admission still tells the client its limits.
-        let fail = |code: ErrorCode, message: &str| {
-            let mut res = error_response(code, message, None);
-            limit_headers(res.headers_mut(), slots, rate);
-            (Some(code), res)
-        };
-
+        } = admission;
         let Some(uri) = self.options.upstream.origin_form(&parts.uri) else {
-            return fail(ErrorCode::InvalidRequest, "The request path cannot be forwarded.");
+            return Err(failed(
+                ErrorCode::InvalidRequest,
+                "The request path cannot be forwarded.",
+                slots,
+                rate,
+            ));
         };
         let original_host = parts.headers.get(HOST).cloned();
         strip_request_headers(&mut parts.headers);
@@ -294,13 +359,30 @@ impl Gateway {
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, body);
+        Ok(Forward {
+            request: upstream::Prepared::new(Request::from_parts(parts, body)),
+            hold,
+            slots,
+            rate,
+        })
+    }
 
-        let sent = Instant::now();
-        let result = tokio::time::timeout(self.options.upstream_timeout, self.pool.send(upstream_req)).await;
+    /// Sends an admitted request upstream and answers with the upstream's response.
+    async fn forward(&self, forward: Forward) -> Answer {
+        let Forward {
+            request,
+            hold,
+            slots,
+            rate,
+        } = forward;
+        let sent = hold.started;
+        let deadline = tokio::time::Instant::from_std(sent + self.options.upstream_timeout);
+        let result = tokio::time::timeout_at(deadline, self.pool.send(request)).await;
         self.metrics
             .upstream_latency
             .observe(sent.elapsed().as_secs_f64());
+        // A failure after admission still tells the client its limits.
+        let fail = |code: ErrorCode, message: &str| failed(code, message, slots, rate);
         match result {
             Ok(Ok(res)) => {
                 let (mut parts, body) = res.into_parts();
@@ -344,6 +426,18 @@ impl Gateway {
     }
 }
 
+/// An error answered after admission: it still tells the client its limits.
+fn failed(
+    code: ErrorCode,
+    message: &str,
+    slots: Option<table::SlotView>,
+    rate: Option<table::RateView>,
+) -> Answer {
+    let mut res = error_response(code, message, None);
+    limit_headers(res.headers_mut(), slots, rate);
+    (Some(code), res)
+}
+
 /// An admitted request, ready to forward.
 struct Admission {
     hold: Hold,
@@ -372,8 +466,12 @@ impl Gateway {
         &self,
         entry: &table::KeyEntry,
         result: Result<table::Admitted, Refusal>,
-    ) -> Result<Admission, Refusal> {
-        let admitted = result.inspect_err(|r| entry.metrics.refusal(r.code()))?;
+        started: Instant,
+    ) -> Result<Admission, Answer> {
+        let admitted = result.map_err(|r| {
+            entry.metrics.refusal(r.code());
+            (Some(r.code()), refused(r))
+        })?;
         let (slots, rate) = (admitted.slots, admitted.rate);
         let gauge = admitted.slot.as_ref().map(|_| {
             let g = entry.metrics.in_flight.clone();
@@ -383,7 +481,7 @@ impl Gateway {
         Ok(Admission {
             hold: Hold {
                 admitted,
-                started: Instant::now(),
+                started,
                 gauge,
             },
             slots,
@@ -430,9 +528,7 @@ impl tower::Service<Request<Incoming>> for GatewayService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let gateway = Arc::clone(&self.gateway);
-        let client_ip = self.client_ip.clone();
-        Box::pin(async move { Ok(gateway.handle(req, client_ip).await) })
+        Arc::clone(&self.gateway).respond(req, self.client_ip.clone())
     }
 }
 
