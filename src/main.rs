@@ -388,7 +388,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let admin_metrics = Arc::clone(&metrics);
     tokio::spawn(gateway::serve(
         admin,
-        move |_| controller_admin(Arc::clone(&admin_metrics)),
+        move |_| hyper_util::service::TowerToHyperService::new(controller_admin(Arc::clone(&admin_metrics))),
         std::future::pending(),
         Duration::ZERO,
     ));
@@ -442,7 +442,7 @@ async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     );
     gateway::serve(
         listener,
-        |_| slotgate::demo::DemoUpstream,
+        |_| hyper_util::service::TowerToHyperService::new(slotgate::demo::DemoUpstream),
         shutdown_signal(),
         Duration::from_secs(5),
     )

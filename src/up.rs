@@ -85,7 +85,7 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
             })?;
             let task = tokio::spawn(gateway::serve(
                 listener,
-                |_| crate::demo::DemoUpstream,
+                |_| hyper_util::service::TowerToHyperService::new(crate::demo::DemoUpstream),
                 std::future::pending(),
                 Duration::ZERO,
             ));

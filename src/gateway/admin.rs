@@ -43,6 +43,16 @@ impl tower::Service<Request<Incoming>> for AdminService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        hyper::service::Service::call(self, req)
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<ProxyBody>, Infallible>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         let g = &self.gateway;
         let plain = "text/plain; charset=utf-8";
         let res = match req.uri().path() {

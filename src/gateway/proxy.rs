@@ -528,6 +528,21 @@ impl tower::Service<Request<Incoming>> for GatewayService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        hyper::service::Service::call(self, req)
+    }
+}
+
+/// What the server calls. hyper calls it as soon as a request head is parsed, before it reads
+/// on; tower's adapter would only store the request until the response is polled. Called here,
+/// the request's URI and headers (slices of the connection's read buffer) are gone by then, and
+/// the server reads the next request into the same buffer instead of allocating a new one for
+/// every request.
+impl hyper::service::Service<Request<Incoming>> for GatewayService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         Arc::clone(&self.gateway).respond(req, self.client_ip.clone())
     }
 }

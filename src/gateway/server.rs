@@ -7,7 +7,6 @@ use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::{conn::auto::Builder, graceful::GracefulShutdown},
-    service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
 
@@ -23,7 +22,8 @@ pub struct Listening {
 }
 
 /// Serves connections from `listener` with a service made per connection, until `shutdown`
-/// resolves; then stops accepting and lets requests in flight finish for up to `grace`.
+/// resolves; then stops accepting and lets requests in flight finish for up to `grace`. A
+/// `tower::Service` is served through `hyper_util::service::TowerToHyperService`.
 pub async fn serve<S, F>(
     listener: TcpListener,
     make_service: F,
@@ -31,8 +31,7 @@ pub async fn serve<S, F>(
     grace: Duration,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
-        + Clone
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -53,8 +52,9 @@ pub async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(make_service(remote));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), make_service(remote))
+                    .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
