@@ -218,23 +218,22 @@ impl Pool {
             ResponseFraming::Chunked => State::Chunked(Chunked::Size),
             ResponseFraming::UntilClose => State::UntilClose,
         };
-        let body = match state {
-            State::Buffered(data) => {
-                // Bytes past the response would be an answer to nothing: close such a connection.
-                if reuse && conn.buf.is_empty() {
-                    self.put_idle(conn);
-                }
-                UpstreamBody {
-                    state: State::Buffered(data),
-                    conn: None,
-                    pool: None,
-                }
+        let body = if matches!(state, State::Buffered(_)) {
+            // Bytes past the response would be an answer to nothing: close such a connection.
+            if reuse && conn.buf.is_empty() {
+                self.put_idle(conn);
             }
-            state => UpstreamBody {
+            UpstreamBody {
+                state,
+                conn: None,
+                pool: None,
+            }
+        } else {
+            UpstreamBody {
                 state,
                 conn: Some(conn),
                 pool: reuse.then(|| Arc::clone(self)),
-            },
+            }
         };
         let mut res = Response::new(body);
         *res.status_mut() = head.status;
@@ -669,12 +668,8 @@ impl Chunked {
         loop {
             match *self {
                 Chunked::Size => {
-                    let Some(eol) = find_crlf(buf) else {
-                        return if buf.len() > MAX_CHUNK_LINE {
-                            Err("chunk-size line too long")
-                        } else {
-                            Ok(Step::NeedMore)
-                        };
+                    let Some(eol) = line_end(buf, "chunk-size line too long")? else {
+                        return Ok(Step::NeedMore);
                     };
                     let line = &buf[..eol];
                     let digits = line.split(|&b| b == b';').next().unwrap_or_default();
@@ -717,12 +712,8 @@ impl Chunked {
                 }
                 Chunked::Trailers => {
                     // Trailer fields are read and dropped, as nginx's proxy does.
-                    let Some(eol) = find_crlf(buf) else {
-                        return if buf.len() > MAX_CHUNK_LINE {
-                            Err("trailer field too long")
-                        } else {
-                            Ok(Step::NeedMore)
-                        };
+                    let Some(eol) = line_end(buf, "trailer field too long")? else {
+                        return Ok(Step::NeedMore);
                     };
                     buf.advance(eol + 2);
                     if eol == 0 {
@@ -734,8 +725,14 @@ impl Chunked {
     }
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+/// Where the line at the front of `buf` ends (its CRLF), `None` while it is incomplete, or
+/// `too_long` once it is longer than any line accepted.
+fn line_end(buf: &[u8], too_long: &'static str) -> Result<Option<usize>, &'static str> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(eol) => Ok(Some(eol)),
+        None if buf.len() > MAX_CHUNK_LINE => Err(too_long),
+        None => Ok(None),
+    }
 }
 
 /// What is left of a response body.
