@@ -10,15 +10,15 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && for b in compile limiter bare_proxy; do echo 'fn main() {}' > benches/$b.rs; done \
-    && cargo build --release --locked --target x86_64-unknown-linux-musl || true
+    && cargo build --profile dist --locked --target x86_64-unknown-linux-musl || true
 COPY src src
 COPY benches benches
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --target x86_64-unknown-linux-musl --bin slotgate \
-    && strip target/x86_64-unknown-linux-musl/release/slotgate
+    && cargo build --profile dist --locked --target x86_64-unknown-linux-musl --bin slotgate \
+    && strip target/x86_64-unknown-linux-musl/dist/slotgate
 
 FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /src/target/x86_64-unknown-linux-musl/release/slotgate /usr/local/bin/slotgate
+COPY --from=build /src/target/x86_64-unknown-linux-musl/dist/slotgate /usr/local/bin/slotgate
 # 65532: distroless "nonroot"; the chart's securityContext runs as this user.
 USER 65532:65532
 EXPOSE 8080 9090 9091

@@ -12,11 +12,17 @@
 # The proxy under test and the upstream share CPU 0 and wrk has CPU 1; every proxy and the
 # upstream get one worker, so the added CPU per request, 1/rps(proxy) - 1/rps(direct), compares.
 # redis-server runs on CPU 0 too: its work is part of what the redis mode costs.
-# A second table holds latency at a fixed offered rate (hey, 50 workers x 100 req/s = 5,000 req/s,
-# well below every target's capacity), where latency is the cost of a request rather than
-# queueing behind a saturated CPU.
-# Needs wrk, hey, nginx and redis-server (apt-get install wrk hey nginx-light redis-server);
-# installs them when missing.
+# nginx does what slotgate does to a request: it strips the key header and sets X-Forwarded-For
+# and X-Forwarded-Host, so that the upstream (on the same core) parses the same amount either way.
+# slotgate and the bare proxy are built with the `dist` profile (fat LTO, one codegen unit), the
+# profile the container image is built with.
+#
+# A second table holds latency at fixed offered rates below capacity (oha, open loop: requests
+# evenly paced, and each one's latency counted from when it was due, so that time spent queued
+# behind a slow one counts too). At saturation a closed-loop client's latency is mostly the
+# queue: 64 connections / throughput by Little's law.
+# Needs wrk, oha, nginx and redis-server (apt-get install wrk nginx-light redis-server;
+# cargo install oha); installs them when missing (oha builds in about ten minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -25,12 +31,13 @@ CONNS=64
 KEY=sg_bench_Zq8Lp3Rk7Vw2Tn5Xc
 ZERO_KEY=sg_bench_zero_Hy4Mb9Qe6Ju1Gd
 
-command -v wrk >/dev/null && command -v hey >/dev/null && command -v nginx >/dev/null \
-  && command -v redis-server >/dev/null \
-  || { apt-get update -qq && apt-get install -y -qq wrk hey nginx-light redis-server >/dev/null; }
-cargo build --release --locked --bins --benches -q
-BARE=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -1)
-SG=target/release/slotgate
+command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq wrk nginx-light redis-server >/dev/null; }
+export PATH="$PATH:$HOME/.cargo/bin"
+command -v oha >/dev/null || cargo install oha --locked -q
+cargo build --profile dist --locked --bin slotgate --bench bare_proxy -q
+BARE=$(ls -t target/dist/deps/bare_proxy-* | grep -v '\.d$' | head -1)
+SG=target/dist/slotgate
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -108,6 +115,9 @@ http {
       limit_req_status 429;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header X-API-Key "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host \$host;
       proxy_pass http://up;
     }
   }
@@ -158,16 +168,21 @@ for rep in $(seq "$REPEATS"); do
   done
 done
 
-# Fixed rate: prints "p50_ms p99_ms" for one run.
+# Fixed rate, open loop: prints "p50_ms p99_ms p99.9_ms achieved_rps" for one run.
 paced() {
-  taskset -c 1 hey -z "${SECS}s" -c 50 -q 100 -H "X-API-Key: $KEY" "http://127.0.0.1:$1/v1/bench" \
-    | awk '/ 50% in/ {p50 = $3 * 1000} / 99% in/ {p99 = $3 * 1000} END {printf "%.2f %.2f\n", p50, p99}'
+  taskset -c 1 oha -z "${SECS}s" -c $CONNS -q "$2" --latency-correction --no-tui --output-format json \
+    -H "X-API-Key: $KEY" "http://127.0.0.1:$1/v1/bench" | python3 -c '
+import json, sys
+d = json.load(sys.stdin); p = d["latencyPercentiles"]
+print("%.2f %.2f %.2f %.0f" % (p["p50"] * 1e3, p["p99"] * 1e3, p["p99.9"] * 1e3, d["summary"]["requestsPerSec"]))'
 }
 PACED="$WORK/paced"
+# 20,000 req/s is past the redis mode's capacity on this layout, so it runs at 10,000 only.
 for rep in $(seq "$REPEATS"); do
-  for t in direct:$UP nginx:$NGINX_P slotgate:$SG_P redis:$SGR_P; do
-    IFS=: read -r name port <<<"$t"
-    echo "$rep $name $(paced "$port")" | tee -a "$PACED" >&2
+  for t in 10000:direct:$UP 10000:nginx:$NGINX_P 10000:slotgate:$SG_P 10000:redis:$SGR_P \
+    20000:direct:$UP 20000:nginx:$NGINX_P 20000:slotgate:$SG_P; do
+    IFS=: read -r rate name port <<<"$t"
+    echo "$rep $rate $name $(paced "$port" "$rate")" | tee -a "$PACED" >&2
   done
 done
 
@@ -194,15 +209,14 @@ m, r = med["slotgate"], med["redis"]
 print(f"\nredis mode: {r[0] / m[0]:.2f}x memory mode's throughput, p99 {r[2] - m[2]:+.2f} ms over memory mode (saturated)")
 
 paced = {}
-for rep, name, p50, p99 in (l.split() for l in open(sys.argv[5])):
-    paced.setdefault(name, []).append((float(p50), float(p99)))
-pm = {n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for n, v in paced.items()}
-print("\nLatency at a fixed 5,000 req/s (hey, 50 workers), medians:\n")
-print("| target | p50 ms | p99 ms | p99 added over direct (ms) |")
-print("|---|---:|---:|---:|")
-for n in ["direct", "nginx", "slotgate", "redis"]:
-    p50, p99 = pm[n]
-    added = "" if n == "direct" else f"{p99 - pm['direct'][1]:+.2f}"
-    print(f"| {n} | {p50:.2f} | {p99:.2f} | {added} |")
-print(f"\nredis mode at 5,000 req/s: p99 {pm['redis'][1] - pm['slotgate'][1]:+.2f} ms over memory mode")
+for rep, rate, name, p50, p99, p999, got in (l.split() for l in open(sys.argv[5])):
+    paced.setdefault((int(rate), name), []).append((float(p50), float(p99), float(p999), float(got)))
+print("\nLatency at fixed offered rates (oha, open loop, latency from each request's due time), medians:\n")
+print("| rate | target | achieved req/s | p50 ms | p99 ms | p99.9 ms | p99 added over direct (ms) |")
+print("|---:|---|---:|---:|---:|---:|---:|")
+for (rate, n), v in sorted(paced.items(), key=lambda kv: (kv[0][0], ["direct", "nginx", "slotgate", "redis"].index(kv[0][1]))):
+    p50, p99, p999, got = (statistics.median(r[i] for r in v) for i in range(4))
+    direct = statistics.median(r[1] for r in paced[(rate, "direct")])
+    added = "" if n == "direct" else f"{p99 - direct:+.2f}"
+    print(f"| {rate:,} | {n} | {got:,.0f} | {p50:.2f} | {p99:.2f} | {p999:.2f} | {added} |")
 PY

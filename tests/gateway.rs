@@ -337,6 +337,31 @@ async fn keys_never_reach_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_sees_its_base_path_its_host_and_where_the_request_came_from() {
+    let stub = Stub::start().await;
+    let cfg = ConfigDir::new(&(slots_plan("p", 5) + &key_yaml("k", "p", "")));
+    let gw = Proc::gateway(&cfg.config, &format!("{}/base/", stub.url()), &[]);
+    let r = get(
+        &gw.url(&format!("/v1/q?apikey={TOKEN}&a=1")),
+        &[("x-forwarded-for", "203.0.113.7"), ("te", "trailers")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = get(&gw.url("/v1/plain"), &[("x-api-key", TOKEN)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let seen = stub.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].uri, "/base/v1/q?a=1");
+    assert_eq!(seen[1].uri, "/base/v1/plain");
+    let h = &seen[0].headers;
+    assert_eq!(h.get("host").unwrap(), stub.addr.unwrap().to_string().as_str());
+    assert_eq!(h.get("x-forwarded-host").unwrap(), gw.proxy.to_string().as_str());
+    // The client's hops first, then the client itself, on one line.
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "203.0.113.7, 127.0.0.1");
+    assert!(h.get("te").is_none(), "a hop-by-hop header was forwarded: {h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_unknown_suspended_and_expired_keys_are_refused() {
     let stub = Stub::start().await;
     let manifests = slots_plan("p", 5)

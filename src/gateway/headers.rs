@@ -1,7 +1,7 @@
 //! What the gateway reads from and writes to HTTP messages: the presented key, the limit headers,
 //! and JSON error bodies.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, cell::RefCell, sync::OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header, request::Parts};
@@ -10,6 +10,7 @@ use super::{
     metrics::ErrorCode,
     proxy::ProxyBody,
     table::{RateView, SlotView},
+    upstream::RequestHead,
 };
 
 /// Where a client may present its key, in the order they are looked at.
@@ -69,36 +70,78 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward, plus the key carriers and the
-/// headers the gateway itself sets for the upstream (so a client cannot forge them).
-pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
-    // One look at each name first: most requests carry none of these but the key, and each
-    // removal is a hash and a probe.
-    let (mut ours, mut hop, mut bearer) = (false, false, false);
-    for (name, value) in headers.iter() {
-        if name == header::AUTHORIZATION {
-            bearer |= value.to_str().is_ok_and(|v| {
-                v.trim_start()
-                    .get(..7)
-                    .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
-            });
-        } else if name == X_API_KEY || name == KEY_ID || name == PLAN {
-            ours = true;
-        } else {
-            hop |= is_hop_by_hop(name);
+/// What the gateway adds to a request for the upstream.
+pub(super) struct Added<'a> {
+    /// The upstream's `Host`.
+    pub host: &'a HeaderValue,
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client_ip: Option<&'a HeaderValue>,
+    /// The key's id and plan ([`KEY_ID`], [`PLAN`]).
+    pub key: Option<&'a (HeaderValue, HeaderValue)>,
+}
+
+/// Writes the client's fields for the upstream, less the hop-by-hop ones (RFC 9110 §7.6.1, and
+/// any `Connection` names), the key carriers, and the ones the gateway sets itself (so that a
+/// client cannot forge them); then the gateway's own. One look at each field, and no edit of
+/// the header map: this runs for every forwarded request.
+pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added: Added<'_>) {
+    let client_host = headers.get(header::HOST);
+    let listed: Vec<HeaderName> = match headers.contains_key(header::CONNECTION) {
+        true => connection_names(headers),
+        false => Vec::new(),
+    };
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    for (name, value) in headers {
+        match name.as_str() {
+            "host" | "x-api-key" | "x-slotgate-key-id" | "x-slotgate-plan" => {}
+            "authorization" if is_bearer(value) => {}
+            // The gateway's `X-Forwarded-Host` is the client's `Host`.
+            "x-forwarded-host" if client_host.is_some() => {}
+            "x-forwarded-for" => forwarded_for.push(value.as_bytes()),
+            n if is_hop_by_hop(name) || listed.iter().any(|l| l == n) => {}
+            n => head.field(n, value.as_bytes()),
         }
     }
-    if hop {
-        strip_hop_by_hop(headers);
+    head.field("host", added.host.as_bytes());
+    if let Some(h) = client_host {
+        head.field("x-forwarded-host", h.as_bytes());
     }
-    if bearer {
-        headers.remove(header::AUTHORIZATION);
+    // One line, the client's hops first, as nginx's `$proxy_add_x_forwarded_for` writes it.
+    if let Some(ip) = added.client_ip {
+        let mut value = Vec::with_capacity(forwarded_for.len() * 2 + 1);
+        for hop in forwarded_for {
+            value.extend([hop, b", "]);
+        }
+        value.push(ip.as_bytes());
+        head.field_parts("x-forwarded-for", &value);
+    } else {
+        for hop in forwarded_for {
+            head.field("x-forwarded-for", hop);
+        }
     }
-    if ours {
-        headers.remove(X_API_KEY);
-        headers.remove(KEY_ID);
-        headers.remove(PLAN);
+    if let Some((id, plan)) = added.key {
+        head.field(KEY_ID.as_str(), id.as_bytes());
+        head.field(PLAN.as_str(), plan.as_bytes());
     }
+}
+
+fn is_bearer(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.trim_start()
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
+    })
+}
+
+/// The field names a `Connection` header lists: hop-by-hop for this connection only.
+fn connection_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// The hop-by-hop fields of RFC 9110 §7.6.1 that have a standard name (`Keep-Alive` has none).
@@ -121,14 +164,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in connection_names(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
@@ -148,9 +184,55 @@ fn text(s: String) -> HeaderValue {
     HeaderValue::from_maybe_shared(Bytes::from(s)).expect("a valid header value")
 }
 
-fn num(n: impl itoa::Integer) -> HeaderValue {
+/// Numbers below this have a header value made once (see [`num`]).
+const SMALL: usize = 1024;
+
+/// A number as a header value. Slot counts, small rates and seconds are what most responses
+/// carry, and the value of a small one is a copy of a static string: no allocation.
+fn num(n: impl itoa::Integer + TryInto<usize>) -> HeaderValue {
+    static VALUES: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
     let mut buf = itoa::Buffer::new();
-    HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
+    match n.try_into() {
+        Ok(i) if i < SMALL => VALUES.get_or_init(small_values)[i].clone(),
+        _ => HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value"),
+    }
+}
+
+fn small_values() -> Box<[HeaderValue]> {
+    let mut buf = itoa::Buffer::new();
+    let mut digits = String::new();
+    let ends: Vec<usize> = (0..SMALL)
+        .map(|i| {
+            digits.push_str(buf.format(i));
+            digits.len()
+        })
+        .collect();
+    // Made once per process and kept for its life.
+    let digits: &'static str = Box::leak(digits.into_boxed_str());
+    let mut start = 0;
+    ends.into_iter()
+        .map(|end| {
+            let value = HeaderValue::from_static(&digits[start..end]);
+            start = end;
+            value
+        })
+        .collect()
+}
+
+/// The `RateLimit-Policy` value, `"default";q=<burst>;w=<window>`. A key's policy is the same
+/// on every response, so the last one made is kept (per thread) and shared.
+fn policy(burst: u32, window: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(u32, u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((b, w, value)) if *b == burst && *w == window => value.clone(),
+        _ => {
+            let value = text(concat_num("\"default\";q=", burst, ";w=", window));
+            *last = Some((burst, window, value.clone()));
+            value
+        }
+    })
 }
 
 const X_CONCURRENT_LIMIT: HeaderName = HeaderName::from_static("x-concurrent-limit");
@@ -183,10 +265,7 @@ pub(super) fn limit_headers(h: &mut HeaderMap, slots: Option<SlotView>, rate: Op
         // The bucket refills completely in burst/rate seconds: that is the policy's window.
         let window = u64::from(r.burst).div_ceil(u64::from(r.per_second.max(1))).max(1);
         let refill = u64::from(r.burst - r.remaining.min(r.burst)).div_ceil(u64::from(r.per_second.max(1)));
-        h.insert(
-            RATELIMIT_POLICY,
-            text(concat_num("\"default\";q=", r.burst, ";w=", window)),
-        );
+        h.insert(RATELIMIT_POLICY, policy(r.burst, window));
         h.insert(
             RATELIMIT,
             text(concat_num("\"default\";r=", r.remaining, ";t=", refill)),
@@ -295,10 +374,27 @@ mod tests {
         );
     }
 
+    fn forwarded(headers: &[(&str, &str)], key: Option<&(HeaderValue, HeaderValue)>) -> String {
+        let p = parts("/", headers);
+        let mut head = RequestHead::new(&http::Method::GET, &["/v1"]);
+        let host = HeaderValue::from_static("upstream:8000");
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let added = Added {
+            host: &host,
+            client_ip: Some(&ip),
+            key,
+        };
+        forward_fields(&p.headers, &mut head, added);
+        String::from_utf8(head.as_bytes().to_vec()).unwrap()
+    }
+
     #[test]
     fn carriers_hop_by_hop_and_forged_headers_are_stripped_in_any_order() {
-        let mut p = parts(
-            "/",
+        let key = (
+            HeaderValue::from_static("default/acme"),
+            HeaderValue::from_static("startup"),
+        );
+        let head = forwarded(
             &[
                 ("connection", "x-secret"),
                 ("x-secret", "1"),
@@ -306,16 +402,34 @@ mod tests {
                 ("authorization", "Bearer abc"),
                 ("x-slotgate-plan", "forged"),
                 ("x-api-key", "k"),
+                ("te", "trailers"),
+                ("content-length", "0"),
+                ("x-forwarded-for", "1.2.3.4"),
                 ("accept", "*/*"),
+                ("host", "api.example.com"),
+                ("x-forwarded-host", "forged"),
+                ("x-forwarded-for", "5.6.7.8"),
             ],
+            Some(&key),
         );
-        strip_request_headers(&mut p.headers);
-        let left: Vec<_> = p.headers.keys().map(|n| n.as_str()).collect();
-        assert_eq!(left, ["accept"]);
-        // Nothing to strip: untouched, and a non-bearer Authorization is the upstream's own.
-        let mut p = parts("/", &[("authorization", "Basic Zm9v"), ("accept", "*/*")]);
-        strip_request_headers(&mut p.headers);
-        assert_eq!(p.headers.len(), 2);
+        assert_eq!(
+            head,
+            "GET /v1 HTTP/1.1\r\naccept: */*\r\nhost: upstream:8000\r\n\
+             x-forwarded-host: api.example.com\r\n\
+             x-forwarded-for: 1.2.3.4, 5.6.7.8, 10.0.0.9\r\n\
+             x-slotgate-key-id: default/acme\r\nx-slotgate-plan: startup\r\n"
+        );
+        // A non-bearer Authorization is the upstream's own; without a `Host`, the client's
+        // `X-Forwarded-Host` passes.
+        let head = forwarded(
+            &[("authorization", "Basic Zm9v"), ("x-forwarded-host", "edge")],
+            None,
+        );
+        assert_eq!(
+            head,
+            "GET /v1 HTTP/1.1\r\nauthorization: Basic Zm9v\r\nx-forwarded-host: edge\r\n\
+             host: upstream:8000\r\nx-forwarded-for: 10.0.0.9\r\n"
+        );
     }
 
     #[test]

@@ -17,10 +17,9 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderValue, Request, Response, StatusCode, Uri,
-    header::{self, HOST},
+    HeaderValue, Method, Request, Response, StatusCode, Uri, header,
     request::Parts,
-    uri::{Authority, PathAndQuery, Scheme},
+    uri::{Authority, Scheme},
 };
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
@@ -32,12 +31,12 @@ use super::{
     Fallback, Gateway,
     body::{Held, Hold},
     headers::{
-        KEY_ID, PLAN, error_response, limit_headers, presented_key, retry_after, strip_apikey,
-        strip_hop_by_hop, strip_request_headers,
+        Added, error_response, forward_fields, limit_headers, presented_key, retry_after, strip_apikey,
+        strip_hop_by_hop,
     },
     metrics::ErrorCode,
     table::{self, Refusal},
-    upstream::{self, SendError},
+    upstream::{self, RequestHead, SendError},
 };
 
 /// Any error a response body may end with.
@@ -100,27 +99,23 @@ impl Upstream {
         &self.authority
     }
 
-    /// The upstream path and query of a request (origin form), without its `apikey` parameter.
-    fn origin_form(&self, original: &Uri) -> Option<Uri> {
-        let path = original.path();
-        let raw_query = original.query();
-        let pq = match original.path_and_query() {
-            // The common case reuses the request's bytes: nothing to strip, no base path.
-            Some(pq) if self.base_path.is_empty() && !raw_query.is_some_and(|q| q.contains("apikey")) => {
-                pq.clone()
-            }
-            _ => {
-                PathAndQuery::from_str(&self.join(path, raw_query.and_then(strip_apikey).as_deref())).ok()?
-            }
+    /// Starts the upstream request: its target is the base path, the request's path, and the
+    /// query without its `apikey` parameter.
+    fn request_head(&self, method: &Method, uri: &Uri) -> RequestHead {
+        let path = match uri.path() {
+            "" => "/",
+            p => p,
         };
-        Uri::builder().path_and_query(pq).build().ok()
-    }
-
-    fn join(&self, path: &str, query: Option<&str>) -> String {
-        match query {
-            Some(q) => format!("{}{path}?{q}", self.base_path),
-            None => format!("{}{path}", self.base_path),
-        }
+        let stripped;
+        let query = match uri.query() {
+            Some(q) if q.contains("apikey") => {
+                stripped = strip_apikey(q);
+                stripped.as_deref()
+            }
+            q => q,
+        };
+        let (mark, query) = query.map_or(("", ""), |q| ("?", q));
+        RequestHead::new(method, &[&self.base_path, path, mark, query])
     }
 }
 
@@ -206,7 +201,7 @@ impl Gateway {
             None => self.decide_locally(&parts),
             Some(shared) => self.decide_shared(&parts, shared).await,
         };
-        let answer = match admitted.and_then(|a| self.prepare(parts, body, a, client_ip)) {
+        let answer = match admitted.map(|a| self.prepare(&parts, body, a, client_ip)) {
             Ok(forward) => self.forward(forward).await,
             Err(answer) => answer,
         };
@@ -227,7 +222,7 @@ impl Gateway {
         let (parts, body) = req.into_parts();
         match self
             .decide_locally(&parts)
-            .and_then(|a| self.prepare(parts, body, a, client_ip))
+            .map(|a| self.prepare(&parts, body, a, client_ip))
         {
             Ok(forward) => Box::pin(async move {
                 let answer = self.forward(forward).await;
@@ -324,47 +319,30 @@ impl Gateway {
     /// Rewrites an admitted request for the upstream and encodes it.
     fn prepare(
         &self,
-        mut parts: Parts,
+        parts: &Parts,
         body: Incoming,
         admission: Admission,
         client_ip: Option<HeaderValue>,
-    ) -> Result<Forward, Answer> {
+    ) -> Forward {
         let Admission {
             hold,
             slots,
             rate,
             upstream_headers,
         } = admission;
-        let Some(uri) = self.options.upstream.origin_form(&parts.uri) else {
-            return Err(failed(
-                ErrorCode::InvalidRequest,
-                "The request path cannot be forwarded.",
-                slots,
-                rate,
-            ));
+        let mut head = self.options.upstream.request_head(&parts.method, &parts.uri);
+        let added = Added {
+            host: &self.upstream_host,
+            client_ip: client_ip.as_ref(),
+            key: upstream_headers.as_deref(),
         };
-        let original_host = parts.headers.get(HOST).cloned();
-        strip_request_headers(&mut parts.headers);
-        parts.headers.insert(HOST, self.upstream_host.clone());
-        if let Some(h) = original_host {
-            parts.headers.insert(X_FORWARDED_HOST, h);
-        }
-        if let Some(ip) = client_ip {
-            parts.headers.append(X_FORWARDED_FOR, ip);
-        }
-        if let Some(h) = upstream_headers {
-            let (id, plan) = &*h;
-            parts.headers.insert(KEY_ID, id.clone());
-            parts.headers.insert(PLAN, plan.clone());
-        }
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
-        Ok(Forward {
-            request: upstream::Prepared::new(Request::from_parts(parts, body)),
+        forward_fields(&parts.headers, &mut head, added);
+        Forward {
+            request: upstream::Prepared::new(head, body),
             hold,
             slots,
             rate,
-        })
+        }
     }
 
     /// Sends an admitted request upstream and answers with the upstream's response.
@@ -546,6 +524,3 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
         Arc::clone(&self.gateway).respond(req, self.client_ip.clone())
     }
 }
-
-const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");

@@ -20,10 +20,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header, request,
-    uri::Authority,
-};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
@@ -76,6 +73,65 @@ pub(super) enum SendError {
     RequestBody(#[source] hyper::Error),
 }
 
+/// A request head for the upstream, written as HTTP/1.1 while the proxy decides what it holds:
+/// no header map is edited and encoded afterwards.
+#[derive(Debug)]
+pub(super) struct RequestHead {
+    buf: BytesMut,
+    is_head: bool,
+    idempotent: bool,
+    /// A POST-like method, or the client said `Content-Length`: an empty body still says so.
+    says_length: bool,
+}
+
+impl RequestHead {
+    /// Starts `METHOD target HTTP/1.1`; the target (origin form) comes in pieces written back to
+    /// back, so a base path and a rewritten query need no string of their own.
+    pub(super) fn new(method: &Method, target: &[&str]) -> Self {
+        let mut buf = BytesMut::with_capacity(512);
+        buf.extend_from_slice(method.as_str().as_bytes());
+        buf.extend_from_slice(b" ");
+        for piece in target {
+            buf.extend_from_slice(piece.as_bytes());
+        }
+        buf.extend_from_slice(b" HTTP/1.1\r\n");
+        Self {
+            buf,
+            is_head: *method == Method::HEAD,
+            idempotent: idempotent(method),
+            says_length: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
+        }
+    }
+
+    /// Adds a field line. `Content-Length` and `Transfer-Encoding` are not written: the framing
+    /// is the gateway's own, since the client's may not match the body it sends.
+    pub(super) fn field(&mut self, name: &str, value: &[u8]) {
+        if name == "content-length" {
+            self.says_length = true;
+            return;
+        }
+        if name == "transfer-encoding" {
+            return;
+        }
+        self.field_parts(name, &[value]);
+    }
+
+    /// Adds a field line whose value comes in pieces written back to back.
+    pub(super) fn field_parts(&mut self, name: &str, value: &[&[u8]]) {
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.extend_from_slice(b": ");
+        for piece in value {
+            self.buf.extend_from_slice(piece);
+        }
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    #[cfg(test)]
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
 /// A request encoded for the upstream, holding nothing of the client's connection but its body.
 #[derive(Debug)]
 pub(super) struct Prepared {
@@ -87,18 +143,31 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// Encodes a request (origin-form URI, `Host` set, hop-by-hop headers gone). Only the body
-    /// is kept: the future that sends it does not carry the request's URI and header map.
-    pub(super) fn new(req: Request<Incoming>) -> Self {
-        let (parts, body) = req.into_parts();
-        let framing = RequestFraming::of(&parts, &body);
-        let mut head = BytesMut::with_capacity(512);
-        encode_head(&parts, framing, &mut head);
+    /// Ends the head with the framing of `body` (origin-form target, `Host` and the rest of the
+    /// fields already written).
+    pub(super) fn new(head: RequestHead, body: Incoming) -> Self {
+        let RequestHead {
+            mut buf,
+            is_head,
+            idempotent,
+            says_length,
+        } = head;
+        let framing = RequestFraming::of(says_length, &body);
+        match framing {
+            RequestFraming::None => {}
+            RequestFraming::Length(n) => {
+                buf.extend_from_slice(b"content-length: ");
+                buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                buf.extend_from_slice(b"\r\n");
+            }
+            RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        buf.extend_from_slice(b"\r\n");
         Self {
-            head,
+            head: buf,
             framing,
-            is_head: parts.method == Method::HEAD,
-            idempotent: idempotent(&parts.method),
+            is_head,
+            idempotent,
             body,
         }
     }
@@ -261,11 +330,9 @@ enum RequestFraming {
 }
 
 impl RequestFraming {
-    fn of(parts: &request::Parts, body: &Incoming) -> Self {
+    fn of(says_length: bool, body: &Incoming) -> Self {
         if body.is_end_stream() {
             // A POST without a body still tells the upstream so (as hyper and curl do).
-            let says_length = parts.headers.contains_key(header::CONTENT_LENGTH)
-                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
             return if says_length { Self::Length(0) } else { Self::None };
         }
         match body.size_hint().exact() {
@@ -277,39 +344,6 @@ impl RequestFraming {
     fn is_empty(self) -> bool {
         matches!(self, Self::None | Self::Length(0))
     }
-}
-
-fn encode_head(parts: &request::Parts, framing: RequestFraming, out: &mut BytesMut) {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .as_bytes(),
-    );
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        // The framing below is the gateway's own: the client's may not match the body it sends.
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        RequestFraming::None => {}
-        RequestFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Why an exchange ended without a response head.
