@@ -90,7 +90,8 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
         true => connection_names(headers),
         false => Vec::new(),
     };
-    let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    // Lists the gateway writes as one line each (no allocation unless the client sent some).
+    let (mut forwarded_for, mut cookies): (Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new());
     for (name, value) in headers {
         match name.as_str() {
             "host" | "x-api-key" | "x-slotgate-key-id" | "x-slotgate-plan" => {}
@@ -98,27 +99,21 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
             // The gateway's `X-Forwarded-Host` is the client's `Host`.
             "x-forwarded-host" if client_host.is_some() => {}
             "x-forwarded-for" => forwarded_for.push(value.as_bytes()),
+            // An HTTP/2 client may split its cookies over several fields; HTTP/1.1 wants one
+            // (RFC 9113 §8.2.3).
+            "cookie" => cookies.push(value.as_bytes()),
             n if is_hop_by_hop(name) || listed.iter().any(|l| l == n) => {}
             n => head.field(n, value.as_bytes()),
         }
     }
+    head.field_list("cookie", cookies, b"; ");
     head.field("host", added.host.as_bytes());
     if let Some(h) = client_host {
         head.field("x-forwarded-host", h.as_bytes());
     }
-    // One line, the client's hops first, as nginx's `$proxy_add_x_forwarded_for` writes it.
-    if let Some(ip) = added.client_ip {
-        let mut value = Vec::with_capacity(forwarded_for.len() * 2 + 1);
-        for hop in forwarded_for {
-            value.extend([hop, b", "]);
-        }
-        value.push(ip.as_bytes());
-        head.field_parts("x-forwarded-for", &value);
-    } else {
-        for hop in forwarded_for {
-            head.field("x-forwarded-for", hop);
-        }
-    }
+    // The client's hops first, as nginx's `$proxy_add_x_forwarded_for` writes it.
+    let client = added.client_ip.map(HeaderValue::as_bytes);
+    head.field_list("x-forwarded-for", forwarded_for.into_iter().chain(client), b", ");
     if let Some((id, plan)) = added.key {
         head.field(KEY_ID.as_str(), id.as_bytes());
         head.field(PLAN.as_str(), plan.as_bytes());
@@ -409,12 +404,14 @@ mod tests {
                 ("host", "api.example.com"),
                 ("x-forwarded-host", "forged"),
                 ("x-forwarded-for", "5.6.7.8"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
             ],
             Some(&key),
         );
         assert_eq!(
             head,
-            "GET /v1 HTTP/1.1\r\naccept: */*\r\nhost: upstream:8000\r\n\
+            "GET /v1 HTTP/1.1\r\naccept: */*\r\ncookie: a=1; b=2\r\nhost: upstream:8000\r\n\
              x-forwarded-host: api.example.com\r\n\
              x-forwarded-for: 1.2.3.4, 5.6.7.8, 10.0.0.9\r\n\
              x-slotgate-key-id: default/acme\r\nx-slotgate-plan: startup\r\n"

@@ -113,15 +113,26 @@ impl RequestHead {
         if name == "transfer-encoding" {
             return;
         }
-        self.field_parts(name, &[value]);
+        self.field_list(name, [value], b"");
     }
 
-    /// Adds a field line whose value comes in pieces written back to back.
-    pub(super) fn field_parts(&mut self, name: &str, value: &[&[u8]]) {
+    /// Adds one field line for a list of values, separated by `sep`; nothing when there is none.
+    pub(super) fn field_list<'v>(
+        &mut self,
+        name: &str,
+        values: impl IntoIterator<Item = &'v [u8]>,
+        sep: &[u8],
+    ) {
+        let mut values = values.into_iter();
+        let Some(first) = values.next() else {
+            return;
+        };
         self.buf.extend_from_slice(name.as_bytes());
         self.buf.extend_from_slice(b": ");
-        for piece in value {
-            self.buf.extend_from_slice(piece);
+        self.buf.extend_from_slice(first);
+        for value in values {
+            self.buf.extend_from_slice(sep);
+            self.buf.extend_from_slice(value);
         }
         self.buf.extend_from_slice(b"\r\n");
     }
