@@ -201,7 +201,10 @@ impl Gateway {
             None => self.decide_locally(&parts),
             Some(shared) => self.decide_shared(&parts, shared).await,
         };
-        let answer = match admitted.map(|a| self.prepare(&parts, body, a, client_ip)) {
+        let prepared = admitted.map(|a| self.prepare(&parts, body, a, client_ip));
+        // The head is encoded: let the connection's read buffer go before the exchange.
+        drop(parts);
+        let answer = match prepared {
             Ok(forward) => self.forward(forward).await,
             Err(answer) => answer,
         };
