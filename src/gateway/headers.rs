@@ -94,7 +94,7 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
     let (mut forwarded_for, mut cookies): (Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new());
     for (name, value) in headers {
         match name.as_str() {
-            "host" | "x-api-key" | "x-slotgate-key-id" | "x-slotgate-plan" => {}
+            "host" | "x-api-key" | KEY_ID | PLAN => {}
             "authorization" if is_bearer(value) => {}
             // The gateway's `X-Forwarded-Host` is the client's `Host`.
             "x-forwarded-host" if client_host.is_some() => {}
@@ -115,8 +115,8 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
     let client = added.client_ip.map(HeaderValue::as_bytes);
     head.field_list("x-forwarded-for", forwarded_for.into_iter().chain(client), b", ");
     if let Some((id, plan)) = added.key {
-        head.field(KEY_ID.as_str(), id.as_bytes());
-        head.field(PLAN.as_str(), plan.as_bytes());
+        head.field(KEY_ID, id.as_bytes());
+        head.field(PLAN, plan.as_bytes());
     }
 }
 
@@ -169,9 +169,9 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Tells the upstream which key (by id, never the token) and plan a request came with.
-pub(super) const KEY_ID: HeaderName = HeaderName::from_static("x-slotgate-key-id");
+const KEY_ID: &str = "x-slotgate-key-id";
 /// See [`KEY_ID`].
-pub(super) const PLAN: HeaderName = HeaderName::from_static("x-slotgate-plan");
+const PLAN: &str = "x-slotgate-plan";
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// A header value made of a string known to be valid (digits and punctuation), without a copy.
