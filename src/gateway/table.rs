@@ -10,7 +10,7 @@ use std::{
     hash::{BuildHasher, BuildHasherDefault, Hasher},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
 };
 
@@ -47,8 +47,6 @@ impl Hasher for DigestHasher {
     }
 }
 
-type DigestMap<V> = HashMap<[u8; 32], V, BuildHasherDefault<DigestHasher>>;
-
 /// Passes on a hash computed already.
 #[derive(Default)]
 struct PrehashedHasher(u64);
@@ -69,42 +67,78 @@ impl Hasher for PrehashedHasher {
 /// lookup then touches no memory beyond the map itself (a boxed path would be one more cache
 /// miss per request). Two endpoints of one key whose hashes collide would share a bucket; with
 /// at most [`MAX_ENDPOINT_BUCKETS`] endpoints the odds are about 1 in 10^13, and a client cannot
-/// aim for a collision without the seed.
+/// aim for a collision without the seed. The lowest bit is always set, which leaves
+/// [`OVERFLOW`] free to name the shared bucket.
 fn endpoint_hash(path: &str) -> u64 {
     static SEED: std::sync::LazyLock<foldhash::quality::RandomState> =
         std::sync::LazyLock::new(foldhash::quality::RandomState::default);
-    SEED.hash_one(path)
+    SEED.hash_one(path) | 1
 }
 
-/// A key's endpoint buckets, bounded by [`MAX_ENDPOINT_BUCKETS`].
+/// The bucket shared by the endpoints beyond [`MAX_ENDPOINT_BUCKETS`] while none of the others
+/// is idle. No endpoint hashes to it.
+const OVERFLOW: u64 = 0;
+
+type EndpointMap = HashMap<u64, Gcra, BuildHasherDefault<PrehashedHasher>>;
+
+/// A key's rate buckets: one for the whole key, or one per endpoint (plus [`OVERFLOW`]), as the
+/// plan in force says. A reload that changes the plan's scope starts the new scope's buckets full,
+/// as a new endpoint's bucket starts. One enum rather than both side by side keeps [`KeyState`]
+/// within one cache line.
 #[derive(Debug)]
-struct Endpoints {
-    buckets: HashMap<u64, Gcra, BuildHasherDefault<PrehashedHasher>>,
-    /// Shared by the endpoints beyond the bound while none of the others is idle.
-    overflow: Gcra,
+enum Buckets {
+    Key(Gcra),
+    Endpoints(EndpointMap),
+}
+
+impl Buckets {
+    fn key(&mut self, params: RateParams) -> &mut Gcra {
+        if let Self::Endpoints(_) = self {
+            *self = Self::Key(Gcra::new(params));
+        }
+        match self {
+            Self::Key(bucket) => bucket,
+            Self::Endpoints(_) => unreachable!("just replaced"),
+        }
+    }
+
+    fn endpoints(&mut self) -> &mut EndpointMap {
+        if let Self::Key(_) = self {
+            *self = Self::Endpoints(EndpointMap::default());
+        }
+        match self {
+            Self::Endpoints(map) => map,
+            Self::Key(_) => unreachable!("just replaced"),
+        }
+    }
+}
+
+/// Endpoint buckets in `map`, not counting [`OVERFLOW`].
+fn endpoint_count(map: &EndpointMap) -> usize {
+    map.len() - usize::from(map.contains_key(&OVERFLOW))
 }
 
 /// The live limiter state of one key, shared across configuration reloads.
+///
+/// Kept to 48 bytes so that, with the `Arc`'s two counts, it is one 64-byte allocation: at a
+/// million keys every request's state is a cache miss, and this makes it one line rather than two
+/// or three (a test holds the size).
 #[derive(Debug)]
 pub struct KeyState {
     slots: SlotPool,
-    key_bucket: Mutex<Gcra>,
-    /// Endpoint buckets need no lock of their own: they are used under this one.
-    endpoints: Mutex<Endpoints>,
-    /// Exponentially weighted mean of request durations, in nanoseconds (0: none seen yet).
-    mean_duration: AtomicU64,
+    /// Exponentially weighted mean of request durations, in microseconds (0: none seen yet).
+    mean_micros: AtomicU32,
+    /// Held for the few instructions of a bucket update; uncontended unless one key sends from
+    /// many cores at once.
+    buckets: Mutex<Buckets>,
 }
 
 impl KeyState {
     fn new(params: RateParams) -> Self {
         Self {
             slots: SlotPool::default(),
-            key_bucket: Mutex::new(Gcra::new(params)),
-            endpoints: Mutex::new(Endpoints {
-                buckets: HashMap::default(),
-                overflow: Gcra::new(params),
-            }),
-            mean_duration: AtomicU64::new(0),
+            mean_micros: AtomicU32::new(0),
+            buckets: Mutex::new(Buckets::Key(Gcra::new(params))),
         }
     }
 
@@ -115,27 +149,32 @@ impl KeyState {
 
     /// Records how long an admitted request held its slot, for the `Retry-After` estimate.
     pub fn record_duration(&self, nanos: u64) {
+        let micros = u32::try_from(nanos / 1_000).unwrap_or(u32::MAX);
         // Weight 1/8: follows a change of the upstream's latency within a few dozen requests.
-        let old = self.mean_duration.load(Ordering::Relaxed);
+        let old = self.mean_micros.load(Ordering::Relaxed);
         let new = if old == 0 {
-            nanos
+            micros
         } else {
-            old - old / 8 + nanos / 8
+            old - old / 8 + micros / 8
         };
-        self.mean_duration.store(new, Ordering::Relaxed);
+        self.mean_micros.store(new, Ordering::Relaxed);
     }
 
     /// Seconds until a slot is likely to free: with `in_flight` requests of mean duration `d`
     /// started at random times, one ends every `d / in_flight` on average. At least 1 s, since
     /// `Retry-After` counts whole seconds.
     fn slot_retry_after(&self, in_flight: u32) -> u64 {
-        let mean = self.mean_duration.load(Ordering::Relaxed);
-        let wait = mean / u64::from(in_flight.max(1));
-        wait.div_ceil(1_000_000_000).max(1)
+        let mean = self.mean_micros.load(Ordering::Relaxed);
+        let wait = mean / in_flight.max(1);
+        u64::from(wait.div_ceil(1_000_000)).max(1)
     }
 
-    /// Runs `f` on the bucket a request draws on. An endpoint bucket is used under the lock of
-    /// the key's endpoint map, which is uncontended unless one key sends from many cores at once.
+    fn buckets(&self) -> std::sync::MutexGuard<'_, Buckets> {
+        // A panic while holding the lock cannot leave a timestamp half-written.
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the bucket a request draws on.
     fn with_bucket<R>(
         &self,
         scope: BucketScope,
@@ -144,20 +183,19 @@ impl KeyState {
         params: RateParams,
         f: impl FnOnce(&mut Gcra) -> R,
     ) -> R {
-        // A panic while holding these locks cannot leave a timestamp half-written.
         if scope == BucketScope::Key {
-            return f(&mut self.key_bucket.lock().unwrap_or_else(|e| e.into_inner()));
+            return f(self.buckets().key(params));
         }
         let hash = endpoint_hash(path);
-        let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let Endpoints { buckets, overflow } = &mut *guard;
+        let mut guard = self.buckets();
+        let buckets = guard.endpoints();
         if let Some(b) = buckets.get_mut(&hash) {
             return f(b);
         }
-        if buckets.len() >= MAX_ENDPOINT_BUCKETS {
+        if endpoint_count(buckets) >= MAX_ENDPOINT_BUCKETS {
             buckets.retain(|_, b| !b.is_idle(now));
-            if buckets.len() >= MAX_ENDPOINT_BUCKETS {
-                return f(overflow);
+            if endpoint_count(buckets) >= MAX_ENDPOINT_BUCKETS {
+                return f(buckets.entry(OVERFLOW).or_insert_with(|| Gcra::new(params)));
             }
         }
         f(buckets.entry(hash).or_insert_with(|| Gcra::new(params)))
@@ -165,19 +203,22 @@ impl KeyState {
 
     /// Drops endpoint buckets that are full again: they hold no information.
     pub fn sweep(&self, now: u64) -> usize {
-        let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let before = guard.buckets.len();
-        guard.buckets.retain(|_, b| !b.is_idle(now));
-        before - guard.buckets.len()
+        match &mut *self.buckets() {
+            Buckets::Key(_) => 0,
+            Buckets::Endpoints(map) => {
+                let before = endpoint_count(map);
+                map.retain(|_, b| !b.is_idle(now));
+                before - endpoint_count(map)
+            }
+        }
     }
 
     /// Endpoint buckets held now.
     pub fn endpoint_buckets(&self) -> usize {
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .buckets
-            .len()
+        match &*self.buckets() {
+            Buckets::Key(_) => 0,
+            Buckets::Endpoints(map) => endpoint_count(map),
+        }
     }
 }
 
@@ -188,36 +229,69 @@ impl SlotOwner for KeyState {
 }
 
 /// An admitted key as one configuration defines it.
+///
+/// The table holds entries inline, one per 128-byte pair of cache lines, with the fields every
+/// request reads (digest, state, limits, metrics) in the first line: at a million keys the entry
+/// is one memory fetch, not two or three.
 #[derive(Debug)]
+#[repr(C, align(128))]
 pub struct KeyEntry {
+    /// SHA-256 of the key's token: what the table looks it up by.
+    digest: [u8; 32],
+    /// Live state, shared with earlier and later tables.
+    pub state: Arc<KeyState>,
+    /// Limits in force for this key; shared by every key of a plan without overrides.
+    pub limits: Arc<KeyLimits>,
+    /// Metric handles of the key's plan.
+    pub metrics: Arc<PlanMetrics>,
+    /// The key id and plan as header values for the upstream, built once per key.
+    pub upstream_headers: Option<Arc<(http::HeaderValue, http::HeaderValue)>>,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    /// Refused with 403.
+    pub suspended: bool,
+    /// Whether the key overrides some of its plan's limits.
+    pub overridden: bool,
     /// `namespace/name` of the ApiKey (safe to log).
     pub id: Arc<str>,
     /// Plan name (safe to log and to use as a metric label).
     pub plan: Arc<str>,
-    /// Limits in force for this key; shared by every key of a plan without overrides.
-    pub limits: Arc<KeyLimits>,
-    /// Whether the key overrides some of its plan's limits.
-    pub overridden: bool,
-    /// Refused with 403.
-    pub suspended: bool,
-    /// Unix seconds after which the key is refused.
-    pub expires_at: Option<i64>,
-    /// Live state, shared with earlier and later tables.
-    pub state: Arc<KeyState>,
-    /// Metric handles of the key's plan.
-    pub metrics: Arc<PlanMetrics>,
-    /// The key id and plan as header values for the upstream, built once per key. Behind a
-    /// pointer: the limiter decision never reads them, and an entry that fits in fewer cache
-    /// lines is what keeps the decision fast at a million keys.
-    pub upstream_headers: Option<Arc<(http::HeaderValue, http::HeaderValue)>>,
 }
+
+/// A table slot: an entry found by its digest, so the table stores the entry alone (a map from
+/// digest to entry would store the digest twice and break the 128-byte layout).
+#[derive(Debug)]
+#[repr(transparent)]
+struct Slot(KeyEntry);
+
+impl std::hash::Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.digest.hash(state);
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.digest == other.0.digest
+    }
+}
+
+impl Eq for Slot {}
+
+impl std::borrow::Borrow<[u8; 32]> for Slot {
+    fn borrow(&self) -> &[u8; 32] {
+        &self.0.digest
+    }
+}
+
+type DigestSet = std::collections::HashSet<Slot, BuildHasherDefault<DigestHasher>>;
 
 /// A configuration ready to enforce.
 #[derive(Debug)]
 pub struct KeyTable {
     /// The configuration this table was built from.
     pub config: Arc<GatewayConfig>,
-    keys: DigestMap<KeyEntry>,
+    keys: DigestSet,
 }
 
 impl KeyTable {
@@ -234,12 +308,12 @@ impl KeyTable {
             return Self::with_new_plans(config, previous, metrics);
         }
         let old: HashMap<&str, &Arc<KeyState>> = previous
-            .map(|p| p.keys.values().map(|e| (&*e.id, &e.state)).collect())
+            .map(|p| p.entries().map(|e| (&*e.id, &e.state)).collect())
             .unwrap_or_default();
         // Per plan: its name, its limits for keys without overrides, its metric handles.
         type PlanShared = (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>);
         let mut plans: HashMap<&str, PlanShared> = HashMap::new();
-        let mut keys = DigestMap::default();
+        let mut keys = DigestSet::default();
         keys.reserve(config.keys.len());
         for (hex_digest, key) in config.keys.iter() {
             let mut digest = [0u8; 32];
@@ -267,23 +341,21 @@ impl KeyTable {
                 .get(key.id.as_str())
                 .map(|s| Arc::clone(s))
                 .unwrap_or_else(|| Arc::new(KeyState::new(params)));
-            keys.insert(
+            keys.insert(Slot(KeyEntry {
                 digest,
-                KeyEntry {
-                    id: key.id.as_str().into(),
-                    plan: Arc::clone(plan),
-                    limits,
-                    overridden: key.overrides.is_some(),
-                    suspended: key.suspended,
-                    expires_at: key.expires_at,
-                    state,
-                    metrics: Arc::clone(plan_metrics),
-                    upstream_headers: http::HeaderValue::from_str(&key.id)
-                        .ok()
-                        .zip(http::HeaderValue::from_str(&key.plan).ok())
-                        .map(Arc::new),
-                },
-            );
+                id: key.id.as_str().into(),
+                plan: Arc::clone(plan),
+                limits,
+                overridden: key.overrides.is_some(),
+                suspended: key.suspended,
+                expires_at: key.expires_at,
+                state,
+                metrics: Arc::clone(plan_metrics),
+                upstream_headers: http::HeaderValue::from_str(&key.id)
+                    .ok()
+                    .zip(http::HeaderValue::from_str(&key.plan).ok())
+                    .map(Arc::new),
+            }));
         }
         Self { config, keys }
     }
@@ -295,9 +367,9 @@ impl KeyTable {
         // Per plan: limits for keys without overrides and metric handles; `None`: plan gone.
         type PlanShared = Option<(Arc<KeyLimits>, Arc<PlanMetrics>)>;
         let mut plans: HashMap<&str, PlanShared> = HashMap::new();
-        let mut keys = DigestMap::default();
+        let mut keys = DigestSet::default();
         keys.reserve(previous.keys.len());
-        for (digest, e) in &previous.keys {
+        for e in previous.entries() {
             let Some((shared, plan_metrics)) = plans
                 .entry(&e.plan)
                 .or_insert_with(|| {
@@ -309,7 +381,7 @@ impl KeyTable {
                 continue;
             };
             let limits = if e.overridden {
-                let key = config.keys.get(&hex::encode(digest));
+                let key = config.keys.get(&hex::encode(e.digest));
                 let def = config.plans.get(&*e.plan);
                 match (key, def) {
                     (Some(k), Some(def)) => Arc::new(KeyLimits::resolve(def, k.overrides.as_ref())),
@@ -318,32 +390,30 @@ impl KeyTable {
             } else {
                 shared
             };
-            keys.insert(
-                *digest,
-                KeyEntry {
-                    id: Arc::clone(&e.id),
-                    plan: Arc::clone(&e.plan),
-                    limits,
-                    overridden: e.overridden,
-                    suspended: e.suspended,
-                    expires_at: e.expires_at,
-                    state: Arc::clone(&e.state),
-                    metrics: plan_metrics,
-                    upstream_headers: e.upstream_headers.clone(),
-                },
-            );
+            keys.insert(Slot(KeyEntry {
+                digest: e.digest,
+                id: Arc::clone(&e.id),
+                plan: Arc::clone(&e.plan),
+                limits,
+                overridden: e.overridden,
+                suspended: e.suspended,
+                expires_at: e.expires_at,
+                state: Arc::clone(&e.state),
+                metrics: plan_metrics,
+                upstream_headers: e.upstream_headers.clone(),
+            }));
         }
         Self { config, keys }
     }
 
     /// The key whose token has this SHA-256 digest.
     pub fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
-        self.keys.get(digest)
+        self.keys.get(digest).map(|slot| &slot.0)
     }
 
     /// Every admitted key.
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.keys.values()
+        self.keys.iter().map(|slot| &slot.0)
     }
 
     /// Number of admitted keys.
@@ -485,10 +555,12 @@ pub fn is_limited(entry: &KeyEntry, path: &str) -> bool {
 /// One replica's share of a limit enforced by `share` replicas: never more than the limit, never
 /// zero unless the limit is.
 fn share_of(limit: u32, share: u32) -> u32 {
-    if limit == 0 {
-        0
+    // Alone is the rule: a division on every request would cost more than the rest of the
+    // arithmetic of the decision.
+    if share <= 1 || limit == 0 {
+        limit
     } else {
-        limit.div_ceil(share.max(1))
+        limit.div_ceil(share)
     }
 }
 
@@ -769,8 +841,8 @@ mod tests {
         let full = KeyTable::build(Arc::new(unshared), Some(&first), &metrics);
         assert_eq!(fast.len(), 2);
         assert_eq!(fast.len(), full.len());
-        for (digest, f) in &full.keys {
-            let q = &fast.keys[digest];
+        for f in full.entries() {
+            let q = fast.get(&f.digest).expect("the same keys");
             assert_eq!(
                 (&q.id, &q.plan, &q.limits, q.overridden),
                 (&f.id, &f.plan, &f.limits, f.overridden)
@@ -789,6 +861,29 @@ mod tests {
     }
 
     #[test]
+    fn a_key_state_and_its_arc_counts_fit_one_cache_line() {
+        assert!(
+            size_of::<KeyState>() + 2 * size_of::<usize>() <= 64,
+            "{}",
+            size_of::<KeyState>()
+        );
+    }
+
+    #[test]
+    fn a_table_entry_is_one_pair_of_cache_lines_with_what_every_request_reads_in_the_first() {
+        assert_eq!(size_of::<KeyEntry>(), 128);
+        assert_eq!(size_of::<Slot>(), 128);
+        for end in [
+            std::mem::offset_of!(KeyEntry, digest) + 32,
+            std::mem::offset_of!(KeyEntry, state) + 8,
+            std::mem::offset_of!(KeyEntry, limits) + 8,
+            std::mem::offset_of!(KeyEntry, metrics) + 8,
+        ] {
+            assert!(end <= 64);
+        }
+    }
+
+    #[test]
     fn endpoints_get_their_own_buckets_and_the_map_stays_bounded() {
         let t = KeyTable::build(config(100, BucketScope::Endpoint), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
@@ -804,6 +899,30 @@ mod tests {
         }
         assert!(e.state.endpoint_buckets() <= MAX_ENDPOINT_BUCKETS);
         assert_eq!(e.state.sweep(100 * SEC), MAX_ENDPOINT_BUCKETS);
+    }
+
+    #[test]
+    fn a_reload_that_changes_the_bucket_scope_starts_the_new_scopes_buckets_full() {
+        let drain = |e: &KeyEntry, path: &str| {
+            (0..10)
+                .take_while(|_| admit(e, path, SEC, None, 1).is_ok())
+                .count()
+        };
+        let t1 = KeyTable::build(config(100, BucketScope::Key), None, &Metrics::new());
+        let e1 = t1.get(&[0xab; 32]).unwrap();
+        assert_eq!(drain(e1, "/v1/a"), 2);
+        assert_eq!(e1.state.endpoint_buckets(), 0);
+
+        let t2 = KeyTable::build(config(100, BucketScope::Endpoint), Some(&t1), &Metrics::new());
+        let e2 = t2.get(&[0xab; 32]).unwrap();
+        assert!(Arc::ptr_eq(&e1.state, &e2.state));
+        assert_eq!((drain(e2, "/v1/a"), drain(e2, "/v1/b")), (2, 2));
+        assert_eq!(e2.state.endpoint_buckets(), 2);
+
+        let t3 = KeyTable::build(config(100, BucketScope::Key), Some(&t2), &Metrics::new());
+        let e3 = t3.get(&[0xab; 32]).unwrap();
+        assert_eq!(drain(e3, "/v1/a"), 2);
+        assert_eq!((e3.state.endpoint_buckets(), e3.state.sweep(100 * SEC)), (0, 0));
     }
 
     #[test]

@@ -16,7 +16,10 @@ impl RateParams {
         1_000_000_000 / u64::from(self.per_second.max(1))
     }
     fn tau(self) -> u64 {
-        self.interval() * u64::from(self.burst.max(1))
+        Self::tau_of(self.interval(), self.burst)
+    }
+    fn tau_of(interval: u64, burst: u32) -> u64 {
+        interval * u64::from(burst.max(1))
     }
 }
 
@@ -56,7 +59,14 @@ impl Gcra {
     /// Reads the bucket without consuming: requests it would admit now.
     pub fn remaining(&mut self, now: u64, params: RateParams) -> u32 {
         self.rescale(now, params);
-        remaining_at(self.tat.max(now), now, params)
+        let t = params.interval();
+        remaining_at(
+            self.tat.max(now),
+            now,
+            t,
+            RateParams::tau_of(t, params.burst),
+            params.burst,
+        )
     }
 
     /// Admits one request if the bucket has a token *and* `then` succeeds; only then is the token
@@ -69,7 +79,10 @@ impl Gcra {
         then: impl FnOnce() -> Result<T, E>,
     ) -> Result<(T, u32), RateRefusal<E>> {
         self.rescale(now, params);
-        let (t, tau) = (params.interval(), params.tau());
+        // One division for the interval, shared with the remaining count: on the request path the
+        // divisions are most of the arithmetic.
+        let t = params.interval();
+        let tau = RateParams::tau_of(t, params.burst);
         let next = self.tat.max(now) + t;
         if next > now + tau {
             return Err(RateRefusal::Limited {
@@ -78,7 +91,7 @@ impl Gcra {
         }
         let value = then().map_err(RateRefusal::Other)?;
         self.tat = next;
-        Ok((value, remaining_at(next, now, params)))
+        Ok((value, remaining_at(next, now, t, tau, params.burst)))
     }
 
     /// A plan change keeps the fraction of the burst already used: neither a fresh full bucket nor
@@ -93,9 +106,9 @@ impl Gcra {
     }
 }
 
-fn remaining_at(tat: u64, now: u64, params: RateParams) -> u32 {
-    let free = (now + params.tau()).saturating_sub(tat);
-    (free / params.interval()).min(u64::from(params.burst)) as u32
+fn remaining_at(tat: u64, now: u64, interval: u64, tau: u64, burst: u32) -> u32 {
+    let free = (now + tau).saturating_sub(tat);
+    (free / interval).min(u64::from(burst)) as u32
 }
 
 #[cfg(test)]
