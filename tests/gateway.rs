@@ -4,9 +4,15 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
 use futures::{StreamExt, future::join_all};
 use http::StatusCode;
+use http_body_util::Empty;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 
 const TOKEN: &str = "tok-k";
 
@@ -359,6 +365,31 @@ async fn the_upstream_sees_its_base_path_its_host_and_where_the_request_came_fro
     assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
     assert_eq!(h.get("x-forwarded-for").unwrap(), "203.0.113.7, 127.0.0.1");
     assert!(h.get("te").is_none(), "a hop-by-hop header was forwarded: {h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_is_forwarded_with_its_authority_as_the_forwarded_host_and_one_cookie_line() {
+    let stub = Stub::start().await;
+    let cfg = ConfigDir::new(&(slots_plan("p", 5) + &key_yaml("k", "p", "")));
+    let gw = Proc::gateway(&cfg.config, &stub.url(), &[]);
+    let h2: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // An HTTP/2 client sends `:authority`, no `Host`, and may split its cookies (RFC 9113 §8.2.3).
+    let r = get_on(
+        &h2,
+        &gw.url("/v1/h2"),
+        &[("x-api-key", TOKEN), ("cookie", "a=1"), ("cookie", "b=2")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.num("x-concurrent-limit"), 5);
+    let seen = stub.seen.lock().unwrap().clone();
+    let h = &seen[0].headers;
+    assert_eq!(h.get("x-forwarded-host").unwrap(), gw.proxy.to_string().as_str());
+    assert_eq!(h.get("host").unwrap(), stub.addr.unwrap().to_string().as_str());
+    assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+    assert!(h.get("x-api-key").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

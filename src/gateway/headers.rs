@@ -74,6 +74,10 @@ fn percent_decode(s: &str) -> String {
 pub(super) struct Added<'a> {
     /// The upstream's `Host`.
     pub host: &'a HeaderValue,
+    /// The authority of the client's request target: an HTTP/2 client's `:authority`, or an
+    /// HTTP/1.1 absolute-form target's. Either takes the place of `Host` (RFC 9113 §8.3.1,
+    /// RFC 9112 §3.2.2).
+    pub authority: Option<&'a str>,
     /// The client's address, appended to `X-Forwarded-For`.
     pub client_ip: Option<&'a HeaderValue>,
     /// The key's id and plan ([`KEY_ID`], [`PLAN`]).
@@ -85,7 +89,10 @@ pub(super) struct Added<'a> {
 /// client cannot forge them); then the gateway's own. One look at each field, and no edit of
 /// the header map: this runs for every forwarded request.
 pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added: Added<'_>) {
-    let client_host = headers.get(header::HOST);
+    let client_host = added
+        .authority
+        .map(str::as_bytes)
+        .or(headers.get(header::HOST).map(HeaderValue::as_bytes));
     let listed: Vec<HeaderName> = match headers.contains_key(header::CONNECTION) {
         true => connection_names(headers),
         false => Vec::new(),
@@ -96,7 +103,7 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
         match name.as_str() {
             "host" | "x-api-key" | KEY_ID | PLAN => {}
             "authorization" if is_bearer(value) => {}
-            // The gateway's `X-Forwarded-Host` is the client's `Host`.
+            // The gateway's `X-Forwarded-Host` is the client's `Host` (or `:authority`).
             "x-forwarded-host" if client_host.is_some() => {}
             "x-forwarded-for" => forwarded_for.push(value.as_bytes()),
             // An HTTP/2 client may split its cookies over several fields; HTTP/1.1 wants one
@@ -109,7 +116,7 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
     head.field_list("cookie", cookies, b"; ");
     head.field("host", added.host.as_bytes());
     if let Some(h) = client_host {
-        head.field("x-forwarded-host", h.as_bytes());
+        head.field("x-forwarded-host", h);
     }
     // The client's hops first, as nginx's `$proxy_add_x_forwarded_for` writes it.
     let client = added.client_ip.map(HeaderValue::as_bytes);
@@ -376,6 +383,7 @@ mod tests {
         let ip = HeaderValue::from_static("10.0.0.9");
         let added = Added {
             host: &host,
+            authority: None,
             client_ip: Some(&ip),
             key,
         };

@@ -336,6 +336,7 @@ impl Gateway {
         let mut head = self.options.upstream.request_head(&parts.method, &parts.uri);
         let added = Added {
             host: &self.upstream_host,
+            authority: parts.uri.authority().map(|a| a.as_str()),
             client_ip: client_ip.as_ref(),
             key: upstream_headers.as_deref(),
         };
