@@ -3,11 +3,19 @@
 //! applied at once and reported in one line; a broken edit is reported with its file and line and
 //! the previous configuration keeps serving.
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+    time::Instant,
+};
 
 use tokio::net::TcpListener;
 
 use crate::{
+    config::GatewayConfig,
     gateway::{self, Gateway, GatewayOptions, Upstream, source::ChangeStream},
     standalone::{FolderError, describe_changes, load_dir},
 };
@@ -127,44 +135,11 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     let watcher = tokio::spawn(async move {
         loop {
             changes.changed().await;
-            let t = Instant::now();
-            match load_dir(&dir) {
-                Err(e) => {
-                    watch_gw
-                        .metrics
-                        .reload_failure(if matches!(e, FolderError::Io { .. }) {
-                            "io"
-                        } else {
-                            "manifest"
-                        });
-                    eprintln!(
-                        "error: {e}\n  the previous configuration ({}) keeps serving",
-                        current.version
-                    );
-                }
-                Ok(folder) => {
-                    let compiled = folder.compile(Some(&current));
-                    let lines = describe_changes(&current, &compiled.config);
-                    for (id, report) in &compiled.keys {
-                        if let Some(c) = report.conditions.iter().find(|c| !c.status) {
-                            eprintln!(
-                                "warning: ApiKey {id}: {}=False {}: {}",
-                                c.type_, c.reason, c.message
-                            );
-                        }
-                    }
-                    if compiled.config.hash != current.hash {
-                        watch_gw.apply(compiled.config.clone());
-                        let ms = t.elapsed().as_secs_f64() * 1e3;
-                        if lines.is_empty() {
-                            println!("configuration {} applied in {ms:.0} ms", compiled.config.version);
-                        }
-                        for line in lines {
-                            println!("{line}, applied in {ms:.0} ms");
-                        }
-                        current = compiled.config;
-                    }
-                }
+            let (gw, dir) = (Arc::clone(&watch_gw), dir.clone());
+            // Reading, compiling and applying the folder block; requests keep flowing meanwhile.
+            match gateway::off_the_serving_threads(move || reload(&gw, &dir, current)).await {
+                Some(enforced) => current = enforced,
+                None => return,
             }
         }
     });
@@ -175,4 +150,47 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     }
     println!("slotgate up: stopped");
     Ok(())
+}
+
+/// Re-reads the folder and applies it if it compiles to something new; returns the configuration
+/// enforced afterwards. An unreadable folder or bad manifest leaves `current` serving.
+fn reload(gw: &Gateway, dir: &Path, mut current: GatewayConfig) -> GatewayConfig {
+    let t = Instant::now();
+    match load_dir(dir) {
+        Err(e) => {
+            gw.metrics.reload_failure(if matches!(e, FolderError::Io { .. }) {
+                "io"
+            } else {
+                "manifest"
+            });
+            eprintln!(
+                "error: {e}\n  the previous configuration ({}) keeps serving",
+                current.version
+            );
+        }
+        Ok(folder) => {
+            let compiled = folder.compile(Some(&current));
+            let lines = describe_changes(&current, &compiled.config);
+            for (id, report) in &compiled.keys {
+                if let Some(c) = report.conditions.iter().find(|c| !c.status) {
+                    eprintln!(
+                        "warning: ApiKey {id}: {}=False {}: {}",
+                        c.type_, c.reason, c.message
+                    );
+                }
+            }
+            if compiled.config.hash != current.hash {
+                gw.apply(compiled.config.clone());
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                if lines.is_empty() {
+                    println!("configuration {} applied in {ms:.0} ms", compiled.config.version);
+                }
+                for line in lines {
+                    println!("{line}, applied in {ms:.0} ms");
+                }
+                current = compiled.config;
+            }
+        }
+    }
+    current
 }

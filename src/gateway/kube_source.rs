@@ -20,7 +20,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 
-use super::Gateway;
+use super::{Gateway, ReloadReport};
 use crate::config::pieces::{AssembleError, Assembled, INDEX_ENTRY, SHARD_ENTRY, assemble_from};
 pub use crate::config::pieces::{
     CONFIG_LABEL, GATEWAY_MANAGER, HASH_ANNOTATION, REPORT_LABEL, REPORT_TTL_SECONDS, VERSION_ANNOTATION,
@@ -107,22 +107,26 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
                 data.remove(&cm.name_any());
             }
         }
-        let Some(index) = data.get(&opts.name) else {
+        let Some(index) = data.get(&opts.name).cloned() else {
             continue;
         };
         if refused_index.as_deref() == Some(index.as_str()) {
             continue;
         }
         let started = std::time::Instant::now();
-        match assemble_from(index, |name| data.get(name).map(String::as_str), last.as_ref()) {
-            Ok(assembled) => {
+        let (gw, name) = (Arc::clone(&gateway), index.clone());
+        let load = move || {
+            let outcome = load(&gw, &name, &data, &mut last);
+            (data, last, outcome)
+        };
+        let Some((back, last_back, outcome)) = super::off_the_serving_threads(load).await else {
+            break;
+        };
+        (data, last) = (back, last_back);
+        match outcome {
+            Ok(None) => refused_index = None,
+            Ok(Some(report)) => {
                 refused_index = None;
-                let config = assembled.config.clone();
-                last = Some(assembled);
-                if config.hash == gateway.table().config.hash && gateway.is_ready() {
-                    continue;
-                }
-                let report = gateway.apply(config);
                 gateway
                     .metrics
                     .reload_duration
@@ -143,12 +147,29 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
                 tracing::debug!(shard, "configuration update in progress; waiting for the rest");
             }
             Err(AssembleError::Invalid(e)) => {
-                refused_index = Some(index.clone());
+                refused_index = Some(index);
                 gateway.reject(&origin, &e);
             }
         }
     }
     reporter.abort();
+}
+
+/// Assembles the configuration `index` names and applies it unless it is the one enforced
+/// already (`None`). A blocking call: parsing the shards and building the key table.
+fn load(
+    gateway: &Gateway,
+    index: &str,
+    data: &HashMap<String, String>,
+    last: &mut Option<Assembled>,
+) -> Result<Option<ReloadReport>, AssembleError> {
+    let assembled = assemble_from(index, |name| data.get(name).map(String::as_str), last.as_ref())?;
+    let config = assembled.config.clone();
+    *last = Some(assembled);
+    if config.hash == gateway.table().config.hash && gateway.is_ready() {
+        return Ok(None);
+    }
+    Ok(Some(gateway.apply(config)))
 }
 
 /// Writes this replica's report: the version and hash enforced, and a fresh renew time.

@@ -93,6 +93,22 @@ impl std::fmt::Display for Fallback {
     }
 }
 
+/// Runs a reload (parse, key table build, release of the old table) on a blocking thread: at
+/// 100,000 keys it takes a few hundred milliseconds, during which the thread that ran it would
+/// serve no request. `None` when the runtime is shutting down; a panic in `load` stays a panic
+/// of the caller.
+pub(crate) async fn off_the_serving_threads<T: Send + 'static>(
+    load: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(load).await {
+        Ok(value) => Some(value),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
+    }
+}
+
 /// What a reload changed, for the one-line report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadReport {

@@ -158,9 +158,16 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// A configuration file, applied when opened and again whenever it changes.
 #[derive(Debug)]
 pub struct FileSource {
+    changes: ChangeStream,
+    loader: Loader,
+}
+
+/// Reads, checks and applies the file: the whole of a reload, run away from the threads that
+/// serve requests once they serve.
+#[derive(Debug)]
+struct Loader {
     gateway: Arc<Gateway>,
     path: PathBuf,
-    changes: ChangeStream,
     /// SHA-256 of the bytes last applied or refused: an unchanged file is not parsed again.
     last: Option<[u8; 32]>,
 }
@@ -170,24 +177,37 @@ impl FileSource {
     /// A missing or invalid file is logged and the gateway stays unready until a good one appears.
     pub fn open(gateway: Arc<Gateway>, path: PathBuf) -> Result<Self, SourceError> {
         let changes = ChangeStream::new(vec![path.clone()])?;
-        let mut source = Self {
+        let mut loader = Loader {
             gateway,
             path,
-            changes,
             last: None,
         };
-        source.apply();
-        Ok(source)
+        // Nothing is served yet: the first load may run here.
+        loader.apply();
+        Ok(Self { changes, loader })
     }
 
     /// Re-applies the file on every change; runs until the task is dropped.
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        let Self {
+            mut changes,
+            mut loader,
+        } = self;
         loop {
-            self.changes.changed().await;
-            self.apply();
+            changes.changed().await;
+            let load = move || {
+                loader.apply();
+                loader
+            };
+            match super::off_the_serving_threads(load).await {
+                Some(back) => loader = back,
+                None => return,
+            }
         }
     }
+}
 
+impl Loader {
     fn apply(&mut self) {
         let path = &self.path;
         let bytes = match std::fs::read(path) {
