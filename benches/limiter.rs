@@ -95,5 +95,30 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision);
+/// The periodic pass that drops idle endpoint buckets visits every key: it runs on a blocking
+/// thread because at a million keys it lasts longer than any request should wait.
+fn sweep(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sweep_every_key");
+    group.sample_size(10);
+    let keys = if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        1_000
+    };
+    let t = table(keys, BucketScope::Endpoint);
+    let mut now = 1_000_000_000u64;
+    for i in 0..keys {
+        let e = t.get(&digest(i)).expect("key loaded");
+        let _ = admit(e, "/v1/monitor/chatgpt", now, None, 1);
+    }
+    group.bench_function(BenchmarkId::from_parameter(keys), |b| {
+        b.iter(|| {
+            now += 1_000;
+            black_box(t.entries().map(|e| e.state.sweep(now)).sum::<usize>())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decision, sweep);
 criterion_main!(benches);

@@ -90,7 +90,12 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tick.tick().await;
-                gw.sweep();
+                // A pass over every key: at a million keys, tens of milliseconds that requests on
+                // this thread would wait for.
+                let gw = Arc::clone(&gw);
+                if super::off_the_serving_threads(move || gw.sweep()).await.is_none() {
+                    return;
+                }
             }
         })
     };
