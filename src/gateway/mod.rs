@@ -93,14 +93,14 @@ impl std::fmt::Display for Fallback {
     }
 }
 
-/// Runs a reload (parse, key table build, release of the old table) on a blocking thread: at
-/// 100,000 keys it takes a few hundred milliseconds, during which the thread that ran it would
-/// serve no request. `None` when the runtime is shutting down; a panic in `load` stays a panic
-/// of the caller.
+/// Runs long work on a blocking thread: a reload (parse, key table build, release of the old
+/// table: a few hundred milliseconds at 100,000 keys) or a sweep over every key. On a thread
+/// that serves requests, every request queued behind it would wait that long. `None` when the
+/// runtime is shutting down; a panic in `work` stays a panic of the caller.
 pub(crate) async fn off_the_serving_threads<T: Send + 'static>(
-    load: impl FnOnce() -> T + Send + 'static,
+    work: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
-    match tokio::task::spawn_blocking(load).await {
+    match tokio::task::spawn_blocking(work).await {
         Ok(value) => Some(value),
         Err(e) => match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
