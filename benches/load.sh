@@ -39,17 +39,7 @@ cargo build --profile dist --locked --bin slotgate --bench bare_proxy -q
 BARE=$(ls -t target/dist/deps/bare_proxy-* | grep -v '\.d$' | head -1)
 SG=target/dist/slotgate
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+source benches/common.sh
 
 UP=$(free_port); BARE_P=$(free_port); NGINX_P=$(free_port); SG_P=$(free_port); SG_ADMIN=$(free_port)
 REDIS_P=$(free_port); SGR_P=$(free_port); SGR_ADMIN=$(free_port)

@@ -20,15 +20,7 @@ if [ -z "${SG:-}" ]; then
   SG=target/release/slotgate
 fi
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/common.sh
 
 # One plan, KEYS keys on it, and the bench key; a second folder differs in the plan's slots.
 mkdir -p "$WORK/a" "$WORK/b" "$WORK/live"
