@@ -12,14 +12,11 @@ pub struct RateParams {
 }
 
 impl RateParams {
-    fn interval(self) -> u64 {
-        1_000_000_000 / u64::from(self.per_second.max(1))
-    }
-    fn tau(self) -> u64 {
-        Self::tau_of(self.interval(), self.burst)
-    }
-    fn tau_of(interval: u64, burst: u32) -> u64 {
-        interval * u64::from(burst.max(1))
+    /// Emission interval and burst tolerance, in nanoseconds, for one division: on the request
+    /// path the divisions are most of the arithmetic.
+    fn spacing(self) -> (u64, u64) {
+        let interval = 1_000_000_000 / u64::from(self.per_second.max(1));
+        (interval, interval * u64::from(self.burst.max(1)))
     }
 }
 
@@ -59,14 +56,8 @@ impl Gcra {
     /// Reads the bucket without consuming: requests it would admit now.
     pub fn remaining(&mut self, now: u64, params: RateParams) -> u32 {
         self.rescale(now, params);
-        let t = params.interval();
-        remaining_at(
-            self.tat.max(now),
-            now,
-            t,
-            RateParams::tau_of(t, params.burst),
-            params.burst,
-        )
+        let (t, tau) = params.spacing();
+        remaining_at(self.tat.max(now), now, t, tau, params.burst)
     }
 
     /// Admits one request if the bucket has a token *and* `then` succeeds; only then is the token
@@ -79,10 +70,7 @@ impl Gcra {
         then: impl FnOnce() -> Result<T, E>,
     ) -> Result<(T, u32), RateRefusal<E>> {
         self.rescale(now, params);
-        // One division for the interval, shared with the remaining count: on the request path the
-        // divisions are most of the arithmetic.
-        let t = params.interval();
-        let tau = RateParams::tau_of(t, params.burst);
+        let (t, tau) = params.spacing();
         let next = self.tat.max(now) + t;
         if next > now + tau {
             return Err(RateRefusal::Limited {
@@ -100,8 +88,8 @@ impl Gcra {
         if self.params == params {
             return;
         }
-        let used = self.tat.saturating_sub(now) as f64 / self.params.tau() as f64;
-        self.tat = now + (used.min(1.0) * params.tau() as f64) as u64;
+        let used = self.tat.saturating_sub(now) as f64 / self.params.spacing().1 as f64;
+        self.tat = now + (used.min(1.0) * params.spacing().1 as f64) as u64;
         self.params = params;
     }
 }
