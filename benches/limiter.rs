@@ -47,13 +47,7 @@ fn table(keys: usize, per: BucketScope) -> KeyTable {
     for i in 0..keys {
         std::sync::Arc::make_mut(&mut c.keys).insert(
             hex::encode(digest(i)),
-            CompiledKey {
-                id: format!("default/key-{i}"),
-                plan: "startup".into(),
-                overrides: None,
-                suspended: false,
-                expires_at: None,
-            },
+            CompiledKey::on_plan(format!("default/key-{i}"), "startup"),
         );
     }
     c.hash = c.content_hash();

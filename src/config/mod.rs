@@ -106,6 +106,19 @@ pub struct CompiledKey {
     pub expires_at: Option<i64>,
 }
 
+impl CompiledKey {
+    /// A key on `plan` as the plan defines it: no overrides, not suspended, never expiring.
+    pub fn on_plan(id: impl Into<String>, plan: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            plan: plan.into(),
+            overrides: None,
+            suspended: false,
+            expires_at: None,
+        }
+    }
+}
+
 /// The limits one key gets: its plan with its overrides applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyLimits {

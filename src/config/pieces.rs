@@ -223,13 +223,7 @@ mod tests {
         for i in 0..keys {
             std::sync::Arc::make_mut(&mut c.keys).insert(
                 sha256_hex(&i.to_string()),
-                CompiledKey {
-                    id: format!("ns/k{i}"),
-                    plan: "p".into(),
-                    overrides: None,
-                    suspended: false,
-                    expires_at: None,
-                },
+                CompiledKey::on_plan(format!("ns/k{i}"), "p"),
             );
         }
         c.version = 7;

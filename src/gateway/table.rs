@@ -832,16 +832,7 @@ mod tests {
                 retained: false,
             },
         );
-        std::sync::Arc::make_mut(&mut c.keys).insert(
-            "ab".repeat(32),
-            CompiledKey {
-                id: "ns/k".into(),
-                plan: "p".into(),
-                overrides: None,
-                suspended: false,
-                expires_at: None,
-            },
-        );
+        std::sync::Arc::make_mut(&mut c.keys).insert("ab".repeat(32), CompiledKey::on_plan("ns/k", "p"));
         c.hash = c.content_hash();
         Arc::new(c)
     }
@@ -909,16 +900,7 @@ mod tests {
             })
             .collect();
         for (i, d) in digests.iter().enumerate() {
-            keys.insert(
-                hex::encode(d),
-                CompiledKey {
-                    id: format!("ns/k{i}"),
-                    plan: "p".into(),
-                    overrides: None,
-                    suspended: false,
-                    expires_at: None,
-                },
-            );
+            keys.insert(hex::encode(d), CompiledKey::on_plan(format!("ns/k{i}"), "p"));
         }
         c.hash = c.content_hash();
         (Arc::new(c), digests)
