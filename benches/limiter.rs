@@ -89,6 +89,27 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
+/// A flood of unknown keys: the lookup that answers 401 `invalid_api_key`, which a client can
+/// make as often as it likes without a valid key.
+fn unknown_key(c: &mut Criterion) {
+    let mut group = c.benchmark_group("unknown_key_lookup");
+    let keys = if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        1_000
+    };
+    let t = table(keys, BucketScope::Key);
+    let probes: Vec<[u8; 32]> = (0..4096).map(|i| digest(keys + i)).collect();
+    let mut i = 0usize;
+    group.bench_function(BenchmarkId::from_parameter(keys), |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            black_box(t.get(&probes[i]).is_none())
+        })
+    });
+    group.finish();
+}
+
 /// The periodic pass that drops idle endpoint buckets visits every key: it runs on a blocking
 /// thread because at a million keys it lasts longer than any request should wait.
 fn sweep(c: &mut Criterion) {
@@ -114,5 +135,5 @@ fn sweep(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, sweep);
+criterion_group!(benches, decision, unknown_key, sweep);
 criterion_main!(benches);
