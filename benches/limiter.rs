@@ -54,10 +54,15 @@ fn table(keys: usize, per: BucketScope) -> KeyTable {
     KeyTable::build(Arc::new(c), None, &Metrics::new())
 }
 
+/// Whether this is a measuring run. `cargo test --all-targets` runs each benchmark once as a
+/// smoke test, which skips the big tables.
+fn measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 fn decision(c: &mut Criterion) {
     let mut group = c.benchmark_group("limiter_decision");
-    // `cargo test --all-targets` runs each benchmark once as a smoke test: skip the big tables there.
-    let sizes: &[usize] = if std::env::args().any(|a| a == "--bench") {
+    let sizes: &[usize] = if measuring() {
         &[1_000, 100_000, 1_000_000]
     } else {
         &[1_000]
@@ -93,11 +98,7 @@ fn decision(c: &mut Criterion) {
 /// make as often as it likes without a valid key.
 fn unknown_key(c: &mut Criterion) {
     let mut group = c.benchmark_group("unknown_key_lookup");
-    let keys = if std::env::args().any(|a| a == "--bench") {
-        1_000_000
-    } else {
-        1_000
-    };
+    let keys = if measuring() { 1_000_000 } else { 1_000 };
     let t = table(keys, BucketScope::Key);
     let probes: Vec<[u8; 32]> = (0..4096).map(|i| digest(keys + i)).collect();
     let mut i = 0usize;
@@ -115,11 +116,7 @@ fn unknown_key(c: &mut Criterion) {
 fn sweep(c: &mut Criterion) {
     let mut group = c.benchmark_group("sweep_every_key");
     group.sample_size(10);
-    let keys = if std::env::args().any(|a| a == "--bench") {
-        1_000_000
-    } else {
-        1_000
-    };
+    let keys = if measuring() { 1_000_000 } else { 1_000 };
     let t = table(keys, BucketScope::Endpoint);
     let mut now = 1_000_000_000u64;
     for i in 0..keys {
