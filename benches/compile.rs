@@ -25,6 +25,7 @@ fn fixture(n: usize) -> (Vec<ApiPlan>, Vec<ApiKey>, TokenHashes) {
                         per: BucketScope::Endpoint,
                         paths: vec!["/v1/*".into()],
                     }),
+                    tasks: None,
                 },
             )
         })

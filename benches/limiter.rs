@@ -42,6 +42,7 @@ fn table(keys: usize, per: BucketScope) -> KeyTable {
                 paths: vec!["/v1/*".into()],
             }),
             retained: false,
+            tasks: None,
         },
     );
     for i in 0..keys {

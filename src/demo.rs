@@ -50,16 +50,40 @@ impl tower::Service<Request<Incoming>> for DemoUpstream {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let path = req.uri().path().to_string();
+        let post = req.method() == http::Method::POST;
         Box::pin(async move {
+            // A POST is answered like a model's completion: a `text` field, as the seeds'
+            // webhook handlers read it (`response.text.slice(0, 100)`).
+            let text = if post {
+                let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let prompt = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("prompt").and_then(|p| p.as_str()).map(str::to_string));
+                Some(match prompt {
+                    Some(p) => {
+                        format!("Demo answer to {p:?}: slotgate ran this request within your key's slots.")
+                    }
+                    None => format!("Demo answer to a {} byte request body.", body.len()),
+                })
+            } else {
+                None
+            };
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "ok": true,
                 "path": path,
                 "plan": plan,
                 "delay_ms": delay,
             });
+            if let Some(t) = text {
+                body["text"] = t.into();
+            }
             let mut bytes = serde_json::to_vec(&body).expect("json serialises");
             bytes.push(b'\n');
             let mut res = Response::new(

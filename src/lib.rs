@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod limiter;
 pub mod load;
 pub mod standalone;
+pub mod tasks;
 pub mod up;
 
 /// How far an API call reaches: decides whether the Helm chart grants it through a ClusterRole or a

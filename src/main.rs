@@ -60,6 +60,8 @@ enum Command {
         shutdown_timeout: Duration,
         #[command(flatten)]
         state: StateArgs,
+        #[command(flatten)]
+        tasks: TaskArgs,
     },
     /// Send load with concurrent workers and summarise what the limits did.
     Load {
@@ -155,6 +157,37 @@ struct GatewayArgs {
     worker_threads: Option<usize>,
     #[command(flatten)]
     state: StateArgs,
+    #[command(flatten)]
+    tasks: TaskArgs,
+    /// Webhook signing secrets by key id, a YAML or JSON map (`default/acme: whsec_...`); re-read
+    /// at start only. Needed for tasks with a webhook.
+    #[arg(long, env = "SLOTGATE_WEBHOOK_SECRETS")]
+    webhook_secrets: Option<PathBuf>,
+}
+
+/// Async task options shared by `slotgate gateway` and `slotgate up`.
+#[derive(Args, Debug, Clone)]
+struct TaskArgs {
+    /// Folder of the durable task store; with it, the gateway serves the async task API
+    /// (`POST /v1/tasks`). `slotgate up` defaults to `.slotgate/` in the working directory.
+    #[arg(long, env = "SLOTGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Let webhooks reach private, loopback and link-local addresses (refused by default, so a
+    /// customer cannot point the gateway at the cluster's internals). `slotgate up` sets it.
+    #[arg(long)]
+    allow_private_webhooks: bool,
+    /// Largest task payload accepted, in bytes (413 `payload_too_large` beyond).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_task_payload_bytes: usize,
+}
+
+impl TaskArgs {
+    fn options(&self, dir: PathBuf, upstream: &Upstream, timeout: Duration) -> slotgate::tasks::TasksOptions {
+        let mut o = slotgate::tasks::TasksOptions::new(dir, upstream.to_string(), timeout);
+        o.allow_private_webhooks = self.allow_private_webhooks;
+        o.max_payload_bytes = self.max_task_payload_bytes;
+        o
+    }
 }
 
 /// Where the controller and the gateways meet in the cluster.
@@ -318,12 +351,40 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let upstream: Upstream = args.upstream.parse()?;
     let gw = Gateway::new(GatewayOptions {
-        upstream,
+        upstream: upstream.clone(),
         upstream_timeout: args.upstream_timeout,
         max_upstream_in_flight: args.max_upstream_in_flight,
         state: args.state.options()?,
     })
     .await?;
+    if let Some(dir) = &args.tasks.data_dir {
+        let secrets: std::collections::BTreeMap<String, String> = match &args.webhook_secrets {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --webhook-secrets {}", path.display()))?;
+                serde_yaml::from_str(&text).with_context(|| {
+                    format!(
+                        "--webhook-secrets {}: expected a map of key id to whsec_ secret",
+                        path.display()
+                    )
+                })?
+            }
+            None => Default::default(),
+        };
+        let tasks = slotgate::tasks::Tasks::open(
+            args.tasks.options(dir.clone(), &upstream, args.upstream_timeout),
+            gw.metrics.tasks.clone(),
+        )?;
+        let bad = tasks.set_webhook_secrets(&secrets);
+        if !bad.is_empty() {
+            anyhow::bail!(
+                "--webhook-secrets: the secrets of {} are not whsec_ followed by base64",
+                bad.join(", ")
+            );
+        }
+        let picked = gw.enable_tasks(tasks)?;
+        tracing::info!(data_dir = %dir.display(), resumed = picked, "async tasks enabled");
+    }
     let source: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &args.config {
         Some(path) if args.config_source == "file" => {
             Box::pin(gateway::source::FileSource::open(Arc::clone(&gw), path.clone())?.run())
@@ -487,6 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             upstream_timeout,
             shutdown_timeout,
             state,
+            tasks,
         } => {
             init_tracing();
             let state = state.options()?;
@@ -499,6 +561,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 upstream_timeout,
                 shutdown_timeout,
                 state,
+                data_dir: tasks
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(".slotgate")),
+                max_task_payload_bytes: tasks.max_task_payload_bytes,
             };
             runtime(None)?.block_on(slotgate::up::run(opts, shutdown_signal()))?;
         }

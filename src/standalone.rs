@@ -1,16 +1,19 @@
 //! Standalone use without a cluster: a folder of the manifests `kubectl apply` takes, read and
 //! compiled the way the controller would.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
 
 use kube::ResourceExt;
 
 use crate::{
     api::{
-        ApiKey, ApiPlan,
+        ApiKey, ApiPlan, ApiTaskType,
         manifest::{Manifest, ManifestError, parse_manifests},
     },
-    config::{Compiled, GatewayConfig, TokenHashes, compile},
+    config::{Compiled, GatewayConfig, TokenHashes, compile_with_tasks, tasks::compile_task_types},
 };
 
 /// Everything read from a folder of manifests. Raw tokens are hashed as they are read.
@@ -26,14 +29,32 @@ pub struct Folder {
     pub token_hints: Vec<(String, String)>,
     /// Objects of other kinds, as `file:line: kind`.
     pub skipped: Vec<String>,
+    /// ApiTaskTypes found.
+    pub task_types: Vec<ApiTaskType>,
+    /// Webhook signing secrets (`whsec_...`) by key id, from the `webhook-secret` entry of each
+    /// key's token Secret. Never written into the compiled configuration.
+    pub webhook_secrets: BTreeMap<String, String>,
 }
 
 impl Folder {
     /// Compiles what was read, as the controller would.
     pub fn compile(&self, previous: Option<&GatewayConfig>) -> Compiled {
-        compile(&self.plans, &self.keys, &self.tokens, previous)
+        let (task_types, _) = compile_task_types(&self.task_types);
+        compile_with_tasks(&self.plans, &self.keys, &self.tokens, task_types, previous)
+    }
+
+    /// What is wrong with the task types read, one line each (`ApiTaskType NAME: reason`).
+    pub fn task_type_warnings(&self) -> Vec<String> {
+        compile_task_types(&self.task_types)
+            .1
+            .into_iter()
+            .map(|i| format!("ApiTaskType {}: {}", i.object, i.reason))
+            .collect()
     }
 }
+
+/// The entry of a key's token Secret that holds its webhook signing secret.
+pub const WEBHOOK_SECRET_ENTRY: &str = "webhook-secret";
 
 /// Why a folder could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +92,7 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, FolderError> {
 /// and line, so the caller keeps its last good state.
 pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
     let mut folder = Folder::default();
+    let mut webhook_secrets: HashMap<(String, String), String> = HashMap::new();
     for path in yaml_files(dir)? {
         let text = std::fs::read_to_string(&path).map_err(|source| FolderError::Io {
             path: path.clone(),
@@ -81,10 +103,16 @@ pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
             match manifest {
                 Manifest::Plan(p) => folder.plans.push(p),
                 Manifest::Key(k) => folder.keys.push(k),
+                Manifest::TaskType(t) => folder.task_types.push(t),
                 Manifest::Secret(s) => {
                     let ns = s.namespace().unwrap_or_default();
                     let name = s.name_any();
-                    let data = s.data.unwrap_or_default();
+                    let mut data = s.data.unwrap_or_default();
+                    // The signing secret is no token: it must not admit requests.
+                    if let Some(secret) = data.remove(WEBHOOK_SECRET_ENTRY) {
+                        let text = String::from_utf8_lossy(&secret.0).trim().to_string();
+                        webhook_secrets.insert((ns.clone(), name.clone()), text);
+                    }
                     for (entry, bytes) in &data {
                         let hint: String = String::from_utf8_lossy(&bytes.0).trim().chars().take(9).collect();
                         folder
@@ -101,6 +129,15 @@ pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
                     folder.skipped.push(format!("{label}:{line}: {kind}"));
                 }
             }
+        }
+    }
+    for key in &folder.keys {
+        let ns = key.namespace().unwrap_or_default();
+        let secret = key.token_ref();
+        if let Some(s) = webhook_secrets.get(&(ns.clone(), secret.name.clone())) {
+            folder
+                .webhook_secrets
+                .insert(format!("{ns}/{}", key.name_any()), s.clone());
         }
     }
     Ok(folder)

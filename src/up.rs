@@ -18,6 +18,7 @@ use crate::{
     config::GatewayConfig,
     gateway::{self, Gateway, GatewayOptions, Upstream, source::ChangeStream},
     standalone::{FolderError, describe_changes, load_dir},
+    tasks::{Tasks, TasksOptions},
 };
 
 /// Options of `slotgate up`.
@@ -37,6 +38,10 @@ pub struct UpOptions {
     pub shutdown_timeout: Duration,
     /// Where slots and rate buckets live (memory, or Redis shared with other gateways).
     pub state: gateway::StateOptions,
+    /// Folder of the durable task store.
+    pub data_dir: PathBuf,
+    /// Largest task payload accepted, in bytes.
+    pub max_task_payload_bytes: usize,
 }
 
 /// Why `slotgate up` could not start.
@@ -62,6 +67,9 @@ pub enum UpError {
     /// The shared state URL is not usable.
     #[error(transparent)]
     State(#[from] crate::limiter::shared::SharedError),
+    /// The task store could not be opened.
+    #[error(transparent)]
+    Tasks(#[from] crate::tasks::TasksError),
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, UpError> {
@@ -110,6 +118,16 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     .await?;
     let mut current = compiled.config;
     gw.apply(current.clone());
+    for w in folder.task_type_warnings() {
+        eprintln!("warning: {w}");
+    }
+    // On a laptop the webhook receiver is usually on this machine too.
+    let mut task_opts = TasksOptions::new(opts.data_dir.clone(), upstream.to_string(), opts.upstream_timeout);
+    task_opts.allow_private_webhooks = true;
+    task_opts.max_payload_bytes = opts.max_task_payload_bytes;
+    let tasks = Tasks::open(task_opts, gw.metrics.tasks.clone())?;
+    warn_bad_secrets(&tasks, &folder.webhook_secrets);
+    let resumed = gw.enable_tasks(Arc::clone(&tasks))?;
 
     let proxy = bind(opts.listen, "--listen").await?;
     let admin = bind(opts.admin_listen, "--admin-listen").await?;
@@ -127,6 +145,11 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         current.version,
         current.keys.len(),
         started.elapsed().as_millis()
+    );
+    println!(
+        "async tasks: POST http://{proxy_addr}/v1/tasks ({} task types; store {}, {resumed} unfinished tasks resumed; webhooks may reach private addresses)",
+        current.task_types.len(),
+        opts.data_dir.display()
     );
     println!("watching {} for changes; Ctrl-C to stop", opts.dir.display());
 
@@ -152,6 +175,14 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
+fn warn_bad_secrets(tasks: &Tasks, secrets: &std::collections::BTreeMap<String, String>) {
+    for id in tasks.set_webhook_secrets(secrets) {
+        eprintln!(
+            "warning: ApiKey {id}: its webhook-secret is not whsec_ followed by base64; its webhooks cannot be signed"
+        );
+    }
+}
+
 /// Re-reads the folder and applies it if it compiles to something new; returns the configuration
 /// enforced afterwards. An unreadable folder or bad manifest leaves `current` serving.
 fn reload(gw: &Gateway, dir: &Path, mut current: GatewayConfig) -> GatewayConfig {
@@ -169,6 +200,12 @@ fn reload(gw: &Gateway, dir: &Path, mut current: GatewayConfig) -> GatewayConfig
             );
         }
         Ok(folder) => {
+            if let Some(tasks) = gw.tasks() {
+                warn_bad_secrets(tasks, &folder.webhook_secrets);
+            }
+            for w in folder.task_type_warnings() {
+                eprintln!("warning: {w}");
+            }
             let compiled = folder.compile(Some(&current));
             let lines = describe_changes(&current, &compiled.config);
             for (id, report) in &compiled.keys {

@@ -6,7 +6,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::Value;
 
-use super::{ApiKey, ApiPlan, validate};
+use super::{ApiKey, ApiPlan, ApiTaskType, validate};
 
 /// One object read from a manifest file.
 #[derive(Clone, Debug)]
@@ -15,6 +15,8 @@ pub enum Manifest {
     Plan(ApiPlan),
     /// An `ApiKey`.
     Key(ApiKey),
+    /// An `ApiTaskType`.
+    TaskType(ApiTaskType),
     /// A `Secret` (a key's token).
     Secret(Secret),
     /// Any other kind: named in a warning and skipped.
@@ -77,13 +79,15 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Manifest>, Manifest
             text_of("/metadata/name"),
         );
         match (api_version.as_str(), kind.as_str()) {
-            ("slotgate.dev/v1alpha1", "ApiPlan" | "ApiKey") => {
+            ("slotgate.dev/v1alpha1", "ApiPlan" | "ApiKey" | "ApiTaskType") => {
                 if let Some(first) = validate::validate_object(&value).into_iter().next() {
                     let line = start + find_field_line(doc, &first.field);
                     return Err(err(line, format!("The {kind} {name:?} is invalid: {first}")));
                 }
                 let parsed = if kind == "ApiPlan" {
                     serde_json::from_value(value).map(Manifest::Plan)
+                } else if kind == "ApiTaskType" {
+                    serde_json::from_value(value).map(Manifest::TaskType)
                 } else {
                     serde_json::from_value::<ApiKey>(value).map(|mut k| {
                         k.metadata.namespace.get_or_insert_with(|| "default".into());

@@ -1,5 +1,5 @@
-//! Custom resource types users write: [`ApiPlan`] (a catalogue entry) and [`ApiKey`] (one customer
-//! credential), their status conditions, and the client-side schema check that `slotgate up` shares
+//! Custom resource types users write: [`ApiPlan`] (a catalogue entry), [`ApiKey`] (one customer
+//! credential) and [`ApiTaskType`] (the upstream request an async task runs), their status conditions, and the client-side schema check that `slotgate up` shares
 //! with the API server's own validation.
 //!
 //! This module does no I/O.
@@ -8,13 +8,16 @@ mod conditions;
 mod key;
 pub mod manifest;
 mod plan;
+mod task_type;
 pub mod validate;
 
 pub use conditions::{ConditionSpec, merge_conditions};
 pub use key::{ApiKey, ApiKeySpec, ApiKeyStatus, EffectiveLimits, LimitOverrides, SecretKeyRef};
 pub use plan::{
-    ApiPlan, ApiPlanSpec, ApiPlanStatus, BucketScope, ConcurrencySpec, RateLimitSpec, default_paths,
+    ApiPlan, ApiPlanSpec, ApiPlanStatus, BucketScope, ConcurrencySpec, RateLimitSpec, TasksSpec,
+    default_paths,
 };
+pub use task_type::{ApiTaskType, ApiTaskTypeSpec, TaskMethod, TaskRequestSpec};
 
 /// API group of every slotgate custom resource.
 pub const GROUP: &str = "slotgate.dev";
@@ -25,7 +28,7 @@ pub const VERSION: &str = "v1alpha1";
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![ApiPlan::crd(), ApiKey::crd()]
+    vec![ApiPlan::crd(), ApiKey::crd(), ApiTaskType::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as `crds/` holds them.

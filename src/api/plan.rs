@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 /// A plan that API keys subscribe to: how many requests a key may have in flight and how fast it
 /// may send them. Cluster-scoped, because a price list is shared by every team's keys.
 ///
-/// An absent limit means unlimited. Room is left in this spec for an async queue and an abuse
-/// policy; neither exists yet, so neither field is declared.
+/// An absent limit means unlimited. `tasks` opts the plan's keys into the async task API.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "slotgate.dev",
@@ -45,6 +44,35 @@ pub struct ApiPlanSpec {
     /// Rate limit: requests per second with a burst, per key or per endpoint. Absent: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+
+    /// Async tasks (`POST /v1/tasks`): absent, the plan's keys cannot submit tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<TasksSpec>,
+}
+
+/// How a plan's keys may use the async task API. Every field has a default, so `tasks: {}` opts
+/// in with them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TasksSpec {
+    /// Tasks one key may have queued (not yet finished); the next submission gets 429
+    /// `task_queue_full`. Default 10,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_queued: Option<u32>,
+    /// Of the key's concurrency slots, how many tasks may hold at once, so synchronous requests
+    /// keep some. Default: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_concurrent: Option<u32>,
+    /// How long a finished task's result stays readable, such as `24h` or `7d`. Default `24h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(s|m|h|d)$')").message("retention must be a duration such as 90m, 24h or 7d"))]
+    pub retention: Option<String>,
+    /// Upstream attempts of one task before it fails (5xx, timeouts and 429 are retried). Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_attempts: Option<u32>,
 }
 
 /// Concurrency slots of a plan.

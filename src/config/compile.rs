@@ -98,6 +98,19 @@ pub fn compile<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     tokens: &TokenHashes,
     previous: Option<&GatewayConfig>,
 ) -> Compiled {
+    compile_with_tasks(plans, keys, tokens, BTreeMap::new(), previous)
+}
+
+/// [`compile`] with the async task types already compiled
+/// ([`super::tasks::compile_task_types`]): they are part of the content, so `version` grows when
+/// they change.
+pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
+    plans: &[P],
+    keys: &[K],
+    tokens: &TokenHashes,
+    task_types: BTreeMap<String, super::CompiledTaskType>,
+    previous: Option<&GatewayConfig>,
+) -> Compiled {
     use reason::*;
 
     let mut out_plans = BTreeMap::new();
@@ -293,6 +306,7 @@ pub fn compile<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
             Some(p) if *p.keys == out_keys => std::sync::Arc::clone(&p.keys),
             _ => std::sync::Arc::new(out_keys),
         },
+        task_types,
     };
     let keys_digest = super::keys_digest(&config.keys);
     config.hash = config.content_hash_with(&keys_digest);
@@ -339,6 +353,7 @@ pub fn compile_plans_only<P: Borrow<ApiPlan>>(
         hash: String::new(),
         plans: out,
         keys: std::sync::Arc::clone(&previous.keys),
+        task_types: previous.task_types.clone(),
     };
     config.hash = config.content_hash_with(keys_digest);
     if config.hash != previous.hash {
@@ -373,11 +388,17 @@ fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {
     for p in paths {
         super::check_pattern(p)?;
     }
+    let tasks = spec
+        .tasks
+        .as_ref()
+        .map(super::tasks::compile_policy)
+        .transpose()?;
     Ok(CompiledPlan {
         display_name: spec.display_name.clone(),
         concurrency,
         rate_limit,
         retained: false,
+        tasks,
     })
 }
 

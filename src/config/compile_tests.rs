@@ -19,6 +19,7 @@ fn plan(name: &str, slots: Option<u32>, rps: Option<u32>) -> ApiPlan {
                 per: BucketScope::Endpoint,
                 paths: vec!["/v1/*".into()],
             }),
+            tasks: None,
         },
     )
 }

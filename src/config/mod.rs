@@ -7,6 +7,7 @@
 
 mod compile;
 pub mod pieces;
+pub mod tasks;
 mod tokens;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -14,7 +15,8 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use compile::{Compiled, KeyReport, PlanReport, compile, compile_plans_only};
+pub use compile::{Compiled, KeyReport, PlanReport, compile, compile_plans_only, compile_with_tasks};
+pub use tasks::{CompiledTaskType, TaskPolicy};
 pub use tokens::{TokenHashes, TokenState, hash_token};
 
 use crate::api::{BucketScope, EffectiveLimits, LimitOverrides};
@@ -40,6 +42,9 @@ pub struct GatewayConfig {
     /// Admitted keys by the SHA-256 (hex) of their token. Shared: a plan change makes a new
     /// configuration around the same keys without copying 100,000 of them.
     pub keys: SharedKeys,
+    /// Async task types by `taskType` (`ApiTaskType` objects).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub task_types: BTreeMap<String, CompiledTaskType>,
 }
 
 /// Admitted keys by token digest, shared between configurations that have the same keys.
@@ -61,6 +66,9 @@ pub struct CompiledPlan {
     /// The ApiPlan is gone but keys that were serving on it keep these limits (last known good).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retained: bool,
+    /// Async task policy; `None`: the plan's keys cannot submit tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<TaskPolicy>,
 }
 
 /// Concurrency slots over a set of paths.
@@ -210,12 +218,13 @@ impl GatewayConfig {
             hash: String::new(),
             plans: BTreeMap::new(),
             keys: Arc::default(),
+            task_types: BTreeMap::new(),
         };
         config.hash = config.content_hash();
         config
     }
 
-    /// SHA-256 of the plans and keys, independent of version and hash fields: the plans' JSON
+    /// SHA-256 of the plans, keys and task types, independent of version and hash fields: the plans' JSON
     /// followed by [`keys_digest`], so that whoever kept the keys of an earlier configuration
     /// (a plan change) hashes the plans alone.
     pub fn content_hash(&self) -> String {
@@ -228,6 +237,11 @@ impl GatewayConfig {
         hasher.update(serde_json::to_vec(&self.plans).expect("plans serialise"));
         hasher.update(b"\n");
         hasher.update(keys_digest.as_bytes());
+        // Absent task types hash as before they existed, so older configurations keep their hash.
+        if !self.task_types.is_empty() {
+            hasher.update(b"\n");
+            hasher.update(serde_json::to_vec(&self.task_types).expect("task types serialise"));
+        }
         hex::encode(hasher.finalize())
     }
 

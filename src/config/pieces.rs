@@ -49,6 +49,9 @@ pub struct Index {
     pub plans: BTreeMap<String, CompiledPlan>,
     /// Shard object names and the SHA-256 of each one's data.
     pub shards: BTreeMap<String, String>,
+    /// Async task types by `taskType`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub task_types: BTreeMap<String, super::CompiledTaskType>,
 }
 
 /// One object to write: its name and its single data entry.
@@ -123,6 +126,7 @@ pub fn index(config: &GatewayConfig, base: &str, shards: &[Piece]) -> Piece {
         version: config.version,
         hash: config.hash.clone(),
         plans: config.plans.clone(),
+        task_types: config.task_types.clone(),
         shards: shards
             .iter()
             .map(|p| (p.name.clone(), sha256_hex(&p.data)))
@@ -190,6 +194,7 @@ pub fn assemble_from<'a>(
         hash: index.hash,
         plans: index.plans,
         keys,
+        task_types: index.task_types,
     };
     config.check_with(&keys_digest)?;
     Ok(Assembled {
@@ -218,6 +223,7 @@ mod tests {
                 }),
                 rate_limit: None,
                 retained: false,
+                tasks: None,
             },
         );
         for i in 0..keys {

@@ -127,6 +127,8 @@ impl PlanMetrics {
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
+    /// The async task subsystem's metrics (registered whether or not tasks are enabled).
+    pub tasks: crate::tasks::TaskMetrics,
     requests: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     in_flight: Family<Labels, Gauge>,
@@ -244,6 +246,7 @@ impl Metrics {
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             buckets_evicted: Counter::default(),
             registry: Registry::default(),
+            tasks: Default::default(),
             forwarded: (0..600).map(|_| OnceLock::new()).collect(),
             coded: Default::default(),
             unknown_plan: Arc::new(PlanMetrics {
@@ -345,6 +348,7 @@ impl Metrics {
             "Live gateway replicas as the shared state last reported them",
             m.state.replicas.clone(),
         );
+        m.tasks.register(&mut registry);
         Self { registry, ..m }
     }
 

@@ -14,6 +14,7 @@ mod proxy;
 mod server;
 pub mod source;
 pub mod table;
+mod task_route;
 mod upstream;
 
 use std::{
@@ -135,6 +136,7 @@ pub struct Gateway {
     pub metrics: Metrics,
     epoch: Instant,
     shared: Option<SharedLimiter>,
+    tasks: std::sync::OnceLock<Arc<crate::tasks::Tasks>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -181,6 +183,7 @@ impl Gateway {
             metrics,
             epoch: Instant::now(),
             shared,
+            tasks: std::sync::OnceLock::new(),
         }))
     }
 
@@ -211,6 +214,9 @@ impl Gateway {
             }
         }
         self.metrics.set_capacity(capacity);
+        if let Some(tasks) = self.tasks.get() {
+            tasks.configure(Arc::clone(&table.config));
+        }
         self.metrics.config_version.set(report.to_version as i64);
         self.metrics.config_keys.set(report.keys as i64);
         if changed {
@@ -254,7 +260,7 @@ impl Gateway {
     }
 
     /// Monotonic nanoseconds since the gateway started: the limiter's clock.
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.nanos(Instant::now())
     }
 

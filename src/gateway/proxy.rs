@@ -119,7 +119,7 @@ impl Upstream {
     }
 }
 
-fn refused(refusal: Refusal) -> Response<ProxyBody> {
+pub(super) fn refused(refusal: Refusal) -> Response<ProxyBody> {
     match refusal {
         Refusal::Concurrency {
             slots,
@@ -142,6 +142,7 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
             slots,
             rate,
             retry_after: secs,
+            ..
         } => {
             let mut res = error_response(
                 ErrorCode::RateLimit,
@@ -179,7 +180,7 @@ fn refused(refusal: Refusal) -> Response<ProxyBody> {
 }
 
 /// A response and, when the gateway answered itself, why.
-type Answer = (Option<ErrorCode>, Response<ProxyBody>);
+pub(super) type Answer = (Option<ErrorCode>, Response<ProxyBody>);
 
 /// An admitted request, encoded for the upstream.
 struct Forward {
@@ -219,6 +220,9 @@ impl Gateway {
         req: Request<Incoming>,
         client_ip: Option<HeaderValue>,
     ) -> Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
+        if self.tasks.get().is_some() && crate::tasks::api::is_task_path(req.uri().path()) {
+            return Box::pin(async move { Ok(self.handle_task(req).await) });
+        }
         if self.shared_decision().is_some() {
             return Box::pin(async move { Ok(self.handle(req, client_ip).await) });
         }
@@ -235,7 +239,7 @@ impl Gateway {
         }
     }
 
-    fn count(&self, (code, res): Answer) -> Response<ProxyBody> {
+    pub(super) fn count(&self, (code, res): Answer) -> Response<ProxyBody> {
         match code {
             Some(c) => self.metrics.answered(c),
             None => self.metrics.forwarded(res.status().as_u16()),
@@ -249,7 +253,7 @@ impl Gateway {
     }
 
     /// The key's table entry, or the answer to a request without a usable key.
-    fn authenticate<'t>(
+    pub(super) fn authenticate<'t>(
         &self,
         parts: &Parts,
         table: &'t table::KeyTable,

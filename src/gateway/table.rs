@@ -259,6 +259,13 @@ struct DigestTable {
     len: usize,
 }
 
+impl KeyEntry {
+    /// SHA-256 of the key's token.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+}
+
 impl DigestTable {
     fn with_capacity(entries: usize) -> Self {
         Self {
@@ -532,6 +539,8 @@ pub enum Refusal {
         rate: RateView,
         /// Seconds until the bucket admits one request.
         retry_after: u64,
+        /// Nanoseconds until the bucket admits one request (what a task waits instead of failing).
+        wait_nanos: u64,
     },
     /// The gateway-wide cap of requests to the upstream is reached.
     Upstream {
@@ -595,6 +604,36 @@ fn share_of(limit: u32, share: u32) -> u32 {
         limit
     } else {
         limit.div_ceil(share)
+    }
+}
+
+/// The rate decision alone, for a request that holds no slot (a task submission: the task takes
+/// its slot when it runs). `Ok(None)` when no rate limit covers `path`.
+pub fn admit_rate(entry: &KeyEntry, path: &str, now: u64) -> Result<Option<RateView>, Refusal> {
+    let Some(rate) = limits_for(entry, path).1 else {
+        return Ok(None);
+    };
+    let params = RateParams {
+        per_second: rate.per_second,
+        burst: rate.burst,
+    };
+    let view = |remaining| RateView {
+        per_second: params.per_second,
+        burst: params.burst,
+        remaining,
+    };
+    let decision = entry.state.with_bucket(rate.per, path, now, params, |bucket| {
+        bucket.admit_with(now, params, || Ok::<(), std::convert::Infallible>(()))
+    });
+    match decision {
+        Ok(((), remaining)) => Ok(Some(view(remaining))),
+        Err(RateRefusal::Limited { retry_after_nanos }) => Err(Refusal::Rate {
+            slots: None,
+            rate: view(0),
+            retry_after: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+            wait_nanos: retry_after_nanos,
+        }),
+        Err(RateRefusal::Other(never)) => match never {},
     }
 }
 
@@ -689,6 +728,7 @@ pub fn admit(
             }),
             rate: view(0),
             retry_after: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+            wait_nanos: retry_after_nanos,
         }),
         Err(RateRefusal::Other(Inner::Slots(f))) => {
             let mut refusal = full(slot_limit.unwrap_or(0), f);
@@ -801,6 +841,7 @@ pub async fn admit_shared(
                 remaining: 0,
             }),
             retry_after: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+            wait_nanos: retry_after_nanos,
         }),
     })
 }
@@ -830,6 +871,7 @@ mod tests {
                     paths: vec!["/v1/*".into()],
                 }),
                 retained: false,
+                tasks: None,
             },
         );
         std::sync::Arc::make_mut(&mut c.keys).insert("ab".repeat(32), CompiledKey::on_plan("ns/k", "p"));

@@ -1,0 +1,146 @@
+//! The gateway's side of async tasks: it routes the task endpoints to [`Tasks`] after the usual
+//! authentication and rate limit, and lends tasks its slots ([`Limits`]), so a task and a
+//! synchronous request of one key draw from one pool.
+
+use std::{
+    sync::{Arc, Weak},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::{
+    Gateway,
+    headers::{limit_headers, retry_after},
+    proxy::{ProxyBody, full, refused},
+    table::{self, Refusal},
+};
+use crate::tasks::{Admit, KeyRef, Limits, Tasks, TasksError, api::Caller};
+
+impl Gateway {
+    /// Turns on the task endpoints with `tasks`, picks up the tasks its store left unfinished and
+    /// starts running them; returns how many were picked up.
+    pub fn enable_tasks(self: &Arc<Self>, tasks: Arc<Tasks>) -> Result<usize, TasksError> {
+        if self.tasks.set(Arc::clone(&tasks)).is_err() {
+            return Ok(0);
+        }
+        tasks.configure(Arc::clone(&self.table().config));
+        tasks.start(Arc::new(GatewayLimits(Arc::downgrade(self))))
+    }
+
+    /// The task subsystem, when enabled.
+    pub fn tasks(&self) -> Option<&Arc<Tasks>> {
+        self.tasks.get()
+    }
+
+    /// Answers a request on a task endpoint: authenticate, take a rate token (a submission holds
+    /// no slot; the task takes one when it runs), then let the task subsystem answer.
+    pub(super) async fn handle_task(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(tasks) = self.tasks.get().cloned() else {
+            unreachable!("routed here only when tasks are enabled")
+        };
+        let (parts, body) = req.into_parts();
+        let table = arc_swap::Guard::into_inner(self.table.load());
+        let entry = match self.authenticate(&parts, &table) {
+            Ok(e) => e,
+            Err(answer) => return self.count(answer),
+        };
+        let rate = match table::admit_rate(entry, parts.uri.path(), self.now()) {
+            Ok(rate) => rate,
+            Err(refusal) => {
+                entry.metrics.refusal(refusal.code());
+                return self.count((Some(refusal.code()), refused(refusal)));
+            }
+        };
+        let caller = Caller {
+            key_id: &entry.id,
+            digest: entry.digest(),
+            plan: &entry.plan,
+            slots: entry.limits.slots.as_ref().map(|s| s.max),
+        };
+        let reply = tasks
+            .handle(caller, &parts.method, parts.uri.path(), parts.uri.query(), body)
+            .await;
+        let mut res = Response::new(full(reply.body));
+        *res.status_mut() = reply.status;
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(loc) = reply.location.and_then(|l| HeaderValue::try_from(l).ok()) {
+            h.insert(header::LOCATION, loc);
+        }
+        if let Some(secs) = reply.retry_after {
+            retry_after(h, secs);
+        }
+        limit_headers(h, None, rate);
+        res
+    }
+}
+
+/// What a running task holds: its admission (slot, upstream cap) and its share of the plan's
+/// in-flight gauge, both given back when the task's upstream exchange ends.
+struct TaskHold {
+    _admitted: table::Admitted,
+    gauge: Option<Gauge>,
+}
+
+impl Drop for TaskHold {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.dec();
+        }
+    }
+}
+
+/// The gateway's limiter, lent to tasks. Weak: the gateway owns the task subsystem, not the
+/// other way round.
+struct GatewayLimits(Weak<Gateway>);
+
+impl Limits for GatewayLimits {
+    fn try_admit(&self, key: KeyRef<'_>, path: &str) -> Admit {
+        let Some(gw) = self.0.upgrade() else {
+            return Admit::Gone;
+        };
+        let table = gw.table.load();
+        let entry = match table.get(key.digest) {
+            Some(e) if &*e.id == key.id => e,
+            // The token was rotated (or the key is gone): find the key by its id. Rare, and
+            // followed by a rekey, so the scan is not repeated.
+            _ => {
+                return match table.entries().find(|e| &*e.id == key.id) {
+                    Some(e) => Admit::Rekey(*e.digest()),
+                    None => Admit::Gone,
+                };
+            }
+        };
+        let expired = entry.expires_at.is_some_and(|at| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            now >= at
+        });
+        if entry.suspended || expired {
+            return Admit::Gone;
+        }
+        match table::admit(entry, path, gw.now(), gw.cap.as_ref(), 1) {
+            Ok(admitted) => {
+                let gauge = admitted.slot.as_ref().map(|_| {
+                    let g = entry.metrics.in_flight.clone();
+                    g.inc();
+                    g
+                });
+                Admit::Go(Box::new(TaskHold {
+                    _admitted: admitted,
+                    gauge,
+                }))
+            }
+            Err(Refusal::Concurrency { .. } | Refusal::Upstream { .. }) => Admit::Full,
+            // A bucket's wait is exact; a millisecond floor keeps the dispatcher from spinning.
+            Err(Refusal::Rate { wait_nanos, .. }) => {
+                Admit::Wait(Duration::from_nanos(wait_nanos.max(1_000_000)))
+            }
+            Err(Refusal::Unavailable) => Admit::Wait(Duration::from_secs(1)),
+        }
+    }
+}

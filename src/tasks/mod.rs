@@ -1,0 +1,226 @@
+//! Async tasks: customers submit every task at once (`POST /v1/tasks`), the gateway keeps them
+//! durably, runs them against the upstream within the key's concurrency slots and rate limits,
+//! and POSTs each result to the task's webhook, signed per the Standard Webhooks specification.
+//!
+//! - [`store`]: where tasks live ([`store::TaskStore`]; embedded [`store::RedbStore`]);
+//! - [`scheduler`]: FIFO within a key, round robin across keys, a slot from the same pool as the
+//!   key's synchronous requests (through [`Limits`], which the gateway implements);
+//! - [`webhook`]: signing, SSRF-safe connections, the retry schedule;
+//! - [`api`]: the HTTP endpoints, answered as [`api::Reply`] values the gateway sends.
+//!
+//! Imports point one way: this module uses `config`; the gateway uses this module and hands it
+//! the requests of its task routes. Nothing here knows the gateway's types.
+
+pub mod api;
+mod metrics;
+pub mod model;
+pub mod scheduler;
+pub mod store;
+pub mod webhook;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+
+pub use metrics::TaskMetrics;
+pub use model::{Task, TaskId, TaskStatus};
+pub use store::{RedbStore, StoreError, TaskStore};
+
+use crate::config::GatewayConfig;
+
+/// The key a task belongs to, as the limiter knows it.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRef<'a> {
+    /// `namespace/name` of the ApiKey.
+    pub id: &'a str,
+    /// SHA-256 of its token.
+    pub digest: &'a [u8; 32],
+}
+
+/// What the limiter says to a task that wants to start now.
+pub enum Admit {
+    /// Admitted: the value holds the slot (and anything else admission took) until dropped.
+    Go(Box<dyn std::any::Any + Send>),
+    /// Every slot of the key is taken: try again when one frees.
+    Full,
+    /// The rate bucket is empty: try again after this long.
+    Wait(Duration),
+    /// The key's token was rotated: its tasks follow it to this digest.
+    Rekey([u8; 32]),
+    /// The key is not admitted now (deleted, suspended, expired): its tasks wait.
+    Gone,
+}
+
+impl std::fmt::Debug for Admit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Go(_) => f.write_str("Go"),
+            Self::Full => f.write_str("Full"),
+            Self::Wait(d) => write!(f, "Wait({d:?})"),
+            Self::Rekey(_) => f.write_str("Rekey"),
+            Self::Gone => f.write_str("Gone"),
+        }
+    }
+}
+
+/// The limiter as tasks see it: the gateway's slots and rate buckets, shared with synchronous
+/// requests, so invariant 1 holds for their sum.
+pub trait Limits: Send + Sync + 'static {
+    /// Takes a slot and a rate token for a task of `key` on the upstream `path`, never waiting.
+    fn try_admit(&self, key: KeyRef<'_>, path: &str) -> Admit;
+}
+
+/// How the task subsystem runs.
+#[derive(Clone, Debug)]
+pub struct TasksOptions {
+    /// Folder of the embedded store.
+    pub data_dir: PathBuf,
+    /// The upstream base URL (`http://host:port[/base]`) tasks' requests go to.
+    pub upstream: String,
+    /// Longest wait for one attempt when the task type sets no timeout.
+    pub upstream_timeout: Duration,
+    /// Webhooks may reach private, loopback and link-local addresses.
+    pub allow_private_webhooks: bool,
+    /// Largest `payload` accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Largest upstream answer kept as a result, in bytes.
+    pub max_result_bytes: usize,
+}
+
+impl TasksOptions {
+    /// Options with the defaults: 1 MiB payloads, 10 MiB results, public webhooks only.
+    pub fn new(data_dir: PathBuf, upstream: String, upstream_timeout: Duration) -> Self {
+        Self {
+            data_dir,
+            upstream,
+            upstream_timeout,
+            allow_private_webhooks: false,
+            max_payload_bytes: 1 << 20,
+            max_result_bytes: 10 << 20,
+        }
+    }
+}
+
+/// Why the task subsystem could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TasksError {
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The upstream URL is not usable.
+    #[error("task upstream {0:?} is not an http:// URL")]
+    Upstream(String),
+}
+
+/// The task subsystem of one gateway.
+pub struct Tasks {
+    options: TasksOptions,
+    store: Arc<dyn TaskStore>,
+    config: ArcSwap<GatewayConfig>,
+    secrets: ArcSwap<HashMap<String, webhook::Secret>>,
+    queues: Mutex<scheduler::Queues>,
+    wake: tokio::sync::Notify,
+    limits: OnceLock<Arc<dyn Limits>>,
+    upstream: scheduler::UpstreamClient,
+    hooks: scheduler::HookClient,
+    /// The subsystem's metrics.
+    pub metrics: TaskMetrics,
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks")
+            .field("data_dir", &self.options.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tasks {
+    /// Opens the store under `options.data_dir`. Nothing runs until [`Tasks::start`].
+    pub fn open(options: TasksOptions, metrics: TaskMetrics) -> Result<Arc<Self>, TasksError> {
+        let store: Arc<dyn TaskStore> = Arc::new(RedbStore::open(&options.data_dir)?);
+        Self::with_store(options, store, metrics)
+    }
+
+    /// The subsystem over any store, counting into `metrics`.
+    pub fn with_store(
+        options: TasksOptions,
+        store: Arc<dyn TaskStore>,
+        metrics: TaskMetrics,
+    ) -> Result<Arc<Self>, TasksError> {
+        let upstream = scheduler::UpstreamClient::new(&options.upstream)
+            .ok_or_else(|| TasksError::Upstream(options.upstream.clone()))?;
+        let hooks = scheduler::HookClient::new(options.allow_private_webhooks);
+        Ok(Arc::new(Self {
+            store,
+            config: ArcSwap::from_pointee(GatewayConfig::empty()),
+            secrets: ArcSwap::from_pointee(HashMap::new()),
+            queues: Mutex::new(scheduler::Queues::default()),
+            wake: tokio::sync::Notify::new(),
+            limits: OnceLock::new(),
+            upstream,
+            hooks,
+            metrics,
+            options,
+        }))
+    }
+
+    /// Loads every unfinished task from the store (a restart picks up where the last process
+    /// stopped: a task that was running is queued again, at the front of its key's queue) and
+    /// starts the dispatcher, the retention sweep and the pending webhook deliveries. Returns how
+    /// many tasks were picked up.
+    pub fn start(self: &Arc<Self>, limits: Arc<dyn Limits>) -> Result<usize, TasksError> {
+        let _ = self.limits.set(limits);
+        let open = self.store.open_tasks()?;
+        let n = open.len();
+        let deliveries = self.recover(open);
+        for id in deliveries {
+            tokio::spawn(Arc::clone(self).deliver(id));
+        }
+        tokio::spawn(Arc::clone(self).dispatch_loop());
+        tokio::spawn(Arc::clone(self).expiry_loop());
+        Ok(n)
+    }
+
+    /// Takes a new configuration: plan policies and task types. Queued tasks see a plan upgrade
+    /// at the next dispatch round, which this starts at once.
+    pub fn configure(&self, config: Arc<GatewayConfig>) {
+        self.config.store(config);
+        self.wake.notify_one();
+    }
+
+    /// Takes the webhook signing secrets by key id (`whsec_...`); returns the ids whose secret
+    /// does not parse, which sign nothing until fixed.
+    pub fn set_webhook_secrets(&self, secrets: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+        let mut ok = HashMap::new();
+        let mut bad = Vec::new();
+        for (id, text) in secrets {
+            match webhook::Secret::parse(text) {
+                Ok(s) => {
+                    ok.insert(id.clone(), s);
+                }
+                Err(_) => bad.push(id.clone()),
+            }
+        }
+        self.secrets.store(Arc::new(ok));
+        bad
+    }
+
+    /// Deletes finished tasks past their retention every minute.
+    async fn expiry_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            match self.store.expire(model::unix_ms_now()).await {
+                Ok(n) if n > 0 => tracing::debug!(deleted = n, "expired finished tasks"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "task retention sweep failed"),
+            }
+        }
+    }
+}
