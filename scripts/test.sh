@@ -17,9 +17,11 @@ if ((${#missing[@]})); then
 fi
 # The chart tests render charts/slotgate with the real Helm engine (helm-python-sdk: Helm v4 as a
 # library, no helm binary) and check every object against the Kubernetes schemas
-# (kubernetes-validate). Both live in a virtual environment under target/.
+# (kubernetes-validate). The task tests verify webhook signatures with the Standard Webhooks
+# reference library (standardwebhooks), not only with slotgate's own code. All three live in a
+# virtual environment under target/.
 venv=target/chart-venv
-if ! "$venv/bin/python" -c "import helm_python, kubernetes_validate" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import helm_python, kubernetes_validate, standardwebhooks" >/dev/null 2>&1; then
   if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
   fi
@@ -27,7 +29,7 @@ if ! "$venv/bin/python" -c "import helm_python, kubernetes_validate" >/dev/null 
   python3 -m venv "$venv" || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"
   }
-  "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
+  "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 standardwebhooks==1.1.0
 fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy || true
 

@@ -88,6 +88,8 @@ enum Command {
         /// Print the summary as JSON on standard output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tasks: LoadTaskArgs,
     },
     /// Run the demo upstream API (JSON answers; `?delay_ms=N` holds a request for N ms).
     DemoUpstream {
@@ -98,6 +100,31 @@ enum Command {
         #[arg(long)]
         worker_threads: Option<usize>,
     },
+}
+
+/// `slotgate load --tasks`: async tasks instead of synchronous requests.
+#[derive(Args, Debug)]
+struct LoadTaskArgs {
+    /// Submit this many async tasks to URL (the gateway's `/v1/tasks`; a bare
+    /// `http://host:port` gets it appended), receive their webhooks and report submit rate,
+    /// 202-to-webhook latency, lost and duplicate deliveries.
+    #[arg(long)]
+    tasks: Option<u64>,
+    /// Where the webhook receiver listens (the tasks name it as their webhook).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    webhook_listen: SocketAddr,
+    /// The key's webhook secret (`whsec_...`): every webhook's signature is checked with it.
+    #[arg(long, env = "SLOTGATE_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+    /// `taskType` of the tasks.
+    #[arg(long, default_value = "CHATGPT")]
+    task_type: String,
+    /// `payload` of the tasks, as JSON.
+    #[arg(long, default_value = r#"{"prompt": "hello"}"#)]
+    payload: String,
+    /// Longest wait for the webhooks after the last submission.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    wait: Duration,
 }
 
 /// Options of `slotgate controller`.
@@ -169,7 +196,8 @@ struct GatewayArgs {
 #[derive(Args, Debug, Clone)]
 struct TaskArgs {
     /// Folder of the durable task store; with it, the gateway serves the async task API
-    /// (`POST /v1/tasks`). `slotgate up` defaults to `.slotgate/` in the working directory.
+    /// (`POST /v1/tasks`). `slotgate up` defaults to `.slotgate/tasks-<port>` in the working
+    /// directory.
     #[arg(long, env = "SLOTGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Let webhooks reach private, loopback and link-local addresses (refused by default, so a
@@ -561,10 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 upstream_timeout,
                 shutdown_timeout,
                 state,
-                data_dir: tasks
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(".slotgate")),
+                data_dir: tasks.data_dir.clone(),
                 max_task_payload_bytes: tasks.max_task_payload_bytes,
             };
             runtime(None)?.block_on(slotgate::up::run(opts, shutdown_signal()))?;
@@ -578,7 +603,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             retries,
             adaptive,
             json,
+            tasks,
         } => {
+            if let Some(n) = tasks.tasks {
+                let url = if url.trim_end_matches('/').matches('/').count() <= 2 {
+                    format!("{}/v1/tasks", url.trim_end_matches('/'))
+                } else {
+                    url
+                };
+                let url: http::Uri = url
+                    .parse()
+                    .map_err(|_| slotgate::load::LoadError::Url(url.clone()))?;
+                let payload: serde_json::Value = serde_json::from_str(&tasks.payload)
+                    .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
+                let opts = slotgate::load::tasks::TaskLoadOptions {
+                    url,
+                    key,
+                    tasks: n,
+                    concurrency,
+                    task_type: tasks.task_type,
+                    payload,
+                    webhook_listen: tasks.webhook_listen,
+                    webhook_secret: tasks.webhook_secret,
+                    retries,
+                    wait: tasks.wait,
+                    progress: true,
+                };
+                let summary = runtime(None)?.block_on(slotgate::load::tasks::run(opts))?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&summary)?);
+                } else {
+                    print!("{}", summary.render());
+                }
+                if summary.lost > 0 || summary.bad_signatures > 0 {
+                    std::process::exit(1);
+                }
+                return Ok(());
+            }
             let url: http::Uri = url
                 .parse()
                 .map_err(|_| slotgate::load::LoadError::Url(url.clone()))?;

@@ -38,8 +38,10 @@ pub struct UpOptions {
     pub shutdown_timeout: Duration,
     /// Where slots and rate buckets live (memory, or Redis shared with other gateways).
     pub state: gateway::StateOptions,
-    /// Folder of the durable task store.
-    pub data_dir: PathBuf,
+    /// Folder of the durable task store; by default `.slotgate/tasks-<port>` in the working
+    /// directory (one per listen port, so two `up`s side by side do not share a store), or a
+    /// temporary folder removed at exit when the port is 0 (a restart could not find it again).
+    pub data_dir: Option<PathBuf>,
     /// Largest task payload accepted, in bytes.
     pub max_task_payload_bytes: usize,
 }
@@ -122,7 +124,18 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         eprintln!("warning: {w}");
     }
     // On a laptop the webhook receiver is usually on this machine too.
-    let mut task_opts = TasksOptions::new(opts.data_dir.clone(), upstream.to_string(), opts.upstream_timeout);
+    let (data_dir, ephemeral) = match &opts.data_dir {
+        Some(d) => (d.clone(), false),
+        None if opts.listen.port() == 0 => (
+            std::env::temp_dir().join(format!("slotgate-up-{}", std::process::id())),
+            true,
+        ),
+        None => (
+            PathBuf::from(".slotgate").join(format!("tasks-{}", opts.listen.port())),
+            false,
+        ),
+    };
+    let mut task_opts = TasksOptions::new(data_dir.clone(), upstream.to_string(), opts.upstream_timeout);
     task_opts.allow_private_webhooks = true;
     task_opts.max_payload_bytes = opts.max_task_payload_bytes;
     let tasks = Tasks::open(task_opts, gw.metrics.tasks.clone())?;
@@ -149,7 +162,7 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     println!(
         "async tasks: POST http://{proxy_addr}/v1/tasks ({} task types; store {}, {resumed} unfinished tasks resumed; webhooks may reach private addresses)",
         current.task_types.len(),
-        opts.data_dir.display()
+        data_dir.display()
     );
     println!("watching {} for changes; Ctrl-C to stop", opts.dir.display());
 
@@ -170,6 +183,9 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     watcher.abort();
     if let Some(d) = demo {
         d.abort();
+    }
+    if ephemeral {
+        let _ = std::fs::remove_dir_all(&data_dir);
     }
     println!("slotgate up: stopped");
     Ok(())

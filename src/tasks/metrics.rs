@@ -8,11 +8,25 @@ use prometheus_client::{
 
 use super::TaskStatus;
 
-/// A label set of one string value.
+/// A final status (`completed`, `failed`, `canceled`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Label {
-    /// The value (`status` or `result`).
-    pub value: String,
+pub struct StatusLabel {
+    /// The status.
+    pub status: String,
+}
+
+/// The result of a webhook attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `delivered`, `retry`, `gone` or `failed`.
+    pub result: String,
+}
+
+/// A plan (empty for tasks whose key is not in the configuration now).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlanLabel {
+    /// The plan's name.
+    pub plan: String,
 }
 
 /// The task subsystem's metrics.
@@ -20,14 +34,14 @@ pub struct Label {
 pub struct TaskMetrics {
     /// Tasks accepted (202).
     pub submitted: Counter,
-    /// Tasks queued now (waiting for a slot or a retry).
-    pub queued: Gauge,
-    /// Tasks running now.
-    pub running: Gauge,
+    /// Tasks queued now (waiting for a slot or a retry), by plan.
+    pub queued: Family<PlanLabel, Gauge>,
+    /// Tasks running now, by plan.
+    pub running: Family<PlanLabel, Gauge>,
     /// Tasks finished, by final status.
-    pub finished: Family<Label, Counter>,
+    pub finished: Family<StatusLabel, Counter>,
     /// Webhook attempts, by result (`delivered`, `retry`, `gone`, `failed`).
-    pub deliveries: Family<Label, Counter>,
+    pub deliveries: Family<ResultLabel, Counter>,
     /// Seconds from submission to start.
     pub queue_wait: Histogram,
     /// Seconds of upstream exchange per attempt.
@@ -47,8 +61,8 @@ impl Default for TaskMetrics {
     fn default() -> Self {
         let m = Self {
             submitted: Counter::default(),
-            queued: Gauge::default(),
-            running: Gauge::default(),
+            queued: Family::default(),
+            running: Family::default(),
             finished: Family::default(),
             deliveries: Family::default(),
             queue_wait: Histogram::new(buckets()),
@@ -56,10 +70,10 @@ impl Default for TaskMetrics {
             webhook_latency: Histogram::new(buckets()),
         };
         for s in ["completed", "failed", "canceled"] {
-            let _ = m.finished.get_or_create(&Label { value: s.into() });
+            let _ = m.finished.get_or_create(&StatusLabel { status: s.into() });
         }
         for r in ["delivered", "retry", "gone", "failed"] {
-            let _ = m.deliveries.get_or_create(&Label { value: r.into() });
+            let _ = m.deliveries.get_or_create(&ResultLabel { result: r.into() });
         }
         m
     }
@@ -72,12 +86,12 @@ impl TaskMetrics {
         r.register("submitted", "Tasks accepted", self.submitted.clone());
         r.register(
             "queued",
-            "Tasks waiting for a slot or a retry",
+            "Tasks waiting for a slot or a retry, by plan",
             self.queued.clone(),
         );
         r.register(
             "running",
-            "Tasks whose upstream request is in flight",
+            "Tasks whose upstream request is in flight, by plan",
             self.running.clone(),
         );
         r.register(
@@ -109,15 +123,23 @@ impl TaskMetrics {
 
     pub(super) fn finished(&self, status: TaskStatus) {
         self.finished
-            .get_or_create(&Label {
-                value: status.as_str().into(),
+            .get_or_create(&StatusLabel {
+                status: status.as_str().into(),
             })
             .inc();
     }
 
     pub(super) fn delivery(&self, result: &str) {
         self.deliveries
-            .get_or_create(&Label { value: result.into() })
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
             .inc();
+    }
+
+    pub(super) fn set_plan(&self, plan: &str, queued: i64, running: i64) {
+        let label = PlanLabel { plan: plan.into() };
+        self.queued.get_or_create(&label).set(queued);
+        self.running.get_or_create(&label).set(running);
     }
 }

@@ -25,9 +25,12 @@ use super::{
     model::{DeliveryAttempt, DeliveryStatus, Task, TaskError, TaskId, TaskStatus, unix_ms_now},
     webhook,
 };
+use crate::config::GatewayConfig;
 
 /// How often a key whose slots are all taken is looked at again: its slots also free when its
 /// synchronous requests end, which nothing announces.
+/// Least time between two computations of the per-plan gauges.
+const GAUGE_PERIOD: Duration = Duration::from_millis(250);
 const FULL_POLL: Duration = Duration::from_millis(5);
 /// How often the tasks of a key that is not admitted (deleted, suspended) are looked at again.
 const GONE_POLL: Duration = Duration::from_secs(1);
@@ -85,6 +88,8 @@ pub struct Queues {
     types: HashMap<String, Arc<str>>,
     /// Mean run time of recent tasks, for an honest Retry-After.
     mean_run: Option<Duration>,
+    /// When the per-plan gauges were last computed (a pass over every key, so not every round).
+    gauges_at: Option<Instant>,
 }
 
 impl Queues {
@@ -285,10 +290,30 @@ impl Tasks {
                 _ => deliveries.push(task.id),
             }
         }
-        self.metrics
-            .queued
-            .set(q.keys.values().map(|k| k.ready.len() + k.delayed).sum::<usize>() as i64);
+        self.publish_gauges(&mut q, &self.config.load(), true);
         deliveries
+    }
+
+    /// Sets the queued and running gauges of every plan; at most every 250 ms unless `force`.
+    fn publish_gauges(&self, q: &mut Queues, config: &GatewayConfig, force: bool) {
+        if !force && q.gauges_at.is_some_and(|t| t.elapsed() < GAUGE_PERIOD) {
+            return;
+        }
+        q.gauges_at = Some(Instant::now());
+        let mut per_plan: HashMap<&str, (i64, i64)> =
+            config.plans.keys().map(|p| (p.as_str(), (0, 0))).collect();
+        for kq in q.keys.values() {
+            let plan = config
+                .keys
+                .get(&hex::encode(kq.digest))
+                .map_or("", |k| k.plan.as_str());
+            let e = per_plan.entry(plan).or_default();
+            e.0 += (kq.ready.len() + kq.delayed) as i64;
+            e.1 += i64::from(kq.running);
+        }
+        for (plan, (queued, running)) in per_plan {
+            self.metrics.set_plan(plan, queued, running);
+        }
     }
 
     pub(super) async fn dispatch_loop(self: Arc<Self>) {
@@ -407,10 +432,9 @@ impl Tasks {
         for (id, key, ..) in &started {
             q.running.insert(*id, Arc::clone(key));
         }
-        self.metrics.running.set(q.running.len() as i64);
-        self.metrics
-            .queued
-            .set(q.keys.values().map(|k| k.ready.len() + k.delayed).sum::<usize>() as i64);
+        // Forced at the edges (first start, last finish) so an idle gateway never shows stale counts.
+        let edge = q.running.is_empty() || q.running.len() == started.len();
+        self.publish_gauges(&mut q, &config, edge);
         drop(q);
         for (id, key, task_type, plan, permit) in started {
             tokio::spawn(Arc::clone(self).run(id, key, task_type, plan, permit));
@@ -773,8 +797,14 @@ impl Tasks {
                 task.key_id
             ));
         };
+        // The task as it finished, without the delivery's own state: every attempt sends the
+        // same bytes under the same webhook-id, so a receiver can dedupe on either.
+        let mut view = task.view();
+        if let Some(m) = view.as_object_mut() {
+            m.remove("webhook");
+        }
         let body = serde_json::to_vec(&serde_json::json!({
-            "task": task.view(),
+            "task": view,
             "response": task.response,
         }))
         .expect("json serialises");

@@ -22,6 +22,8 @@ use hyper_util::{
 };
 use serde::Serialize;
 
+pub mod tasks;
+
 /// Options of `slotgate load`.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -52,6 +54,26 @@ pub enum LoadError {
     /// Nonsense options.
     #[error("{0}")]
     Options(&'static str),
+    /// The webhook receiver could not listen.
+    #[error("cannot listen on {0} (--webhook-listen): {1}")]
+    Listen(std::net::SocketAddr, #[source] std::io::Error),
+}
+
+/// The median, 90th and 99th percentiles of `samples`, in milliseconds (sorts them).
+pub(crate) fn percentiles(samples: &mut [Duration]) -> Latency {
+    samples.sort();
+    let pct = |p: f64| {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e3
+    };
+    Latency {
+        p50: pct(0.50),
+        p90: pct(0.90),
+        p99: pct(0.99),
+    }
 }
 
 /// Latency percentiles in milliseconds.
@@ -278,14 +300,7 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
     let duration = start.elapsed();
     let (mut latencies, refused, errors) =
         std::mem::take(&mut *shared.results.lock().unwrap_or_else(|e| e.into_inner()));
-    latencies.sort();
-    let pct = |p: f64| {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i].as_secs_f64() * 1e3
-    };
+    let latency_ms = percentiles(&mut latencies);
     let total = latencies.len() as u64;
     let succeeded = shared.ok.load(Ordering::Relaxed);
     Ok(Summary {
@@ -301,11 +316,7 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
         retries: shared.retries.load(Ordering::Relaxed),
         duration_s: duration.as_secs_f64(),
         requests_per_second: total as f64 / duration.as_secs_f64().max(1e-9),
-        latency_ms: Latency {
-            p50: pct(0.50),
-            p90: pct(0.90),
-            p99: pct(0.99),
-        },
+        latency_ms,
     })
 }
 

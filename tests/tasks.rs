@@ -1,0 +1,1124 @@
+//! Black-box tests of the async task API: the real `slotgate` binary, a counting upstream and a
+//! webhook receiver on loopback, signatures checked with the Standard Webhooks reference library.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET_B: &str = "whsec_c2xvdGdhdGUtdGVzdC1rZXktYi1zZWNyZXQ=";
+
+/// Serves every connection of `listener` with `answer`.
+fn serve<F, Fut>(listener: TcpListener, answer: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert("content-type", http::HeaderValue::from_static("application/json"));
+    res
+}
+
+/// An upstream that counts requests in flight and runs per `Idempotency-Key`. A task's payload
+/// steers it: `delay_ms` holds the answer, `hold: true` holds it until [`Upstream::release`],
+/// `fail: [500, 429, ...]` answers those statuses to the first attempts. Synchronous requests
+/// take `?delay_ms=N`.
+#[derive(Clone)]
+struct Upstream {
+    addr: SocketAddr,
+    in_flight: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    runs: Arc<Mutex<HashMap<String, usize>>>,
+    /// Requests by the `X-Slotgate-Key-Id` they carried, in arrival order.
+    order: Arc<Mutex<Vec<String>>>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Upstream {
+            addr: listener.local_addr().unwrap(),
+            in_flight: Arc::default(),
+            peak: Arc::default(),
+            runs: Arc::default(),
+            order: Arc::default(),
+            release: tokio::sync::watch::channel(false).0,
+        };
+        let u = up.clone();
+        serve(listener, move |req| {
+            let u = u.clone();
+            async move { u.answer(req).await }
+        });
+        up
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let _count = Leave(Arc::clone(&self.in_flight));
+        let header = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let key = header("x-slotgate-key-id").unwrap_or_default();
+        let idem = header("idempotency-key");
+        self.order.lock().unwrap().push(key.clone());
+        let query_delay = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("delay_ms="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u64);
+        let path = req.uri().path().to_string();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let payload: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let attempt = match &idem {
+            Some(id) => {
+                let mut runs = self.runs.lock().unwrap();
+                let n = runs.entry(id.clone()).or_default();
+                *n += 1;
+                *n
+            }
+            None => 1,
+        };
+        let delay = payload["delay_ms"].as_u64().unwrap_or(query_delay);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if payload["hold"] == true {
+            let mut rx = self.release.subscribe();
+            let _ = rx.wait_for(|r| *r).await;
+        }
+        if let Some(status) = payload["fail"]
+            .as_array()
+            .and_then(|f| f.get(attempt - 1))
+            .and_then(Value::as_u64)
+        {
+            let status = StatusCode::from_u16(status as u16).unwrap();
+            let mut res = json_response(status, &json!({"error": "as the test asked"}));
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                res.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("1"));
+            }
+            return res;
+        }
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "text": format!("answer to {}", payload["prompt"].as_str().unwrap_or("")),
+                "path": path,
+                "attempt": attempt,
+                "key": key,
+            }),
+        )
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn runs(&self) -> HashMap<String, usize> {
+        self.runs.lock().unwrap().clone()
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+struct Leave(Arc<AtomicUsize>);
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One webhook call as the receiver saw it.
+#[derive(Clone, Debug)]
+struct Hook {
+    path: String,
+    id: String,
+    timestamp: String,
+    signature: String,
+    body: String,
+}
+
+/// A webhook receiver: `/ok` answers 200, `/gone` 410, `/flaky` 500 to the first call of each
+/// `webhook-id` and 200 after.
+#[derive(Clone)]
+struct Receiver {
+    addr: SocketAddr,
+    hooks: Arc<Mutex<Vec<Hook>>>,
+}
+
+impl Receiver {
+    async fn start(ip: &str) -> Receiver {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        let r = Receiver {
+            addr: listener.local_addr().unwrap(),
+            hooks: Arc::default(),
+        };
+        let hooks = Arc::clone(&r.hooks);
+        serve(listener, move |req: Request<Incoming>| {
+            let hooks = Arc::clone(&hooks);
+            async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let (id, timestamp, signature) =
+                    (h("webhook-id"), h("webhook-timestamp"), h("webhook-signature"));
+                let path = req.uri().path().to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut hooks = hooks.lock().unwrap();
+                let seen_before = hooks.iter().any(|x| x.id == id);
+                hooks.push(Hook {
+                    path: path.clone(),
+                    id,
+                    timestamp,
+                    signature,
+                    body: String::from_utf8(body.to_vec()).unwrap(),
+                });
+                let status = match path.as_str() {
+                    "/gone" => StatusCode::GONE,
+                    "/flaky" if !seen_before => StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => StatusCode::OK,
+                };
+                json_response(status, &json!({}))
+            }
+        });
+        r
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn hooks(&self) -> Vec<Hook> {
+        self.hooks.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.hooks.lock().unwrap().len()
+    }
+}
+
+/// The Python of the chart tests' virtual environment, which has the reference verifier.
+fn python() -> std::path::PathBuf {
+    let p = std::env::var_os("SLOTGATE_CHART_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chart-venv/bin/python"),
+        Into::into,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash scripts/test.sh` (it installs standardwebhooks into target/chart-venv)",
+        p.display()
+    );
+    p
+}
+
+/// Verifies every hook with `standardwebhooks` (the spec's reference library) and returns how
+/// many it accepted; a copy of the first hook with its body altered must be refused.
+fn verify_with_reference(secret: &str, hooks: &[Hook]) -> usize {
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook
+cases = json.load(sys.stdin)
+wh = Webhook(cases["secret"])
+ok = 0
+for h in cases["hooks"]:
+    wh.verify(h["body"], {"webhook-id": h["id"], "webhook-timestamp": h["timestamp"], "webhook-signature": h["signature"]})
+    ok += 1
+t = cases["hooks"][0]
+try:
+    wh.verify(t["body"] + " ", {"webhook-id": t["id"], "webhook-timestamp": t["timestamp"], "webhook-signature": t["signature"]})
+    print("tampered body accepted")
+    sys.exit(2)
+except Exception:
+    pass
+print(ok)
+"#;
+    let input = json!({
+        "secret": secret,
+        "hooks": hooks.iter().map(|h| json!({
+            "id": h.id, "timestamp": h.timestamp, "signature": h.signature, "body": h.body,
+        })).collect::<Vec<_>>(),
+    });
+    let mut child = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "standardwebhooks refused a delivery: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+type BodyClient = Client<HttpConnector, Full<Bytes>>;
+
+fn body_client() -> BodyClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One request with a body, answered in full.
+async fn send(client: &BodyClient, method: Method, url: &str, key: &str, body: &str) -> Got {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{url}: no answer within 60 s"))
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A plan with `slots` and the task policy `tasks` (YAML flow map), on `/v1/*`.
+fn task_plan(name: &str, slots: u32, tasks: &str) -> String {
+    plan_yaml(
+        name,
+        &format!(
+            "  concurrency:\n    maxConcurrentRequests: {slots}\n    paths: [\"/v1/*\"]\n  tasks: {tasks}"
+        ),
+    )
+}
+
+/// A key (token `tok-<name>`) whose token Secret may carry a webhook secret.
+fn hook_key(name: &str, plan: &str, secret: Option<&str>) -> String {
+    let hook = secret.map_or(String::new(), |s| format!("  webhook-secret: {s}\n"));
+    format!(
+        "apiVersion: slotgate.dev/v1alpha1\nkind: ApiKey\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  plan: {plan}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-token\n  namespace: default\nstringData:\n  token: tok-{name}\n{hook}---\n"
+    )
+}
+
+const WORK_TYPE: &str = "apiVersion: slotgate.dev/v1alpha1\nkind: ApiTaskType\nmetadata:\n  name: work\nspec:\n  taskType: WORK\n  request:\n    path: /v1/work\n---\n";
+
+fn manifests(dir: &Path, text: &str) {
+    let tmp = dir.join("all.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("all.yaml")).unwrap();
+}
+
+/// `slotgate up DIR` in front of `upstream`, keeping tasks in `data`.
+fn up(dir: &Path, upstream: &str, data: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "up",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args)
+}
+
+fn task_body(payload: Value, hook: Option<&str>) -> String {
+    let mut b = json!({"taskType": "WORK", "payload": payload});
+    if let Some(url) = hook {
+        b["webhook"] = json!({ "url": url });
+    }
+    b.to_string()
+}
+
+/// Submits `n` tasks from `parallel` connections; returns the ids (the `i`th is task `i`'s),
+/// and panics on anything but 202.
+async fn submit_all(
+    gw: &Proc,
+    key: &str,
+    n: usize,
+    parallel: usize,
+    body: impl Fn(usize) -> String,
+) -> Vec<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let bodies: Arc<Vec<String>> = Arc::new((0..n).map(body).collect());
+    let mut workers = Vec::new();
+    for _ in 0..parallel {
+        let (next, bodies, url, key) = (
+            Arc::clone(&next),
+            Arc::clone(&bodies),
+            gw.url("/v1/tasks"),
+            key.to_string(),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = body_client();
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= bodies.len() {
+                    return ids;
+                }
+                let r = send(&client, Method::POST, &url, &key, &bodies[i]).await;
+                assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+                let task = &r.json()["task"];
+                let id = task["id"].as_str().unwrap().to_string();
+                assert_eq!(r.header("location"), Some(format!("/v1/tasks/{id}").as_str()));
+                assert_eq!(task["status"], "queued");
+                assert_eq!(task["taskType"], "WORK");
+                assert!(task["createdAt"].as_str().is_some_and(|t| t.ends_with('Z')));
+                ids.push((i, id));
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for w in workers {
+        ids.extend(w.await.unwrap());
+    }
+    ids.sort();
+    ids.into_iter().map(|(_, id)| id).collect()
+}
+
+async fn task(gw: &Proc, key: &str, id: &str) -> Value {
+    let r = get(&gw.url(&format!("/v1/tasks/{id}")), &[("x-api-key", key)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.json()
+}
+
+/// Every task of `key` with `status`, through the paginated list.
+async fn list_all(gw: &Proc, key: &str, status: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = gw.url(&format!("/v1/tasks?limit=1000&status={status}"));
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let r = get(&url, &[("x-api-key", key)]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let page = r.json();
+        out.extend(page["tasks"].as_array().unwrap().iter().cloned());
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Polls until `cond` holds, up to `secs` (a hang guard, not a timing assertion).
+async fn wait_for<F, Fut>(what: &str, secs: u64, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_tasks_on_a_25_slot_key_run_within_its_slots_and_every_webhook_verifies() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // Tasks may hold 20 of the 25 slots: the other 5 stay for the key's synchronous requests.
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 25, "{maxConcurrent: 20}"),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    gw.wait_output(&format!("async tasks: POST {}", gw.url("/v1/tasks")), false)
+        .await;
+    let hook = receiver.url("/ok");
+    let ids = submit_all(&gw, "tok-alpha", 300, 16, |i| {
+        task_body(json!({"prompt": format!("p{i}"), "delay_ms": 100}), Some(&hook))
+    })
+    .await;
+    assert_eq!(ids.len(), 300);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 300, "distinct ids");
+    assert!(ids.iter().all(|id| id.len() == 26), "{:?}", &ids[..3]);
+
+    // While the backlog runs, synchronous requests of the same key are admitted in the slots
+    // tasks leave free, and the upstream sees the sum of both within the key's 25.
+    let client = body_client();
+    let mut sync_ok = 0;
+    for _ in 0..10 {
+        let r = send(
+            &client,
+            Method::GET,
+            &gw.url("/v1/work?delay_ms=50"),
+            "tok-alpha",
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.num("x-concurrent-limit"), 25);
+        sync_ok += 1;
+    }
+    assert_eq!(sync_ok, 10);
+
+    wait_for("300 webhooks", 120, || async { receiver.count() >= 300 }).await;
+    let hooks = receiver.hooks();
+    assert_eq!(hooks.len(), 300, "one delivery per task");
+    assert!(
+        upstream.peak() <= 25,
+        "upstream peak {} > 25 slots",
+        upstream.peak()
+    );
+    assert!(
+        upstream.peak() >= 20,
+        "tasks used their 20 slots: peak {}",
+        upstream.peak()
+    );
+    let runs = upstream.runs();
+    assert_eq!(runs.len(), 300);
+    assert!(runs.values().all(|&n| n == 1), "each task ran once");
+
+    assert_eq!(verify_with_reference(SECRET_A, &hooks), 300);
+    let mut delivered = HashSet::new();
+    for h in &hooks {
+        let body: Value = serde_json::from_str(&h.body).unwrap();
+        let id = body["task"]["id"].as_str().unwrap().to_string();
+        assert_eq!(body["task"]["status"], "completed");
+        assert!(
+            body["response"]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("answer to p")
+        );
+        assert_eq!(h.id, format!("msg_{id}"), "webhook-id names the task");
+        delivered.insert(id);
+    }
+    assert_eq!(delivered, ids.iter().cloned().collect());
+
+    let t = task(&gw, "tok-alpha", &ids[7]).await;
+    assert_eq!(t["task"]["status"], "completed");
+    assert_eq!(t["task"]["attempts"], 1);
+    assert_eq!(t["response"]["text"], "answer to p7");
+    assert_eq!(t["response"]["path"], "/v1/work");
+    assert_eq!(t["task"]["webhook"]["status"], "delivered");
+    assert_eq!(t["task"]["webhook"]["attempts"][0]["status"], 200);
+    assert_eq!(list_all(&gw, "tok-alpha", "completed").await.len(), 300);
+
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "slotgate_tasks_finished_total{status=\"completed\"}"),
+        300.0,
+        "{m}"
+    );
+    assert_eq!(metric_value(&m, "slotgate_tasks_submitted_total"), 300.0);
+    assert_eq!(
+        metric_value(&m, "slotgate_tasks_deliveries_total{result=\"delivered\"}"),
+        300.0
+    );
+    assert!(m.contains("slotgate_tasks_queued{plan=\"startup\"} 0"), "{m}");
+    assert!(m.contains("slotgate_tasks_running{plan=\"startup\"} 0"), "{m}");
+    assert_eq!(metric_value(&m, "slotgate_tasks_queue_wait_seconds_count"), 300.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_upgrade_applies_to_the_queue_at_once() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let write = |slots| {
+        manifests(
+            dir.path(),
+            &format!(
+                "{}{}{WORK_TYPE}",
+                task_plan("startup", slots, "{}"),
+                hook_key("alpha", "startup", Some(SECRET_A))
+            ),
+        )
+    };
+    write(25);
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let ids = submit_all(&gw, "tok-alpha", 120, 8, |_| {
+        task_body(json!({"hold": true}), None)
+    })
+    .await;
+    wait_until("25 tasks held upstream", || upstream.in_flight() == 25).await;
+    write(50);
+    wait_until("50 tasks held upstream after the upgrade", || {
+        upstream.in_flight() == 50
+    })
+    .await;
+    upstream.release();
+    wait_for("every task completed", 60, || async {
+        list_all(&gw, "tok-alpha", "completed").await.len() == ids.len()
+    })
+    .await;
+    assert_eq!(upstream.peak(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_loses_no_task_and_runs_none_that_had_not_started_twice() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 25, "{maxQueued: 5000}"),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    let mut gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let hook = receiver.url("/ok");
+    let ids = submit_all(&gw, "tok-alpha", 1000, 16, |i| {
+        task_body(json!({"prompt": format!("p{i}"), "delay_ms": 40}), Some(&hook))
+    })
+    .await;
+    assert_eq!(ids.len(), 1000);
+    wait_until("a third of the run", || upstream.runs().len() >= 300).await;
+    gw.child.kill().unwrap(); // SIGKILL: no shutdown code runs
+    gw.child.wait().unwrap();
+    let in_flight_at_kill = upstream.in_flight();
+    let started_at_kill = upstream.runs().len();
+    assert!(started_at_kill < 1000, "the kill came mid-run");
+    drop(gw);
+
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    wait_for("every accepted task completed after the restart", 120, || async {
+        list_all(&gw, "tok-alpha", "completed").await.len() == 1000
+    })
+    .await;
+    let runs = upstream.runs();
+    assert_eq!(runs.len(), 1000, "every task reached the upstream");
+    for id in &ids {
+        assert!(runs.contains_key(id), "task {id} never ran");
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        runs.values().all(|&n| n <= 2),
+        "a task ran more than twice: {twice:?}"
+    );
+    // Only a task that was running (it held one of the 25 slots) may run again.
+    assert!(
+        twice.len() <= 25,
+        "{} tasks ran twice; {in_flight_at_kill} were in flight at the kill",
+        twice.len()
+    );
+    wait_for("a webhook for every task", 60, || async {
+        receiver
+            .hooks()
+            .iter()
+            .map(|h| h.id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == 1000
+    })
+    .await;
+    eprintln!(
+        "kill -9 after {started_at_kill} started, {in_flight_at_kill} in flight: {} ran twice",
+        twice.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_a_huge_backlog_does_not_delay_another_keys_first_task() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{}{WORK_TYPE}",
+            task_plan("startup", 25, "{maxQueued: 20000}"),
+            hook_key("alpha", "startup", Some(SECRET_A)),
+            hook_key("bravo", "startup", Some(SECRET_B))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    // Key A's tasks are held upstream until the test releases them: its 25 slots stay taken and
+    // 9,975 stay queued, so B's task cannot be waiting for A's to finish.
+    let a = submit_all(&gw, "tok-alpha", 10_000, 32, |_| {
+        task_body(json!({"hold": true}), None)
+    })
+    .await;
+    assert_eq!(a.len(), 10_000);
+    wait_until("A's 25 slots taken", || upstream.in_flight() == 25).await;
+    let b = submit_all(&gw, "tok-bravo", 1, 1, |_| {
+        task_body(json!({"prompt": "b"}), None)
+    })
+    .await;
+    wait_for("B's task completed", 30, || async {
+        task(&gw, "tok-bravo", &b[0]).await["task"]["status"] == "completed"
+    })
+    .await;
+    let queued_a = list_all(&gw, "tok-alpha", "queued").await.len();
+    assert_eq!(
+        queued_a,
+        10_000 - 25,
+        "A's backlog had not moved when B's task ran"
+    );
+    let order = upstream.order.lock().unwrap().clone();
+    assert_eq!(order.iter().filter(|k| *k == "default/bravo").count(), 1);
+    // Another key's task is not A's to read.
+    let r = get(
+        &gw.url(&format!("/v1/tasks/{}", b[0])),
+        &[("x-api-key", "tok-alpha")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "task_not_found");
+    upstream.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submissions_get_their_code_and_store_nothing() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{}{}{}{WORK_TYPE}",
+            task_plan("startup", 25, "{maxQueued: 2}"),
+            plan_yaml("trial", "  concurrency:\n    maxConcurrentRequests: 1"),
+            hook_key("alpha", "startup", Some(SECRET_A)),
+            hook_key("nohook", "startup", None),
+            hook_key("trialkey", "trial", Some(SECRET_B)),
+        ),
+    );
+    let gw = up(
+        dir.path(),
+        &upstream.url(),
+        data.path(),
+        &["--max-task-payload-bytes", "1000"],
+    );
+    let client = body_client();
+    let url = gw.url("/v1/tasks");
+    let big = "x".repeat(2000);
+    let cases: Vec<(&str, String, StatusCode, &str, &str)> = vec![
+        (
+            "tok-alpha",
+            "not json".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "not JSON",
+        ),
+        (
+            "tok-alpha",
+            "[1]".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "JSON object",
+        ),
+        (
+            "tok-alpha",
+            r#"{"payload":{}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "taskType is required",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":5}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "taskType must be",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":"WORK","priority":1}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "priority",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":"WORK","webhook":"http://x"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "webhook must be an object",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":"WORK","webhook":{}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_task",
+            "webhook.url",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":"CHATGPT"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "unknown_task_type",
+            "known task types: WORK",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":"WORK","webhook":{"url":"ftp://example.com/x"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook_url",
+            "http",
+        ),
+        (
+            "tok-alpha",
+            r#"{"taskType":"WORK","webhook":{"url":"not a url"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook_url",
+            "",
+        ),
+        (
+            "tok-alpha",
+            format!(r#"{{"taskType":"WORK","payload":{{"p":"{big}"}}}}"#),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "1000 bytes",
+        ),
+        (
+            "tok-nohook",
+            r#"{"taskType":"WORK","webhook":{"url":"http://127.0.0.1:9/x"}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "webhook_secret_missing",
+            "webhook-secret",
+        ),
+        (
+            "tok-trialkey",
+            r#"{"taskType":"WORK"}"#.into(),
+            StatusCode::FORBIDDEN,
+            "tasks_not_in_plan",
+            "trial plan",
+        ),
+    ];
+    for (key, body, status, code, words) in &cases {
+        let r = send(&client, Method::POST, &url, key, body).await;
+        assert_eq!(r.status, *status, "{body}: {}", r.body);
+        assert_eq!(r.code(), *code, "{body}: {}", r.body);
+        assert!(r.body.contains(words), "{body}: expected {words:?} in {}", r.body);
+    }
+    let r = send(
+        &client,
+        Method::POST,
+        &url,
+        "tok-nobody",
+        r#"{"taskType":"WORK"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    for key in ["tok-alpha", "tok-nohook", "tok-trialkey"] {
+        let r = get(&gw.url("/v1/tasks"), &[("x-api-key", key)]).await;
+        assert_eq!(r.json()["tasks"], json!([]), "{key}: nothing stored");
+    }
+    assert_eq!(upstream.runs().len(), 0);
+
+    // A full queue says when to come back; nothing of the refused task is kept.
+    let held = submit_all(&gw, "tok-alpha", 2, 1, |_| task_body(json!({"hold": true}), None)).await;
+    wait_until("both tasks running", || upstream.in_flight() == 2).await;
+    let r = send(&client, Method::POST, &url, "tok-alpha", r#"{"taskType":"WORK"}"#).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert_eq!(r.code(), "task_queue_full");
+    assert!(r.num("retry-after") >= 1);
+    // A running task cannot be canceled; a queued one can, and then never runs.
+    let r = send(
+        &client,
+        Method::DELETE,
+        &gw.url(&format!("/v1/tasks/{}", held[0])),
+        "tok-alpha",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "task_not_cancelable");
+    upstream.release();
+    wait_for("both held tasks completed", 30, || async {
+        list_all(&gw, "tok-alpha", "completed").await.len() == 2
+    })
+    .await;
+    assert_eq!(list_all(&gw, "tok-alpha", "queued").await.len(), 0);
+    let r = get(
+        &gw.url("/v1/tasks/01JZZZZZZZZZZZZZZZZZZZZZZZ"),
+        &[("x-api-key", "tok-alpha")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = get(&gw.url("/v1/tasks?status=done"), &[("x-api-key", "tok-alpha")]).await;
+    assert_eq!(r.code(), "invalid_task");
+    assert!(r.body.contains("queued, running"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_task_can_be_canceled_and_never_runs() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 1, "{}"),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let ids = submit_all(&gw, "tok-alpha", 2, 1, |_| task_body(json!({"hold": true}), None)).await;
+    wait_until("the first task running", || upstream.in_flight() == 1).await;
+    let client = body_client();
+    let r = send(
+        &client,
+        Method::DELETE,
+        &gw.url(&format!("/v1/tasks/{}", ids[1])),
+        "tok-alpha",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["task"]["status"], "canceled");
+    upstream.release();
+    wait_for("the first task completed", 30, || async {
+        task(&gw, "tok-alpha", &ids[0]).await["task"]["status"] == "completed"
+    })
+    .await;
+    assert_eq!(
+        task(&gw, "tok-alpha", &ids[1]).await["task"]["status"],
+        "canceled"
+    );
+    assert_eq!(upstream.runs().len(), 1, "the canceled task never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_webhook_urls_are_refused_without_the_flag() {
+    let upstream = Upstream::start().await;
+    let mut cfg = ConfigDir::new(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 5, "{}"),
+        hook_key("alpha", "startup", None)
+    ));
+    cfg.write(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 5, "{}"),
+        hook_key("alpha", "startup", None)
+    ));
+    let secrets = cfg.dir.path().join("secrets.yaml");
+    std::fs::write(&secrets, format!("default/alpha: {SECRET_A}\n")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gw = Proc::gateway(
+        &cfg.config,
+        &upstream.url(),
+        &[
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--webhook-secrets",
+            secrets.to_str().unwrap(),
+        ],
+    );
+    let client = body_client();
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://10.0.0.7/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "http://localhost/hook",
+        "http://192.168.1.1/hook",
+    ] {
+        let body = json!({"taskType": "WORK", "webhook": {"url": url}}).to_string();
+        let r = send(&client, Method::POST, &gw.url("/v1/tasks"), "tok-alpha", &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url}: {}", r.body);
+        assert_eq!(r.code(), "invalid_webhook_url", "{url}: {}", r.body);
+        assert!(r.body.contains("allow-private-webhooks"), "{url}: {}", r.body);
+    }
+    let r = get(&gw.url("/v1/tasks"), &[("x-api-key", "tok-alpha")]).await;
+    assert_eq!(r.json()["tasks"], json!([]), "nothing stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_retry_4xx_fails_and_webhooks_retry_until_delivered_or_gone() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start("127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 5, "{maxAttempts: 2}"),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let client = body_client();
+    let submit = |payload: Value, hook: &str| {
+        let (client, url, body) = (
+            client.clone(),
+            gw.url("/v1/tasks"),
+            task_body(payload, Some(&receiver.url(hook))),
+        );
+        async move {
+            let r = send(&client, Method::POST, &url, "tok-alpha", &body).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+            r.json()["task"]["id"].as_str().unwrap().to_string()
+        }
+    };
+    let retried = submit(json!({"fail": [503]}), "/ok").await;
+    let throttled = submit(json!({"fail": [429, 429]}), "/ok").await;
+    let exhausted = submit(json!({"fail": [500, 502]}), "/ok").await;
+    let rejected = submit(json!({"fail": [422]}), "/gone").await;
+    let flaky = submit(json!({}), "/flaky").await;
+    let done = |id: String| {
+        let gw = &gw;
+        async move {
+            let t = task(gw, "tok-alpha", &id).await;
+            matches!(t["task"]["status"].as_str(), Some("completed" | "failed"))
+        }
+    };
+    for id in [&retried, &throttled, &exhausted, &rejected, &flaky] {
+        wait_for("the task finished", 30, || done(id.clone())).await;
+    }
+    let t = task(&gw, "tok-alpha", &retried).await;
+    assert_eq!(t["task"]["status"], "completed", "{t}");
+    assert_eq!(t["task"]["attempts"], 2);
+    let t = task(&gw, "tok-alpha", &throttled).await;
+    assert_eq!(
+        t["task"]["status"], "completed",
+        "429s do not use up maxAttempts: {t}"
+    );
+    let t = task(&gw, "tok-alpha", &exhausted).await;
+    assert_eq!(t["task"]["status"], "failed", "{t}");
+    assert_eq!(t["task"]["attempts"], 2);
+    assert_eq!(t["task"]["error"]["code"], "upstream_error");
+    let t = task(&gw, "tok-alpha", &rejected).await;
+    assert_eq!(t["task"]["status"], "failed", "{t}");
+    assert_eq!(t["task"]["attempts"], 1);
+    assert_eq!(t["task"]["error"]["code"], "upstream_rejected");
+    assert_eq!(
+        t["response"]["error"], "as the test asked",
+        "the upstream's answer is kept"
+    );
+    let runs = upstream.runs();
+    assert_eq!(runs[&retried], 2);
+    assert_eq!(runs[&throttled], 3);
+    assert_eq!(runs[&exhausted], 2);
+    assert_eq!(runs[&rejected], 1);
+
+    // 410 stops at once; a 500 is retried on the schedule (first retry after about 5 s).
+    wait_for("the rejected task's webhook given up", 30, || async {
+        task(&gw, "tok-alpha", &rejected).await["task"]["webhook"]["status"] == "failed"
+    })
+    .await;
+    let t = task(&gw, "tok-alpha", &rejected).await;
+    assert_eq!(t["task"]["webhook"]["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(t["task"]["webhook"]["attempts"][0]["status"], 410);
+    wait_for("the flaky receiver's second attempt", 30, || async {
+        task(&gw, "tok-alpha", &flaky).await["task"]["webhook"]["status"] == "delivered"
+    })
+    .await;
+    let t = task(&gw, "tok-alpha", &flaky).await;
+    let attempts = t["task"]["webhook"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{t}");
+    assert_eq!(attempts[0]["status"], 500);
+    assert_eq!(attempts[1]["status"], 200);
+    let flaky_hooks: Vec<Hook> = receiver
+        .hooks()
+        .into_iter()
+        .filter(|h| h.path == "/flaky")
+        .collect();
+    assert_eq!(flaky_hooks.len(), 2);
+    assert_eq!(
+        flaky_hooks[0].id, flaky_hooks[1].id,
+        "webhook-id is stable across retries"
+    );
+    assert_eq!(flaky_hooks[0].body, flaky_hooks[1].body);
+    let failed: Value = serde_json::from_str(
+        &receiver
+            .hooks()
+            .into_iter()
+            .find(|h| h.path == "/gone")
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(
+        failed["task"]["status"], "failed",
+        "final failures are delivered too"
+    );
+    assert_eq!(
+        verify_with_reference(SECRET_A, &receiver.hooks()),
+        receiver.count()
+    );
+}
