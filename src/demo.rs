@@ -1,5 +1,6 @@
-//! A demo upstream API: answers JSON and honours a `delay_ms` query parameter, so a newcomer (and a
-//! benchmark) can hold requests in flight and watch slots fill.
+//! A demo upstream API: answers JSON and honours a `delay_ms` query parameter (or, for a POST, a
+//! `delay_ms` field of its JSON body, which is how an async task asks for it), so a newcomer
+//! (and a benchmark) can hold requests in flight and watch slots fill.
 
 use std::{
     convert::Infallible,
@@ -43,7 +44,7 @@ impl tower::Service<Request<Incoming>> for DemoUpstream {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let delay = delay_ms(req.uri().query());
+        let mut delay = delay_ms(req.uri().query());
         let plan = req
             .headers()
             .get("x-slotgate-plan")
@@ -60,9 +61,17 @@ impl tower::Service<Request<Incoming>> for DemoUpstream {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                let prompt = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
+                let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                let prompt = json
+                    .as_ref()
                     .and_then(|v| v.get("prompt").and_then(|p| p.as_str()).map(str::to_string));
+                if let Some(ms) = json
+                    .as_ref()
+                    .and_then(|v| v.get("delay_ms"))
+                    .and_then(|d| d.as_u64())
+                {
+                    delay = delay.max(ms.min(MAX_DELAY_MS));
+                }
                 Some(match prompt {
                     Some(p) => {
                         format!("Demo answer to {p:?}: slotgate ran this request within your key's slots.")

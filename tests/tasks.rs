@@ -1122,3 +1122,54 @@ async fn upstream_errors_retry_4xx_fails_and_webhooks_retry_until_delivered_or_g
         receiver.count()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slotgate_load_tasks_submits_receives_and_verifies_every_webhook() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 10, "{}"),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let load = |secret: &str, wait: &str| {
+        let (url, secret, wait) = (gw.url(""), secret.to_string(), wait.to_string());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(SLOTGATE)
+                .args(["load", &url, "--key", "tok-alpha", "--tasks", "200", "-c", "8"])
+                .args(["--task-type", "WORK", "--payload", r#"{"delay_ms": 5}"#])
+                .args(["--webhook-secret", &secret, "--wait", &wait, "--json"])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = load(SECRET_A, "60s").await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["accepted"], 200, "{s}");
+    assert_eq!(s["delivered"], 200, "{s}");
+    assert_eq!(s["lost"], 0);
+    assert_eq!(s["duplicates"], 0);
+    assert_eq!(s["bad_signatures"], 0);
+    assert_eq!(s["by_status"]["completed"], 200);
+    assert!(
+        s["webhook_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
+    assert!(upstream.peak() <= 10, "peak {}", upstream.peak());
+
+    // With the wrong secret every webhook is refused as unsigned, and the run fails.
+    let out = load(SECRET_B, "2s").await.unwrap();
+    assert!(!out.status.success());
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["accepted"], 200, "{s}");
+    assert_eq!(s["delivered"], 0, "{s}");
+    assert!(s["bad_signatures"].as_u64().unwrap() >= 200, "{s}");
+}

@@ -176,9 +176,7 @@ impl Tasks {
     /// many tasks were picked up.
     pub fn start(self: &Arc<Self>, limits: Arc<dyn Limits>) -> Result<usize, TasksError> {
         let _ = self.limits.set(limits);
-        let open = self.store.open_tasks()?;
-        let n = open.len();
-        let deliveries = self.recover(open);
+        let (n, deliveries) = self.recover()?;
         for id in deliveries {
             tokio::spawn(Arc::clone(self).deliver(id));
         }

@@ -268,13 +268,13 @@ impl Tasks {
         self.limits.get()
     }
 
-    /// Puts the store's open tasks back in the queues; returns the finished ones whose webhook
-    /// is still to be delivered.
-    pub(super) fn recover(&self, open: Vec<Task>) -> Vec<TaskId> {
+    /// Puts the store's open tasks back in the queues, reading them one at a time; returns how
+    /// many, and the finished ones whose webhook is still to be delivered.
+    pub(super) fn recover(&self) -> Result<(usize, Vec<TaskId>), super::StoreError> {
         let mut q = self.queues.lock().expect("queues lock");
         let mut deliveries = Vec::new();
         let now = unix_ms_now();
-        for task in open {
+        let n = self.store.open_tasks(&mut |task| {
             let digest = digest_of(&task.key_digest);
             match task.status {
                 TaskStatus::Queued | TaskStatus::Running => match task.not_before.filter(|&t| t > now) {
@@ -289,9 +289,9 @@ impl Tasks {
                 },
                 _ => deliveries.push(task.id),
             }
-        }
+        })?;
         self.publish_gauges(&mut q, &self.config.load(), true);
-        deliveries
+        Ok((n, deliveries))
     }
 
     /// Sets the queued and running gauges of every plan; at most every 250 ms unless `force`.
@@ -481,23 +481,23 @@ impl Tasks {
                     .queue_wait
                     .observe(started.saturating_sub(id.unix_ms()) as f64 / 1e3);
                 task.started_at = Some(started);
-                // On disk before the request leaves: after a crash, a task is run again only if
-                // it may have reached the upstream, and the attempt is counted.
-                match self.store.put(vec![task.clone()]).await {
-                    Err(e) => {
-                        tracing::error!(task = %id, error = %e, "task store failed; the task stays queued");
-                        Some(Outcome::Retry(task, Duration::from_secs(1)))
-                    }
-                    Ok(()) => {
-                        let t = Instant::now();
-                        let answer = self.call_upstream(&task, &task_type, plan.as_deref()).await;
-                        let took = t.elapsed();
-                        drop(permit);
-                        self.metrics.run_time.observe(took.as_secs_f64());
-                        self.queues.lock().expect("queues lock").record_run(took);
-                        Some(self.judge(task, answer))
-                    }
+                // "Running" is written while the request goes out, not before: waiting for the
+                // sync would hold the slot idle for it. Safe because the store applies writes
+                // in call order (the result cannot be overtaken by this mark), and a crash before
+                // the mark is on disk leaves the task queued, so it runs again: at most twice,
+                // as for any task running at a crash (the attempt may then go uncounted).
+                let marked = self.store.put(vec![task.clone()]);
+                let t = Instant::now();
+                let (answer, marked) =
+                    tokio::join!(self.call_upstream(&task, &task_type, plan.as_deref()), marked);
+                let took = t.elapsed();
+                drop(permit);
+                if let Err(e) = marked {
+                    tracing::error!(task = %id, error = %e, "task store failed while marking a task running");
                 }
+                self.metrics.run_time.observe(took.as_secs_f64());
+                self.queues.lock().expect("queues lock").record_run(took);
+                Some(self.judge(task, answer))
             }
             Ok(_) => None,
             Err(e) => {

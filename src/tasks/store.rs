@@ -45,7 +45,9 @@ fn db<E: Into<redb::Error>>(e: E) -> StoreError {
 /// What the scheduler, the delivery worker and the API need of a store. One gateway uses
 /// [`RedbStore`]; several replicas need a shared one (Redis Streams), behind the same trait.
 pub trait TaskStore: Send + Sync + 'static {
-    /// Writes whole records (insert or replace); durable when the future resolves.
+    /// Writes whole records (insert or replace); durable when the future resolves. Writes are
+    /// applied in the order `put` is called, whether or not their futures are awaited: the
+    /// scheduler relies on it to mark a task running without waiting for the mark.
     fn put(&self, tasks: Vec<Task>) -> BoxFuture<'static, Result<(), StoreError>>;
     /// One task.
     fn get(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
@@ -58,9 +60,10 @@ pub trait TaskStore: Send + Sync + 'static {
         status: Option<TaskStatus>,
         limit: usize,
     ) -> Result<(Vec<Task>, Option<TaskId>), StoreError>;
-    /// Every task that still has work to do (to run, or a webhook to deliver): what a restart
-    /// picks up.
-    fn open_tasks(&self) -> Result<Vec<Task>, StoreError>;
+    /// Hands `each` every task that still has work to do (to run, or a webhook to deliver), in
+    /// id order: what a restart picks up. One at a time, so a backlog of millions is never in
+    /// memory whole. Returns how many.
+    fn open_tasks(&self, each: &mut dyn FnMut(Task)) -> Result<usize, StoreError>;
     /// Deletes finished tasks whose retention ended by `now_ms`; returns how many.
     fn expire(&self, now_ms: u64) -> BoxFuture<'static, Result<usize, StoreError>>;
 }
@@ -72,6 +75,10 @@ const BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("tasks_by_key");
 const OPEN: TableDefinition<&[u8], ()> = TableDefinition::new("open_tasks");
 /// `expiry ms (big-endian), task id` → ().
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("task_expiry");
+
+/// The store's page cache. redb's default (1 GiB) would make a gateway's memory grow with its
+/// backlog; recent tasks, the ones read back, fit in far less.
+const CACHE_BYTES: usize = 64 << 20;
 
 /// Most rows one page of [`TaskStore::list`] looks at, so a filter matching few tasks of a key
 /// with a million still answers quickly (the cursor lets the client go on).
@@ -105,7 +112,10 @@ impl RedbStore {
     /// Opens (or creates) `dir/tasks.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| db(redb::StorageError::Io(e)))?;
-        let database = Database::create(dir.join("tasks.redb")).map_err(db)?;
+        let database = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("tasks.redb"))
+            .map_err(db)?;
         let txn = database.begin_write().map_err(db)?;
         {
             txn.open_table(TASKS).map_err(db)?;
@@ -304,18 +314,19 @@ impl TaskStore for RedbStore {
         Ok((out, None))
     }
 
-    fn open_tasks(&self) -> Result<Vec<Task>, StoreError> {
+    fn open_tasks(&self, each: &mut dyn FnMut(Task)) -> Result<usize, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let open = txn.open_table(OPEN).map_err(db)?;
         let tasks = txn.open_table(TASKS).map_err(db)?;
-        let mut out = Vec::new();
+        let mut n = 0;
         for row in open.iter().map_err(db)? {
             let (k, _) = row.map_err(db)?;
             if let Some(v) = tasks.get(k.value()).map_err(db)? {
-                out.push(decode(k.value(), v.value())?);
+                each(decode(k.value(), v.value())?);
+                n += 1;
             }
         }
-        Ok(out)
+        Ok(n)
     }
 
     fn expire(&self, now_ms: u64) -> BoxFuture<'static, Result<usize, StoreError>> {
@@ -336,6 +347,13 @@ impl TaskStore for RedbStore {
 mod tests {
     use super::*;
     use crate::tasks::model::{DeliveryStatus, Webhook};
+
+    fn open_count(store: &RedbStore) -> usize {
+        let mut seen = 0;
+        let n = store.open_tasks(&mut |_| seen += 1).unwrap();
+        assert_eq!(n, seen);
+        n
+    }
 
     fn task(key: &str, at: u64) -> Task {
         Task {
@@ -385,7 +403,7 @@ mod tests {
         let (queued, _) = store.list("ns/a", None, Some(TaskStatus::Queued), 10).unwrap();
         assert_eq!(queued.len(), 4);
         // The open tasks are the unfinished ones of every key.
-        assert_eq!(store.open_tasks().unwrap().len(), 5);
+        assert_eq!(open_count(&store), 5);
         assert_eq!(store.expire(4999).await.unwrap(), 0);
         assert_eq!(store.expire(5000).await.unwrap(), 1);
         assert_eq!(store.get(done.id).unwrap(), None);
@@ -405,9 +423,9 @@ mod tests {
             next_attempt_at: None,
         });
         store.put(vec![t.clone()]).await.unwrap();
-        assert_eq!(store.open_tasks().unwrap().len(), 1);
+        assert_eq!(open_count(&store), 1);
         t.webhook.as_mut().unwrap().status = DeliveryStatus::Delivered;
         store.put(vec![t]).await.unwrap();
-        assert!(store.open_tasks().unwrap().is_empty());
+        assert_eq!(open_count(&store), 0);
     }
 }
