@@ -1173,3 +1173,66 @@ async fn slotgate_load_tasks_submits_receives_and_verifies_every_webhook() {
     assert_eq!(s["delivered"], 0, "{s}");
     assert!(s["bad_signatures"].as_u64().unwrap() >= 200, "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_webhook_receiver_does_not_hold_up_another_keys_deliveries() {
+    let upstream = Upstream::start().await;
+    let good = Receiver::start("127.0.0.1").await;
+    // Accepts connections and never answers: each delivery to it waits out its 10 s timeout.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}/hook", dead.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = Arc::clone(&held);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = dead.accept().await {
+            h.lock().unwrap().push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{}{WORK_TYPE}",
+            task_plan("startup", 25, "{}"),
+            hook_key("alpha", "startup", Some(SECRET_A)),
+            hook_key("bravo", "startup", Some(SECRET_B))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    // More hung deliveries than the gateway runs at once across keys.
+    let a = submit_all(&gw, "tok-alpha", 600, 16, |_| {
+        task_body(json!({}), Some(&dead_url))
+    })
+    .await;
+    wait_for("A's tasks completed", 60, || async {
+        list_all(&gw, "tok-alpha", "completed").await.len() == a.len()
+    })
+    .await;
+    wait_until("A's receiver holding connections", || {
+        !held.lock().unwrap().is_empty()
+    })
+    .await;
+    let b = submit_all(&gw, "tok-bravo", 1, 1, |_| {
+        task_body(json!({"prompt": "b"}), Some(&good.url("/ok")))
+    })
+    .await;
+    wait_for("B's webhook", 30, || async { good.count() == 1 }).await;
+    // Not one of A's deliveries has timed out yet: B did not wait behind them.
+    let attempts: usize = list_all(&gw, "tok-alpha", "completed")
+        .await
+        .iter()
+        .map(|t| t["webhook"]["attempts"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(attempts, 0, "B's webhook waited for A's to time out");
+    assert_eq!(
+        task(&gw, "tok-bravo", &b[0]).await["task"]["webhook"]["status"],
+        "delivered"
+    );
+    assert!(
+        held.lock().unwrap().len() <= 32,
+        "one key holds at most 32 deliveries: {} connections",
+        held.lock().unwrap().len()
+    );
+    assert_eq!(verify_with_reference(SECRET_B, &good.hooks()), 1);
+}

@@ -244,16 +244,38 @@ async fn the_readme_quickstart_works_as_written() {
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
         .expect("README has a Quickstart section");
-    let mut commands = Vec::new();
+    let mut commands: Vec<String> = Vec::new();
     let mut in_sh = false;
+    let mut continued = false;
     for line in section.lines() {
         match line.trim() {
             "```sh" => in_sh = true,
             "```" => in_sh = false,
-            l if in_sh && !l.is_empty() => commands.push(l.to_string()),
+            l if in_sh && !l.is_empty() => {
+                let (text, more) = match l.strip_suffix('\\') {
+                    Some(t) => (t.trim_end(), true),
+                    None => (l, false),
+                };
+                match commands.last_mut() {
+                    Some(last) if continued => {
+                        last.push(' ');
+                        last.push_str(text);
+                    }
+                    _ => commands.push(text.to_string()),
+                }
+                continued = more;
+            }
             _ => {}
         }
     }
+    // The README shows one task id; the test reads the one its own submission got.
+    let shown_id = section
+        .split("location: /v1/tasks/")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the quickstart shows a task's location")
+        .to_string();
+    let mut task_id = None::<String>;
     assert_eq!(
         commands[0], "cargo run --release -- up",
         "the quickstart starts slotgate up"
@@ -270,17 +292,46 @@ async fn the_readme_quickstart_works_as_written() {
                 .await;
             continue;
         }
-        let cmd = cmd
+        let mut cmd = cmd
             .replace("cargo run --release -- ", &format!("{SLOTGATE} "))
             .replace("127.0.0.1:8080", &gw.proxy.to_string());
-        let out =
-            tokio::task::spawn_blocking(move || Command::new("sh").args(["-c", &cmd]).output().unwrap())
+        let polls_task = cmd.contains(&shown_id);
+        if let Some(id) = &task_id {
+            cmd = cmd.replace(&shown_id, id);
+        }
+        // A newcomer reads a task a moment after submitting it; poll until it has run.
+        let mut out;
+        let mut polls = 0;
+        loop {
+            let c = cmd.clone();
+            out = tokio::task::spawn_blocking(move || Command::new("sh").args(["-c", &c]).output().unwrap())
                 .await
                 .unwrap();
+            polls += 1;
+            let done = String::from_utf8_lossy(&out.stdout).contains("\"status\":\"completed\"");
+            if !polls_task || done || polls > 100 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(id) = stdout.split("location: /v1/tasks/").nth(1) {
+            task_id = id.split_whitespace().next().map(str::to_string);
+        }
+        outputs.push(stdout);
     }
-    assert_eq!(outputs.len(), 4, "{outputs:?}");
+    assert_eq!(outputs.len(), 7, "{outputs:?}");
+    assert!(outputs[4].contains("202 Accepted"), "{}", outputs[4]);
+    assert!(task_id.is_some(), "{}", outputs[4]);
+    assert!(outputs[5].contains("\"status\":\"completed\""), "{}", outputs[5]);
+    assert!(outputs[5].contains("Summarise the seeds"), "{}", outputs[5]);
+    assert!(outputs[6].contains("accepted 2000"), "{}", outputs[6]);
+    assert!(
+        outputs[6].contains("delivered 2000 (completed 2000)  lost 0  duplicates 0  bad signatures 0"),
+        "{}",
+        outputs[6]
+    );
     assert!(outputs[0].contains("x-concurrent-limit: 1"), "{}", outputs[0]);
     assert!(outputs[1].contains("succeeded 100 (100.0%)"), "{}", outputs[1]);
     assert!(

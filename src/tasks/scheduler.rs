@@ -39,6 +39,8 @@ const GONE_POLL: Duration = Duration::from_secs(1);
 const MAX_TOTAL_ATTEMPTS: u32 = 50;
 /// Most webhook deliveries in flight at once, across keys.
 const MAX_DELIVERIES: usize = 512;
+/// Webhook deliveries in flight for one key.
+const MAX_KEY_DELIVERIES: usize = 32;
 
 /// One key's tasks as the dispatcher sees them.
 #[derive(Debug)]
@@ -248,6 +250,9 @@ pub struct HookClient {
     client: Client<HttpConnector<webhook::GuardedResolver>, Full<Bytes>>,
     allow_private: bool,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Deliveries in flight per key, so one key's slow or dead receiver holds at most
+    /// [`MAX_KEY_DELIVERIES`] of the shared slots and other keys' webhooks keep going.
+    per_key: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
 }
 
 impl HookClient {
@@ -259,6 +264,51 @@ impl HookClient {
                 .build(webhook::connector(allow_private)),
             allow_private,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_DELIVERIES)),
+            per_key: Arc::default(),
+        }
+    }
+
+    /// Waits for a delivery slot of `key`, then one of the shared pool.
+    async fn permit(&self, key: &str) -> Result<DeliveryPermit, String> {
+        let own = Arc::clone(
+            self.per_key
+                .lock()
+                .expect("per-key deliveries lock")
+                .entry(key.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_KEY_DELIVERIES))),
+        );
+        let own = own.acquire_owned().await.map_err(|e| e.to_string())?;
+        let shared = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(DeliveryPermit {
+            key: key.to_string(),
+            per_key: Arc::clone(&self.per_key),
+            own: Some(own),
+            _shared: shared,
+        })
+    }
+}
+
+/// A delivery's place in its key's and the shared pool; forgets an idle key's semaphore.
+struct DeliveryPermit {
+    key: String,
+    per_key: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    own: Option<tokio::sync::OwnedSemaphorePermit>,
+    _shared: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for DeliveryPermit {
+    fn drop(&mut self) {
+        drop(self.own.take());
+        let mut map = self.per_key.lock().expect("per-key deliveries lock");
+        // Only the map holds it and nobody waits: the key has no delivery in flight.
+        if map
+            .get(&self.key)
+            .is_some_and(|s| Arc::strong_count(s) == 1 && s.available_permits() == MAX_KEY_DELIVERIES)
+        {
+            map.remove(&self.key);
         }
     }
 }
@@ -821,7 +871,7 @@ impl Tasks {
             .header("webhook-signature", signature)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let _permit = self.hooks.slots.acquire().await.map_err(|e| e.to_string())?;
+        let _permit = self.hooks.permit(&task.key_id).await?;
         let exchange =
             async {
                 let res =
