@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# The https webhook test makes its own CA and certificate with openssl.
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   # The package starts a system-wide server; the tests run their own on free ports.

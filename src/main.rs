@@ -207,6 +207,9 @@ struct TaskArgs {
     /// Largest task payload accepted, in bytes (413 `payload_too_large` beyond).
     #[arg(long, default_value_t = 1 << 20)]
     max_task_payload_bytes: usize,
+    /// PEM bundle of CAs that https webhook receivers may be signed by, beside the system's.
+    #[arg(long, env = "SLOTGATE_WEBHOOK_CA")]
+    webhook_ca: Option<PathBuf>,
 }
 
 impl TaskArgs {
@@ -214,6 +217,7 @@ impl TaskArgs {
         let mut o = slotgate::tasks::TasksOptions::new(dir, upstream.to_string(), timeout);
         o.allow_private_webhooks = self.allow_private_webhooks;
         o.max_payload_bytes = self.max_task_payload_bytes;
+        o.webhook_ca = self.webhook_ca.clone();
         o
     }
 }
@@ -591,6 +595,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state,
                 data_dir: tasks.data_dir.clone(),
                 max_task_payload_bytes: tasks.max_task_payload_bytes,
+                webhook_ca: tasks.webhook_ca.clone(),
             };
             runtime(None)?.block_on(slotgate::up::run(opts, shutdown_signal()))?;
         }

@@ -44,6 +44,8 @@ pub struct UpOptions {
     pub data_dir: Option<PathBuf>,
     /// Largest task payload accepted, in bytes.
     pub max_task_payload_bytes: usize,
+    /// A PEM bundle of CAs https webhook receivers may be signed by, beside the system's.
+    pub webhook_ca: Option<PathBuf>,
 }
 
 /// Why `slotgate up` could not start.
@@ -138,6 +140,7 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     let mut task_opts = TasksOptions::new(data_dir.clone(), upstream.to_string(), opts.upstream_timeout);
     task_opts.allow_private_webhooks = true;
     task_opts.max_payload_bytes = opts.max_task_payload_bytes;
+    task_opts.webhook_ca = opts.webhook_ca.clone();
     let tasks = Tasks::open(task_opts, gw.metrics.tasks.clone())?;
     warn_bad_secrets(&tasks, &folder.webhook_secrets);
     let resumed = gw.enable_tasks(Arc::clone(&tasks))?;

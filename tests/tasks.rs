@@ -252,6 +252,52 @@ impl Receiver {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The same receiver behind TLS with `cert`/`key` (PEM files): its URLs are `https://`.
+    async fn start_tls(cert: &Path, key: &Path) -> Receiver {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        // A plain receiver on a loopback port of its own does the answering; this front end
+        // terminates TLS and relays bytes to it.
+        let inner = Receiver::start("127.0.0.1").await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = listener.local_addr().unwrap();
+        let back = inner.addr;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = tokio::net::TcpStream::connect(back).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        Receiver {
+            addr: front,
+            hooks: inner.hooks,
+        }
+    }
+
+    fn tls_url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
     fn hooks(&self) -> Vec<Hook> {
         self.hooks.lock().unwrap().clone()
     }
@@ -995,6 +1041,7 @@ async fn private_webhook_urls_are_refused_without_the_flag() {
     for url in [
         "http://127.0.0.1:9/hook",
         "http://10.0.0.7/hook",
+        "https://10.0.0.7/hook",
         "http://169.254.169.254/latest/meta-data",
         "http://[::1]/hook",
         "http://localhost/hook",
@@ -1238,4 +1285,233 @@ async fn a_dead_webhook_receiver_does_not_hold_up_another_keys_deliveries() {
         held.lock().unwrap().len()
     );
     assert_eq!(verify_with_reference(SECRET_B, &good.hooks()), 1);
+}
+
+/// A CA and a leaf certificate for 127.0.0.1 signed by it, made with openssl in `dir`; returns
+/// (ca.pem, leaf.pem, leaf.key).
+fn test_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=slotgate test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("leaf.pem"), dir.join("leaf.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_are_delivered_to_receivers_the_gateway_trusts() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(pki.path());
+    let receiver = Receiver::start_tls(&cert, &key).await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 5, "{}"),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    let client = body_client();
+    let submit = |gw: &Proc| {
+        let (url, body) = (
+            gw.url("/v1/tasks"),
+            task_body(json!({"prompt": "tls"}), Some(&receiver.tls_url("/ok"))),
+        );
+        let client = client.clone();
+        async move {
+            let r = send(&client, Method::POST, &url, "tok-alpha", &body).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+            r.json()["task"]["id"].as_str().unwrap().to_string()
+        }
+    };
+
+    // Signed by a CA the gateway was given: delivered, over TLS, signature intact.
+    let data = tempfile::tempdir().unwrap();
+    let gw = up(
+        dir.path(),
+        &upstream.url(),
+        data.path(),
+        &["--webhook-ca", ca.to_str().unwrap()],
+    );
+    let id = submit(&gw).await;
+    wait_for("the https webhook", 30, || async { receiver.count() == 1 }).await;
+    let t = task(&gw, "tok-alpha", &id).await;
+    assert_eq!(t["task"]["webhook"]["status"], "delivered", "{t}");
+    assert_eq!(verify_with_reference(SECRET_A, &receiver.hooks()), 1);
+    drop(gw);
+
+    // Without that CA the receiver is not trusted: the attempt fails naming the certificate,
+    // and nothing reaches it.
+    let data = tempfile::tempdir().unwrap();
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let id = submit(&gw).await;
+    wait_for("the refused attempt recorded", 30, || async {
+        task(&gw, "tok-alpha", &id).await["task"]["webhook"]["attempts"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let t = task(&gw, "tok-alpha", &id).await;
+    let error = t["task"]["webhook"]["attempts"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(error.contains("certificate"), "{t}");
+    assert_eq!(t["task"]["webhook"]["status"], "pending", "retried later: {t}");
+    assert_eq!(receiver.count(), 1);
+
+    // A bundle that is not PEM stops the gateway at start, naming the flag.
+    let bad = pki.path().join("bad.pem");
+    std::fs::write(&bad, "not a certificate").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(SLOTGATE)
+        .args([
+            "up",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--webhook-ca",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--webhook-ca") && stderr.contains("bad.pem"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_count_against_the_rate_limit_and_tasks_wait_for_tokens() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            plan_yaml(
+                "metered",
+                "  concurrency:\n    maxConcurrentRequests: 5\n  rateLimit:\n    requestsPerSecond: 4\n    burst: 4\n    per: Endpoint\n    paths: [\"/v1/*\"]\n  tasks: {}"
+            ),
+            hook_key("alpha", "metered", Some(SECRET_A))
+        ),
+    );
+    let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
+    let client = body_client();
+    // The work endpoint's bucket is emptied by synchronous calls before any task can run.
+    let mut drained = 0;
+    for _ in 0..8 {
+        let r = send(&client, Method::GET, &gw.url("/v1/work"), "tok-alpha", "").await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(r.code(), "rate_limit");
+            drained += 1;
+        }
+    }
+    assert!(drained > 0, "the work bucket is empty");
+    // Submissions have their own endpoint's bucket: four pass, the fifth is refused like any
+    // request over the limit, and stores nothing.
+    let mut ids = Vec::new();
+    let mut refused = None;
+    for _ in 0..5 {
+        let r = send(
+            &client,
+            Method::POST,
+            &gw.url("/v1/tasks"),
+            "tok-alpha",
+            r#"{"taskType":"WORK"}"#,
+        )
+        .await;
+        match r.status {
+            StatusCode::ACCEPTED => ids.push(r.json()["task"]["id"].as_str().unwrap().to_string()),
+            _ => refused = Some(r),
+        }
+    }
+    let refused = refused.expect("the fifth submission is over the limit");
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.body);
+    assert_eq!(refused.code(), "rate_limit");
+    assert!(refused.num("retry-after") >= 1);
+    assert_eq!(ids.len(), 4);
+    // The tasks wait for tokens of the work endpoint instead of failing: each runs once.
+    // (Polling the task endpoints is metered too, so the test watches the admin metrics.)
+    gw.wait_metric("slotgate_tasks_finished_total{status=\"completed\"}", |v| {
+        v == 4.0
+    })
+    .await;
+    assert_eq!(
+        gw.metric("slotgate_tasks_finished_total{status=\"failed\"}")
+            .await,
+        0.0
+    );
+    let runs = upstream.runs();
+    assert_eq!(runs.len(), 4);
+    assert!(ids.iter().all(|id| runs.get(id) == Some(&1)), "{runs:?}");
 }

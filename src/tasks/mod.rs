@@ -90,6 +90,8 @@ pub struct TasksOptions {
     pub max_payload_bytes: usize,
     /// Largest upstream answer kept as a result, in bytes.
     pub max_result_bytes: usize,
+    /// A PEM bundle of CAs https webhook receivers may be signed by, beside the system's.
+    pub webhook_ca: Option<PathBuf>,
 }
 
 impl TasksOptions {
@@ -102,6 +104,7 @@ impl TasksOptions {
             allow_private_webhooks: false,
             max_payload_bytes: 1 << 20,
             max_result_bytes: 10 << 20,
+            webhook_ca: None,
         }
     }
 }
@@ -115,6 +118,9 @@ pub enum TasksError {
     /// The upstream URL is not usable.
     #[error("task upstream {0:?} is not an http:// URL")]
     Upstream(String),
+    /// The webhook CA bundle could not be read.
+    #[error(transparent)]
+    WebhookCa(#[from] webhook::WebhookError),
 }
 
 /// The task subsystem of one gateway.
@@ -155,7 +161,11 @@ impl Tasks {
     ) -> Result<Arc<Self>, TasksError> {
         let upstream = scheduler::UpstreamClient::new(&options.upstream)
             .ok_or_else(|| TasksError::Upstream(options.upstream.clone()))?;
-        let hooks = scheduler::HookClient::new(options.allow_private_webhooks);
+        let roots = match &options.webhook_ca {
+            Some(path) => webhook::load_ca(path)?,
+            None => Vec::new(),
+        };
+        let hooks = scheduler::HookClient::new(options.allow_private_webhooks, &roots);
         Ok(Arc::new(Self {
             store,
             config: ArcSwap::from_pointee(GatewayConfig::empty()),

@@ -247,7 +247,7 @@ impl UpstreamClient {
 /// The client webhooks go through (SSRF-guarded).
 #[derive(Clone, Debug)]
 pub struct HookClient {
-    client: Client<HttpConnector<webhook::GuardedResolver>, Full<Bytes>>,
+    client: Client<webhook::HookConnector, Full<Bytes>>,
     allow_private: bool,
     slots: Arc<tokio::sync::Semaphore>,
     /// Deliveries in flight per key, so one key's slow or dead receiver holds at most
@@ -256,12 +256,13 @@ pub struct HookClient {
 }
 
 impl HookClient {
-    /// A client that refuses private addresses unless `allow_private`.
-    pub fn new(allow_private: bool) -> Self {
+    /// A client that refuses private addresses unless `allow_private`, and trusts the system's
+    /// CAs and `extra_roots` for https receivers.
+    pub fn new(allow_private: bool, extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> Self {
         Self {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
-                .build(webhook::connector(allow_private)),
+                .build(webhook::connector(allow_private, extra_roots)),
             allow_private,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_DELIVERIES)),
             per_key: Arc::default(),

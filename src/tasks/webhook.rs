@@ -9,7 +9,9 @@
 use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
+    path::Path,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -17,6 +19,7 @@ use std::{
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
+use rustls::pki_types::CertificateDer;
 use sha2::Sha256;
 
 /// Delays between delivery attempts after the first (the Standard Webhooks suggestion); each is
@@ -44,11 +47,14 @@ pub enum WebhookError {
     /// Not an absolute http(s) URL with a host.
     #[error("webhook.url {0:?} must be an absolute http:// or https:// URL with a host")]
     Url(String),
-    /// https is not delivered by this build.
-    #[error(
-        "webhook.url {0:?}: https webhooks are not delivered by this build yet; use http:// behind a TLS-terminating receiver"
-    )]
-    Https(String),
+    /// The extra CA bundle (`--webhook-ca`) could not be read.
+    #[error("--webhook-ca {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The address is private, loopback, link-local or a metadata address.
     #[error(
         "webhook.url {url:?} points at {addr}, a private, loopback or link-local address; the gateway refuses those unless started with --allow-private-webhooks"
@@ -157,8 +163,7 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<http::Uri, WebhookErr
     }
     let uri: http::Uri = url.parse().map_err(|_| bad())?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(WebhookError::Https(url.to_string())),
+        Some("http" | "https") => {}
         _ => return Err(bad()),
     }
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad)?;
@@ -222,12 +227,49 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
-/// The connector webhooks are sent through.
-pub fn connector(allow_private: bool) -> HttpConnector<GuardedResolver> {
-    let mut c = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
-    c.set_connect_timeout(Some(TIMEOUT));
-    c.set_nodelay(true);
-    c
+/// The connector webhooks are sent through: http or https (the system's roots and `extra_roots`),
+/// over the SSRF-guarded resolver either way.
+pub type HookConnector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+
+/// Builds the webhook connector.
+pub fn connector(allow_private: bool, extra_roots: &[CertificateDer<'static>]) -> HookConnector {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
+    http.set_connect_timeout(Some(TIMEOUT));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    // A system without a CA bundle still delivers http webhooks and those under `extra_roots`.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    roots.add_parsable_certificates(extra_roots.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// Reads a PEM bundle of CA certificates webhook receivers may be signed by, beside the
+/// system's (a private PKI, or a test's own CA).
+pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, WebhookError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |reason: String| WebhookError::Ca {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(certs)
 }
 
 /// The delay before attempt `attempt + 1` (attempts counted from 1), jittered, or `None` when
