@@ -17,8 +17,11 @@ cd "$(dirname "$0")/.."
 SUBMIT_N=${1:-50000}
 QUEUED_N=${2:-1000000}
 RUN_N=${3:-5000}
-cargo build --profile dist --locked --bin slotgate -q
-SG=$PWD/target/dist/slotgate
+# SG=path/to/slotgate compares another build (an A/B of two commits) without rebuilding.
+if [[ -z "${SG:-}" ]]; then
+  cargo build --profile dist --locked --bin slotgate -q
+  SG=$PWD/target/dist/slotgate
+fi
 source benches/common.sh
 
 SECRET=whsec_c2xvdGdhdGUtYmVuY2gtd2ViaG9vay1zZWNyZXQ=
@@ -128,7 +131,8 @@ t0=$(date +%s.%N)
 "$SG" up "$WORK/manifests" --listen 127.0.0.1:$P --admin-listen 127.0.0.1:$A \
   --data-dir "$WORK/data" >"$WORK/up2.log" 2>&1 &
 UP_PID=$!; PIDS+=($UP_PID)
-wait_port "$P"
+# Reading a million tasks back takes seconds: wait up to a minute, not wait_port's five.
+for _ in $(seq 1200); do (echo >/dev/tcp/127.0.0.1/"$P") 2>/dev/null && break; sleep 0.05; done
 t1=$(date +%s.%N)
 sleep 1
 echo "listening again after $(python3 -c "print(f'{$t1 - $t0:.2f}')") s; peak RSS $(awk '/VmHWM/ {print $2}' /proc/$UP_PID/status) kB, RSS now $(rss) kB"
