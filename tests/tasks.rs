@@ -427,6 +427,13 @@ fn manifests(dir: &Path, text: &str) {
     std::fs::rename(&tmp, dir.join("all.yaml")).unwrap();
 }
 
+/// A manifest folder holding `text`, and an empty data folder for the task store.
+fn folder(text: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    manifests(dir.path(), text);
+    (dir, tempfile::tempdir().unwrap())
+}
+
 /// `slotgate up DIR` in front of `upstream`, keeping tasks in `data`.
 fn up(dir: &Path, upstream: &str, data: &Path, extra: &[&str]) -> Proc {
     let mut args = vec![
@@ -683,16 +690,11 @@ async fn a_plan_upgrade_applies_to_the_queue_at_once() {
 async fn kill_9_mid_run_loses_no_task_and_runs_none_that_had_not_started_twice() {
     let upstream = Upstream::start().await;
     let receiver = Receiver::start("127.0.0.1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{WORK_TYPE}",
-            task_plan("startup", 25, "{maxQueued: 5000}"),
-            hook_key("alpha", "startup", Some(SECRET_A))
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 25, "{maxQueued: 5000}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
     let mut gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     let hook = receiver.url("/ok");
     let ids = submit_all(&gw, "tok-alpha", 1000, 16, |i| {
@@ -751,17 +753,12 @@ async fn kill_9_mid_run_loses_no_task_and_runs_none_that_had_not_started_twice()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_with_a_huge_backlog_does_not_delay_another_keys_first_task() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{}{WORK_TYPE}",
-            task_plan("startup", 25, "{maxQueued: 20000}"),
-            hook_key("alpha", "startup", Some(SECRET_A)),
-            hook_key("bravo", "startup", Some(SECRET_B))
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{}{WORK_TYPE}",
+        task_plan("startup", 25, "{maxQueued: 20000}"),
+        hook_key("alpha", "startup", Some(SECRET_A)),
+        hook_key("bravo", "startup", Some(SECRET_B))
+    ));
     let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     // Key A's tasks are held upstream until the test releases them: its 25 slots stay taken and
     // 9,975 stay queued, so B's task cannot be waiting for A's to finish.
@@ -801,19 +798,14 @@ async fn a_key_with_a_huge_backlog_does_not_delay_another_keys_first_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_submissions_get_their_code_and_store_nothing() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{}{}{}{WORK_TYPE}",
-            task_plan("startup", 25, "{maxQueued: 2}"),
-            plan_yaml("trial", "  concurrency:\n    maxConcurrentRequests: 1"),
-            hook_key("alpha", "startup", Some(SECRET_A)),
-            hook_key("nohook", "startup", None),
-            hook_key("trialkey", "trial", Some(SECRET_B)),
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{}{}{}{WORK_TYPE}",
+        task_plan("startup", 25, "{maxQueued: 2}"),
+        plan_yaml("trial", "  concurrency:\n    maxConcurrentRequests: 1"),
+        hook_key("alpha", "startup", Some(SECRET_A)),
+        hook_key("nohook", "startup", None),
+        hook_key("trialkey", "trial", Some(SECRET_B)),
+    ));
     let gw = up(
         dir.path(),
         &upstream.url(),
@@ -975,16 +967,11 @@ async fn bad_submissions_get_their_code_and_store_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_task_can_be_canceled_and_never_runs() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{WORK_TYPE}",
-            task_plan("startup", 1, "{}"),
-            hook_key("alpha", "startup", Some(SECRET_A))
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 1, "{}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
     let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     let ids = submit_all(&gw, "tok-alpha", 2, 1, |_| task_body(json!({"hold": true}), None)).await;
     wait_until("the first task running", || upstream.in_flight() == 1).await;
@@ -1061,16 +1048,11 @@ async fn private_webhook_urls_are_refused_without_the_flag() {
 async fn upstream_errors_retry_4xx_fails_and_webhooks_retry_until_delivered_or_gone() {
     let upstream = Upstream::start().await;
     let receiver = Receiver::start("127.0.0.1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{WORK_TYPE}",
-            task_plan("startup", 5, "{maxAttempts: 2}"),
-            hook_key("alpha", "startup", Some(SECRET_A))
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 5, "{maxAttempts: 2}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
     let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     let client = body_client();
     let submit = |payload: Value, hook: &str| {
@@ -1176,16 +1158,11 @@ async fn upstream_errors_retry_4xx_fails_and_webhooks_retry_until_delivered_or_g
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slotgate_load_tasks_submits_receives_and_verifies_every_webhook() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{WORK_TYPE}",
-            task_plan("startup", 10, "{}"),
-            hook_key("alpha", "startup", Some(SECRET_A))
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 10, "{}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
     let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     let load = |secret: &str, wait: &str| {
         let (url, secret, wait) = (gw.url(""), secret.to_string(), wait.to_string());
@@ -1238,17 +1215,12 @@ async fn a_dead_webhook_receiver_does_not_hold_up_another_keys_deliveries() {
             h.lock().unwrap().push(s);
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{}{WORK_TYPE}",
-            task_plan("startup", 25, "{}"),
-            hook_key("alpha", "startup", Some(SECRET_A)),
-            hook_key("bravo", "startup", Some(SECRET_B))
-        ),
-    );
+    let (dir, data) = folder(&format!(
+        "{}{}{}{WORK_TYPE}",
+        task_plan("startup", 25, "{}"),
+        hook_key("alpha", "startup", Some(SECRET_A)),
+        hook_key("bravo", "startup", Some(SECRET_B))
+    ));
     let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     // More hung deliveries than the gateway runs at once across keys.
     let a = submit_all(&gw, "tok-alpha", 600, 16, |_| {
@@ -1452,19 +1424,14 @@ async fn https_webhooks_are_delivered_to_receivers_the_gateway_trusts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submissions_count_against_the_rate_limit_and_tasks_wait_for_tokens() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    manifests(
-        dir.path(),
-        &format!(
-            "{}{}{WORK_TYPE}",
-            plan_yaml(
-                "metered",
-                "  concurrency:\n    maxConcurrentRequests: 5\n  rateLimit:\n    requestsPerSecond: 4\n    burst: 4\n    per: Endpoint\n    paths: [\"/v1/*\"]\n  tasks: {}"
-            ),
-            hook_key("alpha", "metered", Some(SECRET_A))
+    let (dir, data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        plan_yaml(
+            "metered",
+            "  concurrency:\n    maxConcurrentRequests: 5\n  rateLimit:\n    requestsPerSecond: 4\n    burst: 4\n    per: Endpoint\n    paths: [\"/v1/*\"]\n  tasks: {}"
         ),
-    );
+        hook_key("alpha", "metered", Some(SECRET_A))
+    ));
     let gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     let client = body_client();
     // The work endpoint's bucket is emptied by synchronous calls before any task can run.

@@ -196,44 +196,23 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
     let opts = Arc::new(opts);
 
     let progress = {
-        let shared = Arc::clone(&shared);
-        let opts = Arc::clone(&opts);
-        tokio::spawn(async move {
-            let tty = std::io::stderr().is_terminal();
-            let mut tick = tokio::time::interval(if tty {
-                Duration::from_millis(100)
-            } else {
-                Duration::from_secs(1)
-            });
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if !opts.progress {
-                    continue;
+        let (shared, opts) = (Arc::clone(&shared), Arc::clone(&opts));
+        spawn_progress(opts.progress, move || {
+            let (done, ok, refused) = (
+                shared.done.load(Ordering::Relaxed),
+                shared.ok.load(Ordering::Relaxed),
+                shared.refused.load(Ordering::Relaxed),
+            );
+            match opts.duration {
+                Some(d) => {
+                    let frac = (start.elapsed().as_secs_f64() / d.as_secs_f64()).min(1.0);
+                    format!("{} {done} done, {ok} ok, {refused} refused", bar(frac))
                 }
-                let (done, ok, refused) = (
-                    shared.done.load(Ordering::Relaxed),
-                    shared.ok.load(Ordering::Relaxed),
-                    shared.refused.load(Ordering::Relaxed),
-                );
-                let line = match opts.duration {
-                    Some(d) => {
-                        let frac = (start.elapsed().as_secs_f64() / d.as_secs_f64()).min(1.0);
-                        format!("{} {done} done, {ok} ok, {refused} refused", bar(frac))
-                    }
-                    None => format!(
-                        "{} {done}/{} done, {ok} ok, {refused} refused",
-                        bar(done as f64 / opts.requests.max(1) as f64),
-                        opts.requests
-                    ),
-                };
-                let mut err = std::io::stderr().lock();
-                if tty {
-                    let _ = write!(err, "\r{line}   ");
-                } else {
-                    let _ = writeln!(err, "{line}");
-                }
-                let _ = err.flush();
+                None => format!(
+                    "{} {done}/{} done, {ok} ok, {refused} refused",
+                    bar(done as f64 / opts.requests.max(1) as f64),
+                    opts.requests
+                ),
             }
         })
     };
@@ -317,6 +296,37 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
         duration_s: duration.as_secs_f64(),
         requests_per_second: total as f64 / duration.as_secs_f64().max(1e-9),
         latency_ms,
+    })
+}
+
+/// Prints `line()` on standard error while the run lasts: redrawn in place ten times a second on
+/// a terminal, a line a second otherwise. Nothing when not `enabled`.
+pub(crate) fn spawn_progress(
+    enabled: bool,
+    line: impl Fn() -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !enabled {
+            return;
+        }
+        let tty = std::io::stderr().is_terminal();
+        let mut tick = tokio::time::interval(if tty {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        });
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let line = line();
+            let mut err = std::io::stderr().lock();
+            let _ = if tty {
+                write!(err, "\r{line}   ")
+            } else {
+                writeln!(err, "{line}")
+            };
+            let _ = err.flush();
+        }
     })
 }
 

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
-    io::{IsTerminal, Write},
+    io::IsTerminal,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::{Latency, LoadError, percentiles};
+use super::{Latency, LoadError, percentiles, spawn_progress};
 use crate::tasks::webhook::Secret;
 
 /// Options of `slotgate load --tasks`.
@@ -165,7 +165,14 @@ pub async fn run(opts: TaskLoadOptions) -> Result<TaskSummary, LoadError> {
     let issued = Arc::new(AtomicU64::new(0));
     let accepted_n = Arc::new(AtomicU64::new(0));
     let opts = Arc::new(opts);
-    let progress = spawn_progress(Arc::clone(&opts), Arc::clone(&accepted_n), Arc::clone(&received));
+    let progress = {
+        let (accepted, received, total) = (Arc::clone(&accepted_n), Arc::clone(&received), opts.tasks);
+        spawn_progress(opts.progress, move || {
+            let a = accepted.load(Ordering::Relaxed);
+            let d = received.lock().unwrap_or_else(|e| e.into_inner()).first.len();
+            format!("{a}/{total} accepted, {d} webhooks")
+        })
+    };
     let workers: Vec<_> = (0..opts.concurrency)
         .map(|_| {
             let (client, opts, body) = (client.clone(), Arc::clone(&opts), body.clone());
@@ -354,36 +361,4 @@ async fn one_hook(
         r.first.insert(id.to_string(), (arrived, status));
     }
     StatusCode::NO_CONTENT
-}
-
-fn spawn_progress(
-    opts: Arc<TaskLoadOptions>,
-    accepted: Arc<AtomicU64>,
-    received: Arc<Mutex<Received>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let tty = std::io::stderr().is_terminal();
-        let mut tick = tokio::time::interval(if tty {
-            Duration::from_millis(100)
-        } else {
-            Duration::from_secs(1)
-        });
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            if !opts.progress {
-                continue;
-            }
-            let a = accepted.load(Ordering::Relaxed);
-            let d = received.lock().unwrap_or_else(|e| e.into_inner()).first.len();
-            let line = format!("{a}/{} accepted, {d} webhooks", opts.tasks);
-            let mut err = std::io::stderr().lock();
-            let _ = if tty {
-                write!(err, "\r{line}   ")
-            } else {
-                writeln!(err, "{line}")
-            };
-            let _ = err.flush();
-        }
-    })
 }
