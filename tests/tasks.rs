@@ -626,6 +626,10 @@ async fn three_hundred_tasks_on_a_25_slot_key_run_within_its_slots_and_every_web
     }
     assert_eq!(delivered, ids.iter().cloned().collect());
 
+    wait_for("the delivery recorded", 30, || async {
+        task(&gw, "tok-alpha", &ids[7]).await["task"]["webhook"]["status"] == "delivered"
+    })
+    .await;
     let t = task(&gw, "tok-alpha", &ids[7]).await;
     assert_eq!(t["task"]["status"], "completed");
     assert_eq!(t["task"]["attempts"], 1);
@@ -697,11 +701,17 @@ async fn kill_9_mid_run_loses_no_task_and_runs_none_that_had_not_started_twice()
     ));
     let mut gw = up(dir.path(), &upstream.url(), data.path(), &[]);
     let hook = receiver.url("/ok");
+    // The upstream holds the first tasks until every submission is in, so that a slow host
+    // cannot finish the run before the kill; after the release each task takes 100 ms.
     let ids = submit_all(&gw, "tok-alpha", 1000, 16, |i| {
-        task_body(json!({"prompt": format!("p{i}"), "delay_ms": 40}), Some(&hook))
+        task_body(
+            json!({"prompt": format!("p{i}"), "delay_ms": 100, "hold": true}),
+            Some(&hook),
+        )
     })
     .await;
     assert_eq!(ids.len(), 1000);
+    upstream.release();
     wait_until("a third of the run", || upstream.runs().len() >= 300).await;
     let in_flight_at_kill = upstream.in_flight();
     gw.child.kill().unwrap(); // SIGKILL: no shutdown code runs
@@ -1247,10 +1257,10 @@ async fn a_dead_webhook_receiver_does_not_hold_up_another_keys_deliveries() {
         .map(|t| t["webhook"]["attempts"].as_array().map_or(0, Vec::len))
         .sum();
     assert_eq!(attempts, 0, "B's webhook waited for A's to time out");
-    assert_eq!(
-        task(&gw, "tok-bravo", &b[0]).await["task"]["webhook"]["status"],
-        "delivered"
-    );
+    wait_for("B's delivery recorded", 30, || async {
+        task(&gw, "tok-bravo", &b[0]).await["task"]["webhook"]["status"] == "delivered"
+    })
+    .await;
     assert!(
         held.lock().unwrap().len() <= 32,
         "one key holds at most 32 deliveries: {} connections",
@@ -1366,9 +1376,13 @@ async fn https_webhooks_are_delivered_to_receivers_the_gateway_trusts() {
         &["--webhook-ca", ca.to_str().unwrap()],
     );
     let id = submit(&gw).await;
-    wait_for("the https webhook", 30, || async { receiver.count() == 1 }).await;
-    let t = task(&gw, "tok-alpha", &id).await;
-    assert_eq!(t["task"]["webhook"]["status"], "delivered", "{t}");
+    // The receiver counts a call before the gateway has read its answer, so wait for the
+    // delivery the gateway recorded.
+    wait_for("the https webhook delivered", 30, || async {
+        task(&gw, "tok-alpha", &id).await["task"]["webhook"]["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(receiver.count(), 1);
     assert_eq!(verify_with_reference(SECRET_A, &receiver.hooks()), 1);
     drop(gw);
 
