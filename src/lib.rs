@@ -76,3 +76,45 @@ pub fn host_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
+
+/// Backoff of every Kubernetes watch (controller and gateway): from 250 ms, doubling with
+/// jitter, capped at 2 s, and reset by the first event that gets through. kube's default grows
+/// to 30 s and resets only after two quiet minutes, so after an API server outage the next change
+/// could wait half a minute for a watch to wake up.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+/// The first delay and the cap of [`WatchBackoff`].
+const WATCH_BACKOFF: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_secs(2),
+);
+
+/// A fresh [`WatchBackoff`].
+pub fn watch_backoff() -> WatchBackoff {
+    WatchBackoff {
+        next: WATCH_BACKOFF.0,
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(WATCH_BACKOFF.1);
+        // Up to a quarter less, so that many replicas do not reconnect in step.
+        let mut b = [0u8; 2];
+        let _ = getrandom::fill(&mut b);
+        let jitter = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) * 0.25;
+        Some(delay.mul_f64(1.0 - jitter))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF.0;
+    }
+}

@@ -341,8 +341,13 @@ fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runt
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLOTGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: piped into a file, `kubectl logs` or a collector, escape codes
+    // are noise (NO_COLOR turns them off on a terminal too).
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if std::env::var("SLOTGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

@@ -462,3 +462,61 @@ async fn a_second_controller_takes_over_when_the_leader_dies() {
     assert_eq!(second.1.leader.get(), 1);
     assert_calls_declared(&api);
 }
+
+/// The API server goes away for `outage`; a plan upgrade and a new key made the moment it is
+/// back are enforced by the gateway within seconds (kube's default watch backoff had grown to
+/// 30 s by then).
+async fn a_change_right_after_an_outage_is_enforced_within_seconds(outage: Duration) {
+    let api = FakeApi::start().await;
+    let stub = Stub::start().await;
+    api.apply("apiplans", plan("startup", 2));
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("the configuration index", || config_version(&api) > 0).await;
+    let gw = api.start_gateway(NS, "gw-0", &stub.url());
+    wait_for("the gateway's report", || {
+        api.reported_version(NS, "gw-0") >= config_version(&api)
+    })
+    .await;
+
+    api.set_down(true);
+    tokio::time::sleep(outage).await;
+    let r = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
+    assert_eq!(r.status, StatusCode::OK, "the last good configuration serves");
+    api.set_down(false);
+    let back = Instant::now();
+    api.apply("apiplans", plan("startup", 7));
+    api.apply("secrets", secret("new-token", "tok-new"));
+    api.apply("apikeys", key("new", "startup", Some("new-token")));
+    let deadline = back + Duration::from_secs(15);
+    loop {
+        let upgraded = get(&gw.url("/v1/x"), &[("x-api-key", "tok-acme")]).await;
+        let added = get(&gw.url("/v1/x"), &[("x-api-key", "tok-new")]).await;
+        if upgraded.num("x-concurrent-limit") == 7 && added.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change after a {outage:?} outage was not enforced within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "after a {outage:?} outage: upgrade and new key enforced {:?} after the API returned",
+        back.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_right_after_a_10_second_outage_is_enforced_within_seconds() {
+    a_change_right_after_an_outage_is_enforced_within_seconds(Duration::from_secs(10)).await;
+}
+
+// Open (issue 20): after 60 s down the change is not enforced within 15 s yet; run with
+// `--ignored` while working on it.
+#[ignore = "issue 20: recovery after a 60 s outage is still slower than 15 s"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_right_after_a_60_second_outage_is_enforced_within_seconds() {
+    a_change_right_after_an_outage_is_enforced_within_seconds(Duration::from_secs(60)).await;
+}

@@ -162,137 +162,55 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     let mut token_owner: HashMap<String, String> = HashMap::new();
     let mut out_keys = BTreeMap::new();
     let mut key_reports = BTreeMap::new();
+    // Only the plans the objects define: a plan kept for some key (last known good) admits no
+    // other key, whatever order they are compiled in.
+    let valid: BTreeMap<String, CompiledPlan> = out_plans.clone();
 
     for (key, id) in sorted_keys {
         let namespace = key.namespace().unwrap_or_default();
         let secret = key.token_ref();
         let token = match tokens.lookup(&namespace, &secret.name, &secret.key) {
-            TokenState::SecretNotFound => Err(ConditionSpec::fail(
-                TOKEN_READY,
-                SECRET_NOT_FOUND,
-                format!(
-                    "Secret {namespace}/{} does not exist; create it with the token in entry {:?}",
-                    secret.name, secret.key
-                ),
-            )),
-            TokenState::Empty => Err(ConditionSpec::fail(
-                TOKEN_READY,
-                TOKEN_EMPTY,
-                format!(
-                    "Secret {namespace}/{} has no token in entry {:?}; put the token there",
-                    secret.name, secret.key
-                ),
-            )),
+            TokenState::SecretNotFound => Token::SecretNotFound,
+            TokenState::Empty => Token::Empty,
             TokenState::Hash(hash) => match token_owner.get(hash) {
-                Some(owner) => Err(ConditionSpec::fail(
-                    TOKEN_READY,
-                    DUPLICATE_TOKEN,
-                    format!(
-                        "the token is already used by ApiKey {owner}, which is older; give this key its own token"
-                    ),
-                )),
+                Some(owner) => Token::Duplicate(owner),
                 None => {
                     token_owner.insert(hash.to_string(), id.clone());
-                    Ok(hash.to_string())
+                    Token::Owner(hash)
                 }
             },
         };
-        let token_condition = match &token {
-            Ok(_) => ConditionSpec::ok(
-                TOKEN_READY,
-                TOKEN_FOUND,
-                format!("token read from Secret {}", secret.name),
-            ),
-            Err(c) => c.clone(),
+        let plan = plan_state(&valid, &plan_reports, &key.spec.plan);
+        let last = previous_by_id.get(id.as_str()).copied();
+        let plan_of = |name: &str| {
+            valid
+                .get(name)
+                .or_else(|| previous.and_then(|p| p.plans.get(name)))
         };
-
-        let plan_name = &key.spec.plan;
-        let plan_condition = if out_plans.contains_key(plan_name) {
-            ConditionSpec::ok(PLAN_RESOLVED, RESOLVED, format!("on plan {plan_name}"))
-        } else if plan_reports.contains_key(plan_name) {
-            ConditionSpec::fail(
-                PLAN_RESOLVED,
-                PLAN_NOT_FOUND,
-                format!("plan {plan_name} exists but is invalid; fix the ApiPlan"),
-            )
-        } else {
-            ConditionSpec::fail(
-                PLAN_RESOLVED,
-                PLAN_NOT_FOUND,
-                format!("ApiPlan {plan_name} does not exist; create it or move the key to an existing plan"),
-            )
-        };
-
-        let compiled = CompiledKey {
-            id: id.clone(),
-            plan: plan_name.clone(),
-            overrides: key.spec.overrides.clone(),
-            suspended: key.spec.suspended,
-            expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
-        };
-
-        let (admitted, ready) = match (token, plan_condition.status) {
-            (Err(c), _) => (
-                None,
-                ConditionSpec::fail(READY, c.reason, format!("not admitted: {}", c.message)),
-            ),
-            (Ok(hash), true) => {
-                let ready = key_ready(&compiled, &out_plans[plan_name]);
-                (Some((hash, compiled)), ready)
+        let decided = decide_key(
+            KeyFacts::of(key, &id),
+            &namespace,
+            &secret,
+            token,
+            plan,
+            last,
+            &plan_of,
+        );
+        if let Some((hash, k)) = decided.admitted {
+            if !out_plans.contains_key(&k.plan)
+                && let Some(old) = previous.and_then(|p| p.plans.get(&k.plan))
+            {
+                out_plans.insert(
+                    k.plan.clone(),
+                    CompiledPlan {
+                        retained: true,
+                        ..old.clone()
+                    },
+                );
             }
-            (Ok(hash), false) => match previous_by_id.get(id.as_str()) {
-                // Last known good: the key keeps serving on the plan it was last compiled with.
-                Some(last) => {
-                    let kept = (*last).clone();
-                    let kept_plan = kept.plan.clone();
-                    if !out_plans.contains_key(&kept_plan)
-                        && let Some(old) = previous.and_then(|p| p.plans.get(&kept_plan))
-                    {
-                        out_plans.insert(
-                            kept_plan.clone(),
-                            CompiledPlan {
-                                retained: true,
-                                ..old.clone()
-                            },
-                        );
-                    }
-                    let message = format!(
-                        "{}; still admitted with the limits of plan {kept_plan} it was last compiled with",
-                        plan_condition.message
-                    );
-                    (
-                        Some((hash, kept)),
-                        ConditionSpec::fail(READY, PLAN_NOT_FOUND, message),
-                    )
-                }
-                None => (
-                    None,
-                    ConditionSpec::fail(
-                        READY,
-                        PLAN_NOT_FOUND,
-                        format!("not admitted: {}", plan_condition.message),
-                    ),
-                ),
-            },
-        };
-
-        let effective = admitted.as_ref().and_then(|(_, k)| {
-            out_plans
-                .get(&k.plan)
-                .map(|p| KeyLimits::resolve(p, k.overrides.as_ref()).effective())
-        });
-        let is_admitted = admitted.is_some();
-        if let Some((hash, k)) = admitted {
             out_keys.insert(hash, k);
         }
-        key_reports.insert(
-            id,
-            KeyReport {
-                admitted: is_admitted,
-                effective,
-                conditions: vec![plan_condition, token_condition, ready],
-            },
-        );
+        key_reports.insert(id, decided.report);
     }
 
     let mut config = GatewayConfig {
@@ -320,6 +238,189 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         plans: plan_reports,
         keys: key_reports,
         keys_digest,
+    }
+}
+
+/// What compile reads of one ApiKey's spec, owned or borrowed.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct KeyFacts {
+    /// `namespace/name`.
+    pub id: String,
+    /// The plan the spec names.
+    pub plan: String,
+    /// Overrides of the plan's limits.
+    pub overrides: Option<crate::api::LimitOverrides>,
+    /// Suspended.
+    pub suspended: bool,
+    /// Expiry, Unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+impl KeyFacts {
+    pub(super) fn of(key: &ApiKey, id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            plan: key.spec.plan.clone(),
+            overrides: key.spec.overrides.clone(),
+            suspended: key.spec.suspended,
+            expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
+        }
+    }
+
+    fn compiled(&self) -> CompiledKey {
+        CompiledKey {
+            id: self.id.clone(),
+            plan: self.plan.clone(),
+            overrides: self.overrides.clone(),
+            suspended: self.suspended,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// A key's token as compile sees it, duplicates resolved.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Token<'a> {
+    SecretNotFound,
+    Empty,
+    /// An older key (this id) has the same token.
+    Duplicate(&'a str),
+    /// The key's token digest, which no older key has.
+    Owner(&'a str),
+}
+
+/// The plan a key names, as compile sees it.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum PlanState<'a> {
+    Valid(&'a CompiledPlan),
+    Invalid,
+    Missing,
+}
+
+pub(super) fn plan_state<'a, R>(
+    valid: &'a BTreeMap<String, CompiledPlan>,
+    defined: &BTreeMap<String, R>,
+    name: &str,
+) -> PlanState<'a> {
+    match valid.get(name) {
+        Some(p) => PlanState::Valid(p),
+        None if defined.contains_key(name) => PlanState::Invalid,
+        None => PlanState::Missing,
+    }
+}
+
+/// One key's outcome: admitted (token digest and entry) or not, and its status.
+pub(super) struct Decided {
+    pub admitted: Option<(String, CompiledKey)>,
+    pub report: KeyReport,
+}
+
+/// Decides one key from its spec, its token, its plan and the entry it was last compiled with
+/// (`last`). `plan_of` finds the plan a kept entry is on (a defined one, or the one last
+/// published). The full [`compile`] and the incremental one both decide keys here.
+pub(super) fn decide_key<'p>(
+    key: KeyFacts,
+    namespace: &str,
+    secret: &crate::api::SecretKeyRef,
+    token: Token<'_>,
+    plan: PlanState<'_>,
+    last: Option<&CompiledKey>,
+    plan_of: &dyn Fn(&str) -> Option<&'p CompiledPlan>,
+) -> Decided {
+    use reason::*;
+    let token = match token {
+        Token::SecretNotFound => Err(ConditionSpec::fail(
+            TOKEN_READY,
+            SECRET_NOT_FOUND,
+            format!(
+                "Secret {namespace}/{} does not exist; create it with the token in entry {:?}",
+                secret.name, secret.key
+            ),
+        )),
+        Token::Empty => Err(ConditionSpec::fail(
+            TOKEN_READY,
+            TOKEN_EMPTY,
+            format!(
+                "Secret {namespace}/{} has no token in entry {:?}; put the token there",
+                secret.name, secret.key
+            ),
+        )),
+        Token::Duplicate(owner) => Err(ConditionSpec::fail(
+            TOKEN_READY,
+            DUPLICATE_TOKEN,
+            format!(
+                "the token is already used by ApiKey {owner}, which is older; give this key its own token"
+            ),
+        )),
+        Token::Owner(hash) => Ok(hash.to_string()),
+    };
+    let token_condition = match &token {
+        Ok(_) => ConditionSpec::ok(
+            TOKEN_READY,
+            TOKEN_FOUND,
+            format!("token read from Secret {}", secret.name),
+        ),
+        Err(c) => c.clone(),
+    };
+
+    let plan_name = &key.plan;
+    let plan_condition = match plan {
+        PlanState::Valid(_) => ConditionSpec::ok(PLAN_RESOLVED, RESOLVED, format!("on plan {plan_name}")),
+        PlanState::Invalid => ConditionSpec::fail(
+            PLAN_RESOLVED,
+            PLAN_NOT_FOUND,
+            format!("plan {plan_name} exists but is invalid; fix the ApiPlan"),
+        ),
+        PlanState::Missing => ConditionSpec::fail(
+            PLAN_RESOLVED,
+            PLAN_NOT_FOUND,
+            format!("ApiPlan {plan_name} does not exist; create it or move the key to an existing plan"),
+        ),
+    };
+
+    let (admitted, ready) = match (token, plan) {
+        (Err(c), _) => (
+            None,
+            ConditionSpec::fail(READY, c.reason, format!("not admitted: {}", c.message)),
+        ),
+        (Ok(hash), PlanState::Valid(p)) => {
+            let compiled = key.compiled();
+            let ready = key_ready(&compiled, p);
+            (Some((hash, compiled)), ready)
+        }
+        (Ok(hash), _) => match last {
+            // Last known good: the key keeps serving on the plan it was last compiled with.
+            Some(last) => {
+                let message = format!(
+                    "{}; still admitted with the limits of plan {} it was last compiled with",
+                    plan_condition.message, last.plan
+                );
+                (
+                    Some((hash, last.clone())),
+                    ConditionSpec::fail(READY, PLAN_NOT_FOUND, message),
+                )
+            }
+            None => (
+                None,
+                ConditionSpec::fail(
+                    READY,
+                    PLAN_NOT_FOUND,
+                    format!("not admitted: {}", plan_condition.message),
+                ),
+            ),
+        },
+    };
+
+    let effective = admitted
+        .as_ref()
+        .and_then(|(_, k)| plan_of(&k.plan).map(|p| KeyLimits::resolve(p, k.overrides.as_ref()).effective()));
+    Decided {
+        report: KeyReport {
+            admitted: admitted.is_some(),
+            effective,
+            conditions: vec![plan_condition, token_condition, ready],
+        },
+        admitted,
     }
 }
 

@@ -187,26 +187,13 @@ impl KeyLimits {
     }
 }
 
-/// SHA-256 (hex) of a key set's canonical JSON: the part of [`GatewayConfig::content_hash`]
-/// that a plan change leaves alone.
+/// Digest of a key set: the part of [`GatewayConfig::content_hash`] that a plan change leaves
+/// alone. Made of the digests of its shards ([`pieces::combine_digests`]), so that whoever
+/// changed one shard (the incremental compile) or read one (a gateway) hashes that shard alone.
 pub fn keys_digest(keys: &BTreeMap<String, CompiledKey>) -> String {
-    let mut hasher = Sha256::new();
-    serde_json::to_writer(HashWriter(&mut hasher), keys).expect("keys serialise");
-    hex::encode(hasher.finalize())
-}
-
-/// Feeds serialised bytes straight into a hasher (100,000 keys make tens of megabytes of JSON).
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    let data = pieces::shard_data(keys);
+    let digests: Vec<String> = data.iter().map(|d| pieces::shard_digest(d)).collect();
+    pieces::combine_digests(digests.iter().map(String::as_str))
 }
 
 impl GatewayConfig {

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{CompiledKey, CompiledPlan, ConfigError, GatewayConfig, SCHEMA_VERSION, keys_digest};
+use super::{CompiledKey, CompiledPlan, ConfigError, GatewayConfig, SCHEMA_VERSION};
 
 /// Label on every configuration object; its value is the configuration's name.
 pub const CONFIG_LABEL: &str = "slotgate.dev/config";
@@ -82,11 +82,6 @@ pub fn shard_count(keys: usize) -> usize {
     keys.div_ceil(KEYS_PER_SHARD).max(1).next_power_of_two()
 }
 
-fn shard_of(digest: &str, count: usize) -> usize {
-    let prefix = u32::from_str_radix(digest.get(..8).unwrap_or("0"), 16).unwrap_or(0);
-    prefix as usize % count
-}
-
 fn sha256_hex(data: &str) -> String {
     hex::encode(Sha256::digest(data.as_bytes()))
 }
@@ -103,20 +98,68 @@ pub fn split(config: &GatewayConfig, base: &str) -> Vec<Piece> {
 /// The key shards of a configuration. They depend on its keys only, so a caller whose keys did
 /// not change (a plan upgrade) can keep the shards it has and build a new [`index`].
 pub fn shards(config: &GatewayConfig, base: &str) -> Vec<Piece> {
-    let count = shard_count(config.keys.len());
-    let mut parts: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
-    for (digest, key) in config.keys.iter() {
-        parts[shard_of(digest, count)].insert(digest, key);
-    }
-    parts
-        .iter()
+    let data = shard_data(&config.keys);
+    let count = data.len();
+    data.into_iter()
         .enumerate()
-        .map(|(i, keys)| Piece {
-            name: format!("{base}-keys-{i}-of-{count}"),
+        .map(|(i, data)| Piece {
+            name: shard_name(base, i, count),
             entry: SHARD_ENTRY,
-            data: serde_json::to_string(keys).expect("keys serialise"),
+            data,
         })
         .collect()
+}
+
+/// The JSON of each key shard, in shard order: what [`shards`] writes and what
+/// [`super::keys_digest`] hashes.
+pub fn shard_data(keys: &BTreeMap<String, CompiledKey>) -> Vec<String> {
+    let count = shard_count(keys.len());
+    let mut parts: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
+    for (digest, key) in keys {
+        parts[shard_of(digest, count)].insert(digest, key);
+    }
+    parts.iter().map(shard_json).collect()
+}
+
+/// One shard's JSON: its keys by token digest, in digest order.
+pub fn shard_json<K: Serialize>(keys: &K) -> String {
+    serde_json::to_string(keys).expect("keys serialise")
+}
+
+/// Object name of shard `i` of `count`.
+pub fn shard_name(base: &str, i: usize, count: usize) -> String {
+    format!("{base}-keys-{i}-of-{count}")
+}
+
+/// Which shard of `count` a key with this token digest goes to.
+pub fn shard_of(digest: &str, count: usize) -> usize {
+    let prefix = u32::from_str_radix(digest.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    prefix as usize % count
+}
+
+/// SHA-256 (hex) of a shard's JSON: the digest the index gives it.
+pub fn shard_digest(data: &str) -> String {
+    sha256_hex(data)
+}
+
+/// The digest of a key set from its shards' digests (in any order): whoever has the shard
+/// digests, as an index names them, has the keys' digest without reading a key.
+pub fn combine_digests<'a>(digests: impl IntoIterator<Item = &'a str>) -> String {
+    let mut all: Vec<&str> = digests.into_iter().collect();
+    all.sort_unstable();
+    let mut hasher = Sha256::new();
+    for d in all {
+        hasher.update(d.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// `(i, count)` of a shard object's name, [`shard_name`]'s inverse.
+fn shard_number(name: &str) -> Option<(usize, usize)> {
+    let (rest, count) = name.rsplit_once("-of-")?;
+    let (_, i) = rest.rsplit_once("-keys-")?;
+    Some((i.parse().ok()?, count.parse().ok()?))
 }
 
 /// The index object of a configuration whose keys are in `shards`.
@@ -154,7 +197,7 @@ pub struct Assembled {
     pub config: GatewayConfig,
     /// Shard names and digests it was assembled from.
     shards: BTreeMap<String, String>,
-    /// [`keys_digest`] of its keys.
+    /// [`super::keys_digest`] of its keys.
     keys_digest: String,
 }
 
@@ -174,17 +217,37 @@ pub fn assemble_from<'a>(
         Some(last) if last.shards == index.shards => {
             (Arc::clone(&last.config.keys), last.keys_digest.clone())
         }
+        // The same shards with some of them changed (a key added, removed or rotated): only those
+        // are read and parsed; the other keys are taken from the last assembly.
+        Some(last) if last.shards.keys().eq(index.shards.keys()) => {
+            let changed: Vec<(&String, &String)> = index
+                .shards
+                .iter()
+                .filter(|(name, digest)| last.shards.get(*name) != Some(digest))
+                .collect();
+            let mut parts = Vec::with_capacity(changed.len());
+            let mut numbers = std::collections::HashSet::new();
+            for (name, digest) in changed {
+                let part = read_shard(&shard, name, digest)?;
+                let (i, _) = shard_number(name).ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
+                numbers.insert(i);
+                parts.push(part);
+            }
+            let count = index.shards.len();
+            let mut keys = (*last.config.keys).clone();
+            keys.retain(|digest, _| !numbers.contains(&shard_of(digest, count)));
+            for part in parts {
+                keys.extend(part);
+            }
+            let digest = combine_digests(index.shards.values().map(String::as_str));
+            (Arc::new(keys), digest)
+        }
         _ => {
             let mut keys = BTreeMap::new();
             for (name, digest) in &index.shards {
-                let data = shard(name)
-                    .filter(|d| sha256_hex(d) == *digest)
-                    .ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
-                let part: BTreeMap<String, CompiledKey> =
-                    serde_json::from_str(data).map_err(ConfigError::Parse)?;
-                keys.extend(part);
+                keys.extend(read_shard(&shard, name, digest)?);
             }
-            let digest = keys_digest(&keys);
+            let digest = combine_digests(index.shards.values().map(String::as_str));
             (Arc::new(keys), digest)
         }
     };
@@ -202,6 +265,18 @@ pub fn assemble_from<'a>(
         shards: index.shards,
         keys_digest,
     })
+}
+
+/// One shard's keys, if the data at hand is the version the index names.
+fn read_shard<'a>(
+    shard: &impl Fn(&str) -> Option<&'a str>,
+    name: &str,
+    digest: &str,
+) -> Result<BTreeMap<String, CompiledKey>, AssembleError> {
+    let data = shard(name)
+        .filter(|d| sha256_hex(d) == digest)
+        .ok_or_else(|| AssembleError::Incomplete(name.to_string()))?;
+    Ok(serde_json::from_str(data).map_err(ConfigError::Parse)?)
 }
 
 #[cfg(test)]

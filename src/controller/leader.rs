@@ -87,7 +87,9 @@ pub async fn run(api: Api<Lease>, e: Election, leading: watch::Sender<bool>) {
     let every = e.duration / 3;
     let mut last_renewed = tokio::time::Instant::now();
     loop {
-        match try_lead(&api, &e).await {
+        let outcome = try_lead(&api, &e).await;
+        let failing = outcome.is_err();
+        match outcome {
             Ok(lead) => {
                 if lead {
                     last_renewed = tokio::time::Instant::now();
@@ -111,6 +113,13 @@ pub async fn run(api: Api<Lease>, e: Election, leading: watch::Sender<bool>) {
                 }
             }
         }
-        tokio::time::sleep(every).await;
+        // While the Lease cannot be reached, try again within a second: leadership (and with it
+        // the next change) comes back as soon as the API server does.
+        let delay = if failing {
+            every.min(Duration::from_secs(1))
+        } else {
+            every
+        };
+        tokio::time::sleep(delay).await;
     }
 }

@@ -194,7 +194,8 @@ fn reflect(
             + 'static,
     {
         let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(writer, watcher(api, cfg).modify(keep)).default_backoff();
+        let stream =
+            reflector::reflector(writer, watcher(api, cfg).modify(keep)).backoff(crate::watch_backoff());
         tasks.0.push(tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut down = false;
@@ -448,7 +449,9 @@ pub async fn run(
                             shell.metrics.reconciled("all", "error", started.elapsed());
                             tracing::warn!(error = %e, retry_in = ?backoff, "reconcile failed");
                             tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(60));
+                            // Capped low: a pass that failed during an API outage must not
+                            // keep the first change after it waiting.
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
                             continue;
                         }
                     }

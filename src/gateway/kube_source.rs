@@ -59,7 +59,7 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
     let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
     let reporter = tokio::spawn(report_loop(Arc::clone(&gateway), leases.clone(), opts.clone()));
     let config = watcher::Config::default().labels(&format!("{CONFIG_LABEL}={}", opts.name));
-    let mut events = watcher(maps, config).default_backoff().boxed();
+    let mut events = watcher(maps, config).backoff(crate::watch_backoff()).boxed();
     let origin = format!("configmap {}/{}", opts.namespace, opts.name);
     let mut data: HashMap<String, String> = HashMap::new();
     let mut init: Option<HashMap<String, String>> = None;
