@@ -520,3 +520,23 @@ async fn a_change_right_after_a_10_second_outage_is_enforced_within_seconds() {
 async fn a_change_right_after_a_60_second_outage_is_enforced_within_seconds() {
     a_change_right_after_an_outage_is_enforced_within_seconds(Duration::from_secs(60)).await;
 }
+
+#[test]
+fn controller_logs_piped_into_a_file_carry_no_colour_codes() {
+    // No cluster to reach: the controller logs why and stops; its stderr is a pipe here.
+    let out = std::process::Command::new(common::SLOTGATE)
+        .args(["controller", "--namespace", NS, "--admin-listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("SLOTGATE_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let all = [out.stdout, out.stderr].concat();
+    assert!(!all.is_empty(), "the controller said something");
+    assert!(
+        !all.contains(&0x1b),
+        "escape codes in piped logs: {}",
+        String::from_utf8_lossy(&all)
+    );
+}
