@@ -376,8 +376,9 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
     assert_calls_declared(&api);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects_and_api_outages() {
+/// Key `acme` (token `tok-acme`) on a 2-slot plan, a controller, and a gateway in front of a
+/// stub that enforces what the controller published.
+async fn acme_on_two_slots_behind_a_gateway() -> (FakeApi, Stub, Controller, Proc) {
     let api = FakeApi::start().await;
     let stub = Stub::start().await;
     api.apply("apiplans", plan("startup", 2));
@@ -390,6 +391,12 @@ async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects
         api.reported_version(NS, "gw-0") >= config_version(&api)
     })
     .await;
+    (api, stub, ctl, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_keeps_its_last_good_configuration_through_malformed_objects_and_api_outages() {
+    let (api, _stub, ctl, gw) = acme_on_two_slots_behind_a_gateway().await;
     let good = config_version(&api);
 
     // Someone overwrites the index with garbage: refused, counted, the last good one serves, and
@@ -467,18 +474,7 @@ async fn a_second_controller_takes_over_when_the_leader_dies() {
 /// back are enforced by the gateway within seconds (kube's default watch backoff had grown to
 /// 30 s by then).
 async fn a_change_right_after_an_outage_is_enforced_within_seconds(outage: Duration) {
-    let api = FakeApi::start().await;
-    let stub = Stub::start().await;
-    api.apply("apiplans", plan("startup", 2));
-    api.apply("secrets", secret("acme-token", "tok-acme"));
-    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
-    let _ctl = start_controller(&api, "ctl-0");
-    wait_for("the configuration index", || config_version(&api) > 0).await;
-    let gw = api.start_gateway(NS, "gw-0", &stub.url());
-    wait_for("the gateway's report", || {
-        api.reported_version(NS, "gw-0") >= config_version(&api)
-    })
-    .await;
+    let (api, _stub, _ctl, gw) = acme_on_two_slots_behind_a_gateway().await;
 
     api.set_down(true);
     tokio::time::sleep(outage).await;

@@ -165,6 +165,11 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     // Only the plans the objects define: a plan kept for some key (last known good) admits no
     // other key, whatever order they are compiled in.
     let valid: BTreeMap<String, CompiledPlan> = out_plans.clone();
+    let plan_of = |name: &str| {
+        valid
+            .get(name)
+            .or_else(|| previous.and_then(|p| p.plans.get(name)))
+    };
 
     for (key, id) in sorted_keys {
         let namespace = key.namespace().unwrap_or_default();
@@ -182,13 +187,14 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         };
         let plan = plan_state(&valid, &plan_reports, &key.spec.plan);
         let last = previous_by_id.get(id.as_str()).copied();
-        let plan_of = |name: &str| {
-            valid
-                .get(name)
-                .or_else(|| previous.and_then(|p| p.plans.get(name)))
-        };
         let decided = decide_key(
-            KeyFacts::of(key, &id),
+            CompiledKey {
+                id: id.clone(),
+                plan: key.spec.plan.clone(),
+                overrides: key.spec.overrides.clone(),
+                suspended: key.spec.suspended,
+                expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
+            },
             &namespace,
             &secret,
             token,
@@ -241,46 +247,9 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     }
 }
 
-/// What compile reads of one ApiKey's spec, owned or borrowed.
-#[derive(Clone, Debug, PartialEq)]
-pub(super) struct KeyFacts {
-    /// `namespace/name`.
-    pub id: String,
-    /// The plan the spec names.
-    pub plan: String,
-    /// Overrides of the plan's limits.
-    pub overrides: Option<crate::api::LimitOverrides>,
-    /// Suspended.
-    pub suspended: bool,
-    /// Expiry, Unix seconds.
-    pub expires_at: Option<i64>,
-}
-
-impl KeyFacts {
-    pub(super) fn of(key: &ApiKey, id: &str) -> Self {
-        Self {
-            id: id.to_string(),
-            plan: key.spec.plan.clone(),
-            overrides: key.spec.overrides.clone(),
-            suspended: key.spec.suspended,
-            expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
-        }
-    }
-
-    fn compiled(&self) -> CompiledKey {
-        CompiledKey {
-            id: self.id.clone(),
-            plan: self.plan.clone(),
-            overrides: self.overrides.clone(),
-            suspended: self.suspended,
-            expires_at: self.expires_at,
-        }
-    }
-}
-
 /// A key's token as compile sees it, duplicates resolved.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum Token<'a> {
+enum Token<'a> {
     SecretNotFound,
     Empty,
     /// An older key (this id) has the same token.
@@ -291,13 +260,13 @@ pub(super) enum Token<'a> {
 
 /// The plan a key names, as compile sees it.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum PlanState<'a> {
+enum PlanState<'a> {
     Valid(&'a CompiledPlan),
     Invalid,
     Missing,
 }
 
-pub(super) fn plan_state<'a, R>(
+fn plan_state<'a, R>(
     valid: &'a BTreeMap<String, CompiledPlan>,
     defined: &BTreeMap<String, R>,
     name: &str,
@@ -310,16 +279,16 @@ pub(super) fn plan_state<'a, R>(
 }
 
 /// One key's outcome: admitted (token digest and entry) or not, and its status.
-pub(super) struct Decided {
-    pub admitted: Option<(String, CompiledKey)>,
-    pub report: KeyReport,
+struct Decided {
+    admitted: Option<(String, CompiledKey)>,
+    report: KeyReport,
 }
 
 /// Decides one key from its spec, its token, its plan and the entry it was last compiled with
 /// (`last`). `plan_of` finds the plan a kept entry is on (a defined one, or the one last
-/// published). The full [`compile`] and the incremental one both decide keys here.
-pub(super) fn decide_key<'p>(
-    key: KeyFacts,
+/// published). `key` is the entry its spec gives.
+fn decide_key<'p>(
+    key: CompiledKey,
     namespace: &str,
     secret: &crate::api::SecretKeyRef,
     token: Token<'_>,
@@ -363,7 +332,7 @@ pub(super) fn decide_key<'p>(
         Err(c) => c.clone(),
     };
 
-    let plan_name = &key.plan;
+    let plan_name = key.plan.clone();
     let plan_condition = match plan {
         PlanState::Valid(_) => ConditionSpec::ok(PLAN_RESOLVED, RESOLVED, format!("on plan {plan_name}")),
         PlanState::Invalid => ConditionSpec::fail(
@@ -384,9 +353,8 @@ pub(super) fn decide_key<'p>(
             ConditionSpec::fail(READY, c.reason, format!("not admitted: {}", c.message)),
         ),
         (Ok(hash), PlanState::Valid(p)) => {
-            let compiled = key.compiled();
-            let ready = key_ready(&compiled, p);
-            (Some((hash, compiled)), ready)
+            let ready = key_ready(&key, p);
+            (Some((hash, key)), ready)
         }
         (Ok(hash), _) => match last {
             // Last known good: the key keeps serving on the plan it was last compiled with.
