@@ -249,7 +249,7 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
 
 /// A key's token as compile sees it, duplicates resolved.
 #[derive(Clone, Copy, Debug)]
-enum Token<'a> {
+pub(super) enum Token<'a> {
     SecretNotFound,
     Empty,
     /// An older key (this id) has the same token.
@@ -260,13 +260,13 @@ enum Token<'a> {
 
 /// The plan a key names, as compile sees it.
 #[derive(Clone, Copy, Debug)]
-enum PlanState<'a> {
+pub(super) enum PlanState<'a> {
     Valid(&'a CompiledPlan),
     Invalid,
     Missing,
 }
 
-fn plan_state<'a, R>(
+pub(super) fn plan_state<'a, R>(
     valid: &'a BTreeMap<String, CompiledPlan>,
     defined: &BTreeMap<String, R>,
     name: &str,
@@ -279,15 +279,15 @@ fn plan_state<'a, R>(
 }
 
 /// One key's outcome: admitted (token digest and entry) or not, and its status.
-struct Decided {
-    admitted: Option<(String, CompiledKey)>,
-    report: KeyReport,
+pub(super) struct Decided {
+    pub(super) admitted: Option<(String, CompiledKey)>,
+    pub(super) report: KeyReport,
 }
 
 /// Decides one key from its spec, its token, its plan and the entry it was last compiled with
 /// (`last`). `plan_of` finds the plan a kept entry is on (a defined one, or the one last
 /// published). `key` is the entry its spec gives.
-fn decide_key<'p>(
+pub(super) fn decide_key<'p>(
     key: CompiledKey,
     namespace: &str,
     secret: &crate::api::SecretKeyRef,
@@ -431,7 +431,7 @@ pub fn compile_plans_only<P: Borrow<ApiPlan>>(
     Some(config)
 }
 
-fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {
+pub(super) fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {
     let spec = &plan.spec;
     let concurrency = spec.concurrency.as_ref().map(|c| SlotLimit {
         max: c.max_concurrent_requests,
@@ -471,7 +471,7 @@ fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {
     })
 }
 
-fn plan_ready(plan: &CompiledPlan) -> ConditionSpec {
+pub(super) fn plan_ready(plan: &CompiledPlan) -> ConditionSpec {
     use reason::*;
     match (&plan.concurrency, &plan.rate_limit) {
         (Some(c), _) if c.max == 0 => ConditionSpec::ok(

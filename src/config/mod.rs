@@ -6,6 +6,7 @@
 //! indexed by the SHA-256 of their token; raw tokens never enter this module.
 
 mod compile;
+pub mod incremental;
 pub mod pieces;
 pub mod tasks;
 mod tokens;

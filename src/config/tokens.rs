@@ -50,6 +50,22 @@ impl TokenHashes {
             .insert(entry.to_string(), Some(hash.to_string()));
     }
 
+    /// Replaces one Secret's entries with hashes already made (`None`: a blank entry), as an
+    /// index fed by watch events keeps them.
+    pub fn set_hashes(&mut self, namespace: &str, name: &str, entries: HashMap<String, Option<String>>) {
+        *self.entries_mut(namespace, name) = entries;
+    }
+
+    /// Forgets one Secret.
+    pub fn remove_secret(&mut self, namespace: &str, name: &str) {
+        if let Some(names) = self.secrets.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                self.secrets.remove(namespace);
+            }
+        }
+    }
+
     fn entries_mut(&mut self, namespace: &str, name: &str) -> &mut HashMap<String, Option<String>> {
         self.secrets
             .entry(namespace.to_string())

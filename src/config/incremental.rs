@@ -1,0 +1,583 @@
+//! The incremental compile: [`compile`](super::compile) kept up to date by events instead of run
+//! over every object.
+//!
+//! The controller feeds it what its watches see (a plan, a key or a token Secret added, changed
+//! or gone) and asks for the next configuration. Only the keys an event can affect are decided
+//! again: the key itself, the keys reading a changed Secret, the keys on a changed plan, and the
+//! keys that share a token with one of those (who owns a token can move). Only the shards whose
+//! keys changed are serialised and hashed again, and the content hash is made of the shard
+//! digests ([`super::keys_digest`]), so one key added to 100,000 costs one shard.
+//!
+//! The output is, byte for byte, what [`compile_with_tasks`](super::compile_with_tasks) gives
+//! for the same objects with the last output as `previous` (a property test holds it to that).
+//! Pure, like `compile`: no clock, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use super::{
+    CompiledKey, CompiledPlan, CompiledTaskType, GatewayConfig, KeyReport, PlanReport, SCHEMA_VERSION,
+    TokenHashes, TokenState,
+    compile::{Token, compile_plan, decide_key, plan_ready, plan_state, reason},
+    pieces::{self, INDEX_ENTRY, Index, Piece, SHARD_ENTRY},
+};
+use crate::api::{ApiKey, ApiPlan, ConditionSpec, SecretKeyRef};
+
+/// What compile reads of one ApiKey.
+#[derive(Clone, Debug)]
+struct KeyIn {
+    namespace: String,
+    secret: SecretKeyRef,
+    /// The entry its spec gives (id, plan, overrides, suspension, expiry).
+    entry: CompiledKey,
+    /// Creation time: of two keys with one token, the older keeps it.
+    created: Option<Timestamp>,
+}
+
+impl KeyIn {
+    fn of(key: &ApiKey) -> Self {
+        Self {
+            namespace: key.namespace().unwrap_or_default(),
+            secret: key.token_ref(),
+            entry: CompiledKey {
+                id: key.id(),
+                plan: key.spec.plan.clone(),
+                overrides: key.spec.overrides.clone(),
+                suspended: key.spec.suspended,
+                expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
+            },
+            created: key.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        }
+    }
+
+    fn secret_id(&self) -> (String, String) {
+        (self.namespace.clone(), self.secret.name.clone())
+    }
+}
+
+/// One key as last decided.
+#[derive(Clone, Debug)]
+struct Out {
+    admitted: Option<(String, CompiledKey)>,
+    report: KeyReport,
+}
+
+/// One shard: its keys by token digest and, once serialised, its JSON and digest.
+#[derive(Clone, Debug, Default)]
+struct Shard {
+    keys: BTreeMap<String, CompiledKey>,
+    json: String,
+    digest: String,
+}
+
+/// The head of the last output: everything but the keys, which live in the shards.
+#[derive(Clone, Debug)]
+struct Head {
+    version: u64,
+    hash: String,
+    plans: BTreeMap<String, CompiledPlan>,
+    keys_digest: String,
+}
+
+/// The index compile keeps between events; see the module documentation.
+#[derive(Debug, Default)]
+pub struct Incremental {
+    plans: BTreeMap<String, Result<CompiledPlan, String>>,
+    task_types: BTreeMap<String, CompiledTaskType>,
+    keys: HashMap<String, KeyIn>,
+    tokens: TokenHashes,
+    /// Key ids by the Secret they read, `(namespace, name)`.
+    by_secret: HashMap<(String, String), BTreeSet<String>>,
+    /// Key ids by the plan their spec names.
+    by_plan: HashMap<String, BTreeSet<String>>,
+    /// Keys by token digest, oldest first: the first owns the token.
+    claims: HashMap<String, BTreeSet<(Option<Timestamp>, String)>>,
+    /// The digest each key claims, to withdraw the claim when its Secret or the key changes.
+    claim_of: HashMap<String, (Option<Timestamp>, String)>,
+    /// Keys kept as last known good on a plan other than the one their spec names, by that plan:
+    /// their reports read it.
+    kept_on: HashMap<String, BTreeSet<String>>,
+    /// Each key as last decided (also a removed key until the next compile, as `previous` has it).
+    out: HashMap<String, Out>,
+    /// Admitted entries per plan: plans only kept for keys are in the output while this is > 0.
+    entry_plans: HashMap<String, usize>,
+    shards: Vec<Shard>,
+    dirty_shards: BTreeSet<usize>,
+    admitted: usize,
+    /// Keys to decide again at the next compile.
+    dirty: HashSet<String>,
+    /// Plan reports, rebuilt at each compile (a few plans).
+    plan_reports: BTreeMap<String, PlanReport>,
+    head: Option<Head>,
+    /// Entries of a configuration published before this index existed (an earlier leader's):
+    /// `previous` for the first compile.
+    seed: HashMap<String, CompiledKey>,
+}
+
+impl Incremental {
+    /// An empty index whose first compile continues `previous` (the configuration published
+    /// already, if any): its version sequence, and its entries as last known good.
+    pub fn new(previous: Option<&GatewayConfig>) -> Self {
+        let mut s = Self::default();
+        if let Some(p) = previous {
+            s.seed = p.keys.values().map(|k| (k.id.clone(), k.clone())).collect();
+            s.head = Some(Head {
+                version: p.version,
+                hash: p.hash.clone(),
+                plans: p.plans.clone(),
+                keys_digest: super::keys_digest(&p.keys),
+            });
+        }
+        s
+    }
+
+    /// A plan added or changed.
+    pub fn apply_plan(&mut self, plan: &ApiPlan) {
+        let name = plan.name_any();
+        let compiled = compile_plan(plan);
+        if self.plans.get(&name) != Some(&compiled) {
+            self.plans.insert(name.clone(), compiled);
+            self.plan_changed(&name);
+        }
+    }
+
+    /// A plan gone.
+    pub fn remove_plan(&mut self, name: &str) {
+        if self.plans.remove(name).is_some() {
+            self.plan_changed(name);
+        }
+    }
+
+    /// Replaces every plan with `plans` (a relist), as a change of each that differs.
+    pub fn set_plans<P: std::borrow::Borrow<ApiPlan>>(&mut self, plans: &[P]) {
+        let names: BTreeSet<String> = plans.iter().map(|p| p.borrow().name_any()).collect();
+        let gone: Vec<String> = self
+            .plans
+            .keys()
+            .filter(|n| !names.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove_plan(&name);
+        }
+        for plan in plans {
+            self.apply_plan(plan.borrow());
+        }
+    }
+
+    fn plan_changed(&mut self, name: &str) {
+        let on = self.by_plan.get(name).into_iter().flatten();
+        let kept = self.kept_on.get(name).into_iter().flatten();
+        self.dirty.extend(on.chain(kept).cloned());
+    }
+
+    /// The async task types, already compiled ([`super::tasks::compile_task_types`]).
+    pub fn set_task_types(&mut self, task_types: BTreeMap<String, CompiledTaskType>) {
+        self.task_types = task_types;
+    }
+
+    /// A key added or changed.
+    pub fn apply_key(&mut self, key: &ApiKey) {
+        let new = KeyIn::of(key);
+        let id = new.entry.id.clone();
+        if let Some(old) = self.keys.get(&id)
+            && old.entry == new.entry
+            && old.created == new.created
+            && old.namespace == new.namespace
+            && old.secret == new.secret
+        {
+            return;
+        }
+        self.forget_key(&id);
+        self.by_secret
+            .entry(new.secret_id())
+            .or_default()
+            .insert(id.clone());
+        self.by_plan
+            .entry(new.entry.plan.clone())
+            .or_default()
+            .insert(id.clone());
+        self.keys.insert(id.clone(), new);
+        self.claim(&id);
+        self.dirty.insert(id);
+    }
+
+    /// A key gone, by `namespace/name`.
+    pub fn remove_key(&mut self, id: &str) {
+        if self.keys.contains_key(id) {
+            self.forget_key(id);
+            self.dirty.insert(id.to_string());
+        }
+    }
+
+    /// Withdraws a key from the indexes (its last decision stays until the next compile).
+    fn forget_key(&mut self, id: &str) {
+        let Some(old) = self.keys.remove(id) else { return };
+        self.unclaim(id);
+        remove_from(&mut self.by_secret, &old.secret_id(), id);
+        remove_from(&mut self.by_plan, &old.entry.plan, id);
+    }
+
+    /// A token Secret added or changed, as the SHA-256 of each entry (`None`: blank).
+    pub fn apply_secret(&mut self, namespace: &str, name: &str, entries: HashMap<String, Option<String>>) {
+        self.tokens.set_hashes(namespace, name, entries);
+        self.secret_changed(namespace, name);
+    }
+
+    /// A token Secret gone.
+    pub fn remove_secret(&mut self, namespace: &str, name: &str) {
+        self.tokens.remove_secret(namespace, name);
+        self.secret_changed(namespace, name);
+    }
+
+    fn secret_changed(&mut self, namespace: &str, name: &str) {
+        let readers: Vec<String> = self
+            .by_secret
+            .get(&(namespace.to_string(), name.to_string()))
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for id in readers {
+            self.unclaim(&id);
+            self.claim(&id);
+            self.dirty.insert(id);
+        }
+    }
+
+    /// Records the token digest key `id` reads, if any; every key sharing it is decided again.
+    fn claim(&mut self, id: &str) {
+        let Some(k) = self.keys.get(id) else { return };
+        let TokenState::Hash(hash) = self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) else {
+            return;
+        };
+        let hash = hash.to_string();
+        let set = self.claims.entry(hash.clone()).or_default();
+        set.insert((k.created, id.to_string()));
+        self.dirty.extend(set.iter().map(|(_, id)| id.clone()));
+        self.claim_of.insert(id.to_string(), (k.created, hash));
+    }
+
+    fn unclaim(&mut self, id: &str) {
+        let Some((created, hash)) = self.claim_of.remove(id) else {
+            return;
+        };
+        if let Some(set) = self.claims.get_mut(&hash) {
+            set.remove(&(created, id.to_string()));
+            self.dirty.extend(set.iter().map(|(_, id)| id.clone()));
+            if set.is_empty() {
+                self.claims.remove(&hash);
+            }
+        }
+    }
+
+    /// Decides the keys events touched, reserialises the shards whose keys changed and makes the
+    /// next head. Returns whether the content changed (the version grew).
+    pub fn compile(&mut self) -> bool {
+        let previous = self.head.clone();
+        let valid: BTreeMap<String, CompiledPlan> = self
+            .plans
+            .iter()
+            .filter_map(|(n, p)| p.as_ref().ok().map(|p| (n.clone(), p.clone())))
+            .collect();
+        self.plan_reports = self
+            .plans
+            .iter()
+            .map(|(name, p)| {
+                let ready = match p {
+                    Ok(p) => plan_ready(p),
+                    Err(why) => ConditionSpec::fail(reason::READY, reason::INVALID_SPEC, why.clone()),
+                };
+                let keys = self.by_plan.get(name).map_or(0, BTreeSet::len) as u32;
+                (
+                    name.clone(),
+                    PlanReport {
+                        keys,
+                        conditions: vec![ready],
+                    },
+                )
+            })
+            .collect();
+        let previous_plans = previous.as_ref().map(|h| &h.plans);
+        let plan_of = |name: &str| {
+            valid
+                .get(name)
+                .or_else(|| previous_plans.and_then(|p| p.get(name)))
+        };
+
+        let mut changed: Vec<(
+            String,
+            Option<(String, CompiledKey)>,
+            Option<(String, CompiledKey)>,
+        )> = Vec::new();
+        let seed = std::mem::take(&mut self.seed);
+        for id in std::mem::take(&mut self.dirty) {
+            let last_out = self.out.get(&id);
+            let last = last_out
+                .and_then(|o| o.admitted.as_ref().map(|(_, k)| k))
+                .or_else(|| seed.get(&id));
+            let Some(k) = self.keys.get(&id) else {
+                if let Some(old) = self.out.remove(&id) {
+                    changed.push((id, old.admitted, None));
+                }
+                continue;
+            };
+            let token = match self.claim_of.get(&id) {
+                None => match self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) {
+                    TokenState::SecretNotFound => Token::SecretNotFound,
+                    _ => Token::Empty,
+                },
+                Some((_, hash)) => {
+                    let owner = self
+                        .claims
+                        .get(hash)
+                        .and_then(|s| s.first())
+                        .map(|(_, o)| o.as_str());
+                    match owner {
+                        Some(o) if o != id => Token::Duplicate(o),
+                        _ => Token::Owner(hash),
+                    }
+                }
+            };
+            let plan = plan_state(&valid, &self.plans, &k.entry.plan);
+            let decided = decide_key(
+                k.entry.clone(),
+                &k.namespace,
+                &k.secret,
+                token,
+                plan,
+                last,
+                &plan_of,
+            );
+            let before = last_out.and_then(|o| o.admitted.clone());
+            let after = decided.admitted.clone();
+            self.out.insert(
+                id.clone(),
+                Out {
+                    admitted: decided.admitted,
+                    report: decided.report,
+                },
+            );
+            if before != after {
+                changed.push((id, before, after));
+            }
+        }
+        for (id, before, after) in changed {
+            let spec_plan = self.keys.get(&id).map(|k| k.entry.plan.clone());
+            if let Some((hash, entry)) = before {
+                self.admitted -= 1;
+                if let Some(n) = self.entry_plans.get_mut(&entry.plan) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.entry_plans.remove(&entry.plan);
+                    }
+                }
+                remove_from(&mut self.kept_on, &entry.plan, &id);
+                self.remove_entry(&hash, &id);
+            }
+            if let Some((hash, entry)) = after {
+                self.admitted += 1;
+                *self.entry_plans.entry(entry.plan.clone()).or_default() += 1;
+                if spec_plan.as_deref() != Some(entry.plan.as_str()) {
+                    self.kept_on
+                        .entry(entry.plan.clone())
+                        .or_default()
+                        .insert(id.clone());
+                }
+                self.insert_entry(hash, entry);
+            }
+        }
+
+        let count = pieces::shard_count(self.admitted);
+        if count != self.shards.len() {
+            let all: Vec<(String, CompiledKey)> = self.shards.drain(..).flat_map(|s| s.keys).collect();
+            self.shards = vec![Shard::default(); count];
+            for (hash, entry) in all {
+                self.shards[pieces::shard_of(&hash, count)]
+                    .keys
+                    .insert(hash, entry);
+            }
+            self.dirty_shards = (0..count).collect();
+        }
+        for i in std::mem::take(&mut self.dirty_shards) {
+            let shard = &mut self.shards[i];
+            shard.json = pieces::shard_json(&shard.keys);
+            shard.digest = pieces::shard_digest(&shard.json);
+        }
+
+        // Plans only kept for keys (last known good) stay, marked, with what was last published.
+        let mut plans = valid;
+        for name in self.entry_plans.keys() {
+            if !plans.contains_key(name)
+                && let Some(old) = previous_plans.and_then(|p| p.get(name))
+            {
+                plans.insert(
+                    name.clone(),
+                    CompiledPlan {
+                        retained: true,
+                        ..old.clone()
+                    },
+                );
+            }
+        }
+        let keys_digest = pieces::combine_digests(self.shards.iter().map(|s| s.digest.as_str()));
+        let mut head = GatewayConfig {
+            schema: SCHEMA_VERSION,
+            version: 0,
+            hash: String::new(),
+            plans,
+            keys: std::sync::Arc::default(),
+            task_types: self.task_types.clone(),
+        };
+        let hash = head.content_hash_with(&keys_digest);
+        let version = match &previous {
+            Some(p) if p.hash == hash => p.version,
+            Some(p) => p.version + 1,
+            None => 1,
+        };
+        head.hash = hash;
+        self.head = Some(Head {
+            version,
+            hash: head.hash,
+            plans: head.plans,
+            keys_digest,
+        });
+        previous.is_none_or(|p| p.version != version)
+    }
+
+    fn insert_entry(&mut self, hash: String, entry: CompiledKey) {
+        let count = self.shards.len().max(1);
+        if self.shards.is_empty() {
+            self.shards.push(Shard::default());
+        }
+        let i = pieces::shard_of(&hash, count);
+        self.shards[i].keys.insert(hash, entry);
+        self.dirty_shards.insert(i);
+    }
+
+    fn remove_entry(&mut self, hash: &str, id: &str) {
+        let count = self.shards.len();
+        if count == 0 {
+            return;
+        }
+        let i = pieces::shard_of(hash, count);
+        // Another key may have taken the digest over in the same compile.
+        if self.shards[i].keys.get(hash).is_some_and(|k| k.id == id) {
+            self.shards[i].keys.remove(hash);
+            self.dirty_shards.insert(i);
+        }
+    }
+
+    /// Configuration version of the last compile (0 before the first).
+    pub fn version(&self) -> u64 {
+        self.head.as_ref().map_or(0, |h| h.version)
+    }
+
+    /// Content hash of the last compile.
+    pub fn hash(&self) -> &str {
+        self.head.as_ref().map_or("", |h| h.hash.as_str())
+    }
+
+    /// Digest of the last compile's keys ([`super::keys_digest`]).
+    pub fn keys_digest(&self) -> &str {
+        self.head.as_ref().map_or("", |h| h.keys_digest.as_str())
+    }
+
+    /// Plans of the last compile, kept ones included.
+    pub fn plans(&self) -> &BTreeMap<String, CompiledPlan> {
+        static EMPTY: BTreeMap<String, CompiledPlan> = BTreeMap::new();
+        self.head.as_ref().map_or(&EMPTY, |h| &h.plans)
+    }
+
+    /// Admitted keys of the last compile.
+    pub fn admitted(&self) -> usize {
+        self.admitted
+    }
+
+    /// Status of every plan, as [`super::Compiled::plans`].
+    pub fn plan_reports(&self) -> &BTreeMap<String, PlanReport> {
+        &self.plan_reports
+    }
+
+    /// Status of one key, as [`super::Compiled::keys`] has it.
+    pub fn key_report(&self, id: &str) -> Option<&KeyReport> {
+        self.out.get(id).map(|o| &o.report)
+    }
+
+    /// Status of every key, in id order (what [`super::Compiled::keys`] holds).
+    pub fn key_reports(&self) -> BTreeMap<&str, &KeyReport> {
+        self.out.iter().map(|(id, o)| (id.as_str(), &o.report)).collect()
+    }
+
+    /// The admitted entry of one key.
+    pub fn entry(&self, id: &str) -> Option<&CompiledKey> {
+        self.out.get(id).and_then(|o| o.admitted.as_ref().map(|(_, k)| k))
+    }
+
+    /// The objects to write, as [`pieces::split`] cuts the same configuration: shards, then the
+    /// index (named `base`). Empty before the first compile.
+    pub fn pieces(&self, base: &str) -> Vec<Piece> {
+        let count = self.shards.len();
+        let mut out: Vec<Piece> = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Piece {
+                name: pieces::shard_name(base, i, count),
+                entry: SHARD_ENTRY,
+                data: s.json.clone(),
+            })
+            .collect();
+        let index = Index {
+            schema: SCHEMA_VERSION,
+            version: self.version(),
+            hash: self.hash().to_string(),
+            plans: self.plans().clone(),
+            shards: out
+                .iter()
+                .zip(&self.shards)
+                .map(|(p, s)| (p.name.clone(), s.digest.clone()))
+                .collect(),
+            task_types: self.task_types.clone(),
+        };
+        out.push(Piece {
+            name: base.to_string(),
+            entry: INDEX_ENTRY,
+            data: serde_json::to_string(&index).expect("index serialises"),
+        });
+        out
+    }
+
+    /// The whole configuration of the last compile, keys copied out of the shards: for a caller
+    /// that needs it in one piece (a test, the first publish).
+    pub fn config(&self) -> GatewayConfig {
+        let head = self.head.as_ref();
+        GatewayConfig {
+            schema: SCHEMA_VERSION,
+            version: self.version(),
+            hash: self.hash().to_string(),
+            plans: head.map(|h| h.plans.clone()).unwrap_or_default(),
+            keys: std::sync::Arc::new(self.shards.iter().flat_map(|s| s.keys.clone()).collect()),
+            task_types: self.task_types.clone(),
+        }
+    }
+}
+
+fn remove_from<K, Q>(map: &mut HashMap<K, BTreeSet<String>>, k: &Q, id: &str)
+where
+    K: std::hash::Hash + Eq + std::borrow::Borrow<Q>,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(set) = map.get_mut(k) {
+        set.remove(id);
+        if set.is_empty() {
+            map.remove(k);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "incremental_tests.rs"]
+mod tests;
