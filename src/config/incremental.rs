@@ -108,6 +108,9 @@ pub struct Incremental {
     admitted: usize,
     /// Keys to decide again at the next compile.
     dirty: HashSet<String>,
+    /// Plans whose limits changed (valid before and after) since the key reports were last
+    /// brought up to date ([`Incremental::refresh_reports`]).
+    stale_reports: BTreeSet<String>,
     /// Plan reports, rebuilt at each compile (a few plans).
     plan_reports: BTreeMap<String, PlanReport>,
     head: Option<Head>,
@@ -137,9 +140,14 @@ impl Incremental {
     pub fn apply_plan(&mut self, plan: &ApiPlan) {
         let name = plan.name_any();
         let compiled = compile_plan(plan);
-        if self.plans.get(&name) != Some(&compiled) {
-            self.plans.insert(name.clone(), compiled);
-            self.plan_changed(&name);
+        match self.plans.insert(name.clone(), compiled.clone()) {
+            Some(old) if old == compiled => {}
+            // Valid before and after: every entry stays as it is (an entry names its plan, it
+            // does not copy it); only the statuses of the keys on it read the new limits.
+            Some(Ok(_)) if compiled.is_ok() => {
+                self.stale_reports.insert(name);
+            }
+            _ => self.plan_changed(&name),
         }
     }
 
@@ -277,11 +285,7 @@ impl Incremental {
     /// next head. Returns whether the content changed (the version grew).
     pub fn compile(&mut self) -> bool {
         let previous = self.head.clone();
-        let valid: BTreeMap<String, CompiledPlan> = self
-            .plans
-            .iter()
-            .filter_map(|(n, p)| p.as_ref().ok().map(|p| (n.clone(), p.clone())))
-            .collect();
+        let valid = self.valid_plans();
         self.plan_reports = self
             .plans
             .iter()
@@ -320,27 +324,14 @@ impl Incremental {
                 .or_else(|| seed.get(&id));
             let Some(k) = self.keys.get(&id) else {
                 if let Some(old) = self.out.remove(&id) {
+                    if let Some((_, b)) = &old.admitted {
+                        remove_from(&mut self.kept_on, &b.plan, &id);
+                    }
                     changed.push((id, old.admitted, None));
                 }
                 continue;
             };
-            let token = match self.claim_of.get(&id) {
-                None => match self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) {
-                    TokenState::SecretNotFound => Token::SecretNotFound,
-                    _ => Token::Empty,
-                },
-                Some((_, hash)) => {
-                    let owner = self
-                        .claims
-                        .get(hash)
-                        .and_then(|s| s.first())
-                        .map(|(_, o)| o.as_str());
-                    match owner {
-                        Some(o) if o != id => Token::Duplicate(o),
-                        _ => Token::Owner(hash),
-                    }
-                }
-            };
+            let token = self.token_of(&id, k);
             let plan = plan_state(&valid, &self.plans, &k.entry.plan);
             let decided = decide_key(
                 k.entry.clone(),
@@ -353,6 +344,15 @@ impl Incremental {
             );
             let before = last_out.and_then(|o| o.admitted.clone());
             let after = decided.admitted.clone();
+            // Kept on another plan than its spec names: the spec can move while the entry stays.
+            if let Some((_, b)) = &before {
+                remove_from(&mut self.kept_on, &b.plan, &id);
+            }
+            if let Some((_, a)) = &after
+                && a.plan != k.entry.plan
+            {
+                self.kept_on.entry(a.plan.clone()).or_default().insert(id.clone());
+            }
             self.out.insert(
                 id.clone(),
                 Out {
@@ -365,7 +365,6 @@ impl Incremental {
             }
         }
         for (id, before, after) in changed {
-            let spec_plan = self.keys.get(&id).map(|k| k.entry.plan.clone());
             if let Some((hash, entry)) = before {
                 self.admitted -= 1;
                 if let Some(n) = self.entry_plans.get_mut(&entry.plan) {
@@ -374,18 +373,11 @@ impl Incremental {
                         self.entry_plans.remove(&entry.plan);
                     }
                 }
-                remove_from(&mut self.kept_on, &entry.plan, &id);
                 self.remove_entry(&hash, &id);
             }
             if let Some((hash, entry)) = after {
                 self.admitted += 1;
                 *self.entry_plans.entry(entry.plan.clone()).or_default() += 1;
-                if spec_plan.as_deref() != Some(entry.plan.as_str()) {
-                    self.kept_on
-                        .entry(entry.plan.clone())
-                        .or_default()
-                        .insert(id.clone());
-                }
                 self.insert_entry(hash, entry);
             }
         }
@@ -470,6 +462,92 @@ impl Incremental {
         }
     }
 
+    /// Decides again the keys on plans whose limits changed, for their statuses: the part of a
+    /// plan upgrade that grows with its keys, kept out of [`Incremental::compile`] so that the
+    /// gateways get the upgrade first. Their entries come out the same. Returns how many keys
+    /// it decided.
+    pub fn refresh_reports(&mut self) -> usize {
+        let plans = std::mem::take(&mut self.stale_reports);
+        let ids: BTreeSet<String> = plans
+            .iter()
+            .flat_map(|p| {
+                let on = self.by_plan.get(p).into_iter().flatten();
+                on.chain(self.kept_on.get(p).into_iter().flatten())
+            })
+            .cloned()
+            .collect();
+        let valid = self.valid_plans();
+        let previous_plans = self.head.as_ref().map(|h| &h.plans);
+        let plan_of = |name: &str| {
+            valid
+                .get(name)
+                .or_else(|| previous_plans.and_then(|p| p.get(name)))
+        };
+        let mut decided_now = Vec::new();
+        for id in ids {
+            let (Some(k), Some(out)) = (self.keys.get(&id), self.out.get(&id)) else {
+                continue;
+            };
+            let token = self.token_of(&id, k);
+            let plan = plan_state(&valid, &self.plans, &k.entry.plan);
+            let last = out.admitted.as_ref().map(|(_, k)| k);
+            let decided = decide_key(
+                k.entry.clone(),
+                &k.namespace,
+                &k.secret,
+                token,
+                plan,
+                last,
+                &plan_of,
+            );
+            debug_assert_eq!(
+                decided.admitted, out.admitted,
+                "a plan's limits do not move entries"
+            );
+            decided_now.push((id, decided.report));
+        }
+        let n = decided_now.len();
+        for (id, report) in decided_now {
+            if let Some(out) = self.out.get_mut(&id) {
+                out.report = report;
+            }
+        }
+        n
+    }
+
+    fn valid_plans(&self) -> BTreeMap<String, CompiledPlan> {
+        self.plans
+            .iter()
+            .filter_map(|(n, p)| p.as_ref().ok().map(|p| (n.clone(), p.clone())))
+            .collect()
+    }
+
+    /// A key's token as compile sees it: duplicates resolved by the claims.
+    fn token_of<'a>(&'a self, id: &str, k: &KeyIn) -> Token<'a> {
+        match self.claim_of.get(id) {
+            None => match self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) {
+                TokenState::SecretNotFound => Token::SecretNotFound,
+                _ => Token::Empty,
+            },
+            Some((_, hash)) => {
+                let owner = self
+                    .claims
+                    .get(hash)
+                    .and_then(|s| s.first())
+                    .map(|(_, o)| o.as_str());
+                match owner {
+                    Some(o) if o != id => Token::Duplicate(o),
+                    _ => Token::Owner(hash),
+                }
+            }
+        }
+    }
+
+    /// What a token Secret entry holds, as compile reads it.
+    pub fn token(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
+        self.tokens.lookup(namespace, name, entry)
+    }
+
     /// Configuration version of the last compile (0 before the first).
     pub fn version(&self) -> u64 {
         self.head.as_ref().map_or(0, |h| h.version)
@@ -506,7 +584,8 @@ impl Incremental {
         self.out.get(id).map(|o| &o.report)
     }
 
-    /// Status of every key, in id order (what [`super::Compiled::keys`] holds).
+    /// Status of every key, in id order (what [`super::Compiled::keys`] holds). Keys on a plan
+    /// whose limits changed read the new limits once [`Incremental::refresh_reports`] ran.
     pub fn key_reports(&self) -> BTreeMap<&str, &KeyReport> {
         self.out.iter().map(|(id, o)| (id.as_str(), &o.report)).collect()
     }

@@ -234,6 +234,7 @@ fn check(ops: &[Op], compile_every: usize) -> Result<(), TestCaseError> {
         let keys: Vec<&ApiKey> = world.keys.values().collect();
         let full = compile_with_tasks(&plans, &keys, &world.tokens(), BTreeMap::new(), previous.as_ref());
         let changed = index.compile();
+        index.refresh_reports();
         prop_assert_eq!(
             changed,
             previous.as_ref().is_none_or(|p| p.version != full.config.version),
