@@ -77,6 +77,16 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
+/// A Kubernetes client for `config` without kube's built-in retry of 429/503/504: that retry
+/// doubles from 5 ms up to 15 times inside one call, so during a minute-long API server outage a
+/// single watch or Lease call sleeps for over a minute and the first change after the outage
+/// waits for it. Every caller here retries on its own, with short, capped delays
+/// ([`watch_backoff`], the leader's one-second retry, the reconcile pass's 2 s).
+pub fn kube_client(mut config: kube::Config) -> Result<kube::Client, kube::Error> {
+    config.default_retry = false;
+    kube::Client::try_from(config)
+}
+
 /// Backoff of every Kubernetes watch (controller and gateway): from 250 ms, doubling with
 /// jitter, capped at 2 s, and reset by the first event that gets through. kube's default grows
 /// to 30 s and resets only after two quiet minutes, so after an API server outage the next change

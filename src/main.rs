@@ -238,9 +238,10 @@ struct KubeArgs {
 
 impl KubeArgs {
     async fn connect(&self) -> anyhow::Result<(kube::Client, String, String)> {
-        let client = kube::Client::try_default().await.context(
+        let config = kube::Config::infer().await.context(
             "cannot reach the Kubernetes API (no in-cluster service account and no usable kubeconfig)",
         )?;
+        let client = slotgate::kube_client(config).context("cannot build a Kubernetes client")?;
         let ns = self
             .namespace
             .clone()

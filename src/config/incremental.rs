@@ -57,10 +57,13 @@ impl KeyIn {
     }
 }
 
+/// An admitted key: its token digest and its entry.
+type Admitted = (String, CompiledKey);
+
 /// One key as last decided.
 #[derive(Clone, Debug)]
 struct Out {
-    admitted: Option<(String, CompiledKey)>,
+    admitted: Option<Admitted>,
     report: KeyReport,
 }
 
@@ -117,6 +120,11 @@ pub struct Incremental {
     /// Entries of a configuration published before this index existed (an earlier leader's):
     /// `previous` for the first compile.
     seed: HashMap<String, CompiledKey>,
+    /// Per admitted key: the version since which its entry and its plan's limits are unchanged
+    /// (what a gateway reporting that version or later enforces for it).
+    since: HashMap<String, u64>,
+    /// Keys the last compile decided (their status may have changed).
+    decided: Vec<String>,
 }
 
 impl Incremental {
@@ -134,6 +142,29 @@ impl Incremental {
             });
         }
         s
+    }
+
+    /// The same objects, compiled next as the continuation of `previous` (a configuration another
+    /// leader published meanwhile): its version sequence and its entries as last known good.
+    /// Costs one pass over every key; a new leader does it once.
+    pub fn restart(self, previous: Option<&GatewayConfig>) -> Self {
+        let mut next = Self::new(previous);
+        next.tokens = self.tokens;
+        next.task_types = self.task_types;
+        for (name, plan) in self.plans {
+            next.plan_changed(&name);
+            next.plans.insert(name, plan);
+        }
+        let keys: Vec<KeyIn> = self.keys.into_values().collect();
+        for k in keys {
+            next.insert_key(k);
+        }
+        next
+    }
+
+    /// Ids of every key the index holds.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
     }
 
     /// A plan added or changed.
@@ -199,6 +230,11 @@ impl Incremental {
             return;
         }
         self.forget_key(&id);
+        self.insert_key(new);
+    }
+
+    fn insert_key(&mut self, new: KeyIn) {
+        let id = new.entry.id.clone();
         self.by_secret
             .entry(new.secret_id())
             .or_default()
@@ -232,6 +268,11 @@ impl Incremental {
     pub fn apply_secret(&mut self, namespace: &str, name: &str, entries: HashMap<String, Option<String>>) {
         self.tokens.set_hashes(namespace, name, entries);
         self.secret_changed(namespace, name);
+    }
+
+    /// Every token Secret the index holds, as `(namespace, name)`.
+    pub fn secret_ids(&self) -> Vec<(String, String)> {
+        self.tokens.names()
     }
 
     /// A token Secret gone.
@@ -311,13 +352,12 @@ impl Incremental {
                 .or_else(|| previous_plans.and_then(|p| p.get(name)))
         };
 
-        let mut changed: Vec<(
-            String,
-            Option<(String, CompiledKey)>,
-            Option<(String, CompiledKey)>,
-        )> = Vec::new();
+        // (id, entry before, entry after) of each key whose entry moved.
+        let mut changed: Vec<(String, Option<Admitted>, Option<Admitted>)> = Vec::new();
         let seed = std::mem::take(&mut self.seed);
+        self.decided.clear();
         for id in std::mem::take(&mut self.dirty) {
+            self.decided.push(id.clone());
             let last_out = self.out.get(&id);
             let last = last_out
                 .and_then(|o| o.admitted.as_ref().map(|(_, k)| k))
@@ -364,6 +404,10 @@ impl Incremental {
                 changed.push((id, before, after));
             }
         }
+        let moved_entries: Vec<(String, bool)> = changed
+            .iter()
+            .map(|(id, _, after)| (id.clone(), after.is_some()))
+            .collect();
         for (id, before, after) in changed {
             if let Some((hash, entry)) = before {
                 self.admitted -= 1;
@@ -430,6 +474,30 @@ impl Incremental {
             None => 1,
         };
         head.hash = hash;
+        // Since when each key's enforcement is unchanged: a new entry, or a plan whose limits
+        // changed, starts again at this version.
+        for (id, admitted) in &moved_entries {
+            if *admitted {
+                self.since.insert(id.clone(), version);
+            } else {
+                self.since.remove(id);
+            }
+        }
+        let moved_plans: Vec<&String> = head
+            .plans
+            .iter()
+            .filter(|(name, p)| previous_plans.and_then(|pp| pp.get(*name)) != Some(*p))
+            .map(|(name, _)| name)
+            .collect();
+        for plan in moved_plans {
+            let on = self.by_plan.get(plan).into_iter().flatten();
+            for id in on.chain(self.kept_on.get(plan).into_iter().flatten()) {
+                let entry = self.out.get(id).and_then(|o| o.admitted.as_ref());
+                if entry.is_some_and(|(_, k)| &k.plan == plan) {
+                    self.since.insert(id.clone(), version);
+                }
+            }
+        }
         self.head = Some(Head {
             version,
             hash: head.hash,
@@ -546,6 +614,17 @@ impl Incremental {
     /// What a token Secret entry holds, as compile reads it.
     pub fn token(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
         self.tokens.lookup(namespace, name, entry)
+    }
+
+    /// The version since which what the gateways enforce for key `id` is unchanged: a gateway
+    /// reporting it (or later) enforces this key as compiled. `None`: not admitted.
+    pub fn since(&self, id: &str) -> Option<u64> {
+        self.since.get(id).copied()
+    }
+
+    /// The keys the last compile decided: their statuses and events may have changed.
+    pub fn decided(&self) -> &[String] {
+        &self.decided
     }
 
     /// Configuration version of the last compile (0 before the first).

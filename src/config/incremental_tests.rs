@@ -327,6 +327,16 @@ fn many_keys_touch_one_shard_each_and_match_a_full_compile() {
         "a rotation moves one key between at most two shards; {differ} pieces changed"
     );
     assert_eq!(index.version(), 2);
+    assert_eq!(
+        index.since("acme/bulk-7"),
+        Some(2),
+        "the rotated key is enforced as of version 2"
+    );
+    assert_eq!(index.since("acme/bulk-8"), Some(1), "the others as of version 1");
+    assert!(
+        index.decided().len() <= 2,
+        "one key decided (and an owner of its old token, if any)"
+    );
 
     // A plan upgrade changes the index only.
     index.apply_plan(&plan(0, 0));
@@ -341,6 +351,22 @@ fn many_keys_touch_one_shard_each_and_match_a_full_compile() {
     let upgraded = index.pieces("cfg");
     assert_eq!(upgraded, pieces::split(&full.config, "cfg"));
     assert_eq!(&upgraded[..4], &after[..4], "no shard changes for a plan upgrade");
+    assert!(
+        index.decided().is_empty(),
+        "a plan upgrade decides no key in compile"
+    );
+    assert_eq!(
+        index.since("acme/bulk-8"),
+        Some(3),
+        "every key on the plan: enforced as of 3"
+    );
+    assert_eq!(
+        index.refresh_reports(),
+        4100,
+        "their statuses catch up afterwards"
+    );
+    let full_reports: BTreeMap<&str, &KeyReport> = full.keys.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    assert_eq!(index.key_reports(), full_reports);
 }
 
 /// A new leader continues the version sequence of what it found, and keeps a key whose plan is
@@ -387,4 +413,14 @@ fn a_seeded_index_continues_the_configuration_it_found() {
     assert_eq!(next.pieces("cfg"), pieces::split(&full.config, "cfg"));
     assert!(next.plans()["p0"].retained, "kept as last known good");
     assert_eq!(next.entry("acme/k0").map(|k| k.plan.as_str()), Some("p0"));
+
+    // The first index, restarted from what the second published, continues from there too.
+    let published = next.config();
+    let mut restarted = first.restart(Some(&published));
+    restarted.remove_plan("p0");
+    assert!(
+        !restarted.compile(),
+        "the same objects: the same content and version"
+    );
+    assert_eq!(restarted.pieces("cfg"), next.pieces("cfg"));
 }

@@ -56,6 +56,14 @@ impl TokenHashes {
         *self.entries_mut(namespace, name) = entries;
     }
 
+    /// Every Secret recorded, as `(namespace, name)`.
+    pub fn names(&self) -> Vec<(String, String)> {
+        self.secrets
+            .iter()
+            .flat_map(|(ns, names)| names.keys().map(move |n| (ns.clone(), n.clone())))
+            .collect()
+    }
+
     /// Forgets one Secret.
     pub fn remove_secret(&mut self, namespace: &str, name: &str) {
         if let Some(names) = self.secrets.get_mut(namespace) {

@@ -10,10 +10,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -73,7 +70,10 @@ pub struct FakeApi {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<WatchEvent>,
-    down: Arc<AtomicBool>,
+    /// 0, or the status every call answers (503 while down).
+    failing: Arc<std::sync::atomic::AtomicU16>,
+    /// Watches from a resource version below this answer 410 Gone (history compacted).
+    compacted_below: Arc<std::sync::atomic::AtomicU64>,
     pub writes: Arc<Mutex<Vec<Write>>>,
     /// Every kind of call made, for the RBAC check.
     pub calls: Arc<Mutex<std::collections::BTreeSet<Call>>>,
@@ -202,7 +202,8 @@ impl FakeApi {
             addr,
             state: Arc::default(),
             events: broadcast::channel(1 << 16).0,
-            down: Arc::default(),
+            failing: Arc::default(),
+            compacted_below: Arc::default(),
             writes: Arc::default(),
             calls: Arc::default(),
             _dir: Arc::new(dir),
@@ -234,21 +235,43 @@ impl FakeApi {
         let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
         config.default_namespace = "slotgate-system".into();
         config.auth_info.token = Some("controller".to_string().into());
-        kube::Client::try_from(config).unwrap()
+        slotgate::kube_client(config).unwrap()
     }
 
     /// Every call answers 503 and open watches end (`true`), or the server is back (`false`).
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
-            // Wake the watches so they notice and end.
-            let _ = self.events.send(WatchEvent {
-                resource: String::new(),
-                rv: 0,
-                kind: "NOOP",
-                object: Value::Null,
-            });
+        self.set_failing(if down { 503 } else { 0 });
+    }
+
+    /// Every call answers `code` (a 401 or 403 while an API server's authentication or
+    /// authorization is not ready after a restart) and open watches end; 0: back to normal.
+    pub fn set_failing(&self, code: u16) {
+        self.failing.store(code, Ordering::SeqCst);
+        if code != 0 {
+            self.wake_watches();
         }
+    }
+
+    /// Compacts the watch history, as etcd does: open watches end, and a watch from any resource
+    /// version seen so far answers 410 Gone, so that the client must list again.
+    pub fn expire_watches(&self) {
+        // A revision of its own, so that a list made now gives a version a watch may start from.
+        let rv = {
+            let mut st = self.state.lock().unwrap();
+            st.rv += 1;
+            st.rv
+        };
+        self.compacted_below.store(rv, Ordering::SeqCst);
+        self.wake_watches();
+    }
+
+    fn wake_watches(&self) {
+        let _ = self.events.send(WatchEvent {
+            resource: String::new(),
+            rv: 0,
+            kind: "NOOP",
+            object: Value::Null,
+        });
     }
 
     /// Starts `slotgate gateway` with this API server as its configuration source, watching
@@ -423,8 +446,11 @@ impl FakeApi {
     }
 
     async fn serve(&self, req: Request<Incoming>) -> Response<Body> {
-        if self.down.load(Ordering::SeqCst) {
-            return status(503, "ServiceUnavailable", "the fake API server is down");
+        match self.failing.load(Ordering::SeqCst) {
+            0 => {}
+            503 => return status(503, "ServiceUnavailable", "the fake API server is down"),
+            401 => return status(401, "Unauthorized", "Unauthorized"),
+            code => return status(code, "Forbidden", "the fake API server refuses every call"),
         }
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -639,10 +665,28 @@ impl FakeApi {
         let timeout = query_param(query, "timeoutSeconds")
             .and_then(|v| v.parse().ok())
             .unwrap_or(290u64);
+        if from < self.compacted_below.load(Ordering::SeqCst) {
+            let gone = WatchEvent {
+                resource: t.resource.clone(),
+                rv: from,
+                kind: "ERROR",
+                object: json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                               "message": format!("too old resource version: {from}"),
+                               "reason": "Expired", "code": 410}),
+            };
+            let mut res = Response::new(BoxBody::new(StreamBody::new(async_stream(
+                vec![gone],
+                |_| async {},
+            ))));
+            res.headers_mut()
+                .insert("content-type", http::HeaderValue::from_static("application/json"));
+            return res;
+        }
         let mut rx = self.events.subscribe();
         let resource = t.resource.clone();
         let ns = t.namespace.clone();
-        let down = Arc::clone(&self.down);
+        let failing = Arc::clone(&self.failing);
+        let compacted = Arc::clone(&self.compacted_below);
         let matches = move |e: &WatchEvent| {
             e.resource == resource
                 && ns
@@ -665,7 +709,7 @@ impl FakeApi {
                     ev = rx.recv() => ev,
                     () = tokio::time::sleep_until(deadline) => return,
                 };
-                if down.load(Ordering::SeqCst) {
+                if failing.load(Ordering::SeqCst) != 0 || compacted.load(Ordering::SeqCst) > from {
                     return;
                 }
                 match ev {

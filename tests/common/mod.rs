@@ -239,9 +239,15 @@ impl Proc {
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let logs = tempfile::tempdir().unwrap();
         let stderr = logs.path().join("stderr.log");
-        let mut child = Command::new(SLOTGATE)
+        // `SLOTGATE_TEST_LOG` turns up a child's logs when a test needs diagnosing; `SLOTGATE_BIN`
+        // runs another build (an A/B benchmark against an earlier commit).
+        let bin = std::env::var("SLOTGATE_BIN").unwrap_or(SLOTGATE.to_string());
+        let mut child = Command::new(bin)
             .args(args)
-            .env("SLOTGATE_LOG", "info")
+            .env(
+                "SLOTGATE_LOG",
+                std::env::var("SLOTGATE_TEST_LOG").unwrap_or("info".to_string()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
