@@ -13,7 +13,7 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use super::{ControllerMetrics, MANAGER, Stores};
+use super::{ControllerMetrics, MANAGER, index::Stores};
 use crate::api::{ApiKey, ApiPlan, ConditionSpec, EffectiveLimits, merge_conditions};
 
 /// A plan's status as decided.
@@ -45,6 +45,9 @@ pub struct Desired {
     pub plans: BTreeMap<String, PlanStatus>,
     /// By key id (`namespace/name`).
     pub keys: BTreeMap<String, KeyStatus>,
+    /// Keys a change just decided, written before the others: whoever made the change sees its
+    /// status first, and the rest of 100,000 catch up at the configured rate.
+    pub first: Vec<String>,
 }
 
 pub(super) async fn run(
@@ -68,7 +71,7 @@ pub(super) async fn run(
         'pass: {
             let now = Time(k8s_openapi::jiff::Timestamp::now());
             for (name, want) in &desired.plans {
-                pending -= 1;
+                pending = pending.saturating_sub(1);
                 if rx.has_changed().unwrap_or(true) {
                     break 'pass;
                 }
@@ -96,8 +99,13 @@ pub(super) async fn run(
                 }
                 metrics.status_pending.set(pending as i64);
             }
-            for (id, want) in &desired.keys {
-                pending -= 1;
+            let first: std::collections::HashSet<&str> = desired.first.iter().map(String::as_str).collect();
+            let rest = desired.keys.keys().filter(|id| !first.contains(id.as_str()));
+            for id in desired.first.iter().chain(rest) {
+                let Some(want) = desired.keys.get(id) else {
+                    continue;
+                };
+                pending = pending.saturating_sub(1);
                 if rx.has_changed().unwrap_or(true) {
                     break 'pass;
                 }

@@ -1,0 +1,424 @@
+//! One reconcile pass of the leader: the watch events since the last pass go into the
+//! incremental compile, the objects whose data changed are published, and then the slower part
+//! that follows a change (events, finalizers, the statuses of every key a plan change touched)
+//! runs, with the statuses handed to the rate-limited writer ([`super::status`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::Instant,
+};
+
+use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{
+        events::{Event, EventType, Recorder},
+        reflector::ObjectRef,
+    },
+};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::{
+    ControllerMetrics, ControllerOptions, PLAN_FINALIZER, TOKEN_LABEL,
+    enforced::{Enforcement, Report},
+    generate_token,
+    index::{self, Change, Stores},
+    publish::Publisher,
+    status,
+};
+use crate::{
+    api::{ApiKey, ApiPlan, ConditionSpec},
+    config::{CompiledPlan, TokenState, incremental::Incremental, pieces::VERSION_ANNOTATION},
+};
+
+pub(super) struct Shell {
+    pub(super) client: Client,
+    pub(super) opts: ControllerOptions,
+    pub(super) stores: Stores,
+    pub(super) publisher: Publisher,
+    pub(super) index: Incremental,
+    pub(super) feed: mpsc::UnboundedReceiver<Change>,
+    /// Whether the keys and the token Secrets have been listed once: before that, a compile would
+    /// see keys without their tokens and publish a configuration without them.
+    pub(super) listed: (bool, bool),
+    /// Plans as last accounted for in events.
+    pub(super) accounted: Option<BTreeMap<String, CompiledPlan>>,
+    pub(super) recorder: Recorder,
+    pub(super) metrics: Arc<ControllerMetrics>,
+    pub(super) status: watch::Sender<Arc<status::Desired>>,
+    /// Per key id: whether it was admitted at the last pass (for transition events).
+    pub(super) last_admitted: HashMap<String, bool>,
+    /// What the reports said at the last status decision: (replica, version, live).
+    pub(super) last_reports: Vec<(String, Option<u64>, bool)>,
+    /// Keys whose status a change made and that the writer has not been handed first yet.
+    pub(super) first: BTreeSet<String>,
+}
+
+impl Shell {
+    /// Applies every event the watches fed since the last call.
+    pub(super) fn drain(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(change) = self.feed.try_recv() {
+            match &change {
+                Change::KeysListed(_) => self.listed.0 = true,
+                Change::SecretsListed(_) => self.listed.1 = true,
+                _ => {}
+            }
+            index::apply(&mut self.index, change);
+            n += 1;
+        }
+        n
+    }
+
+    /// Waits until the keys and the token Secrets have been listed once.
+    pub(super) async fn wait_listed(&mut self, notify: &Notify) {
+        loop {
+            self.drain();
+            if self.listed == (true, true) {
+                return;
+            }
+            tokio::select! {
+                () = notify.notified() => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Creates a token Secret for each key that has no Secret reference and no Secret yet. An
+    /// existing Secret is never overwritten (create fails with a conflict instead).
+    async fn generate_tokens(&mut self, keys: &[Arc<ApiKey>]) -> kube::Result<()> {
+        for key in keys {
+            if key.spec.secret_ref.is_some() || key.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let ns = key.namespace().unwrap_or_default();
+            let r = key.token_ref();
+            if self.index.token(&ns, &r.name, &r.key) != TokenState::SecretNotFound {
+                continue;
+            }
+            let token = generate_token();
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": r.name,
+                    "namespace": ns,
+                    "labels": { TOKEN_LABEL: "generated" },
+                    "ownerReferences": [key.controller_owner_ref(&()).expect("an ApiKey read from the API has a uid")],
+                },
+                "type": "Opaque",
+                "stringData": { r.key.clone(): token },
+            }))
+            .expect("a Secret");
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    // Known at once, not when the watch shows it: the next compile admits the key.
+                    self.index
+                        .apply_secret(&ns, &r.name, index::token_digests(&secret));
+                    self.event(
+                        &**key,
+                        EventType::Normal,
+                        "TokenGenerated",
+                        format!("Generated a token in Secret {}/{} (entry {}).", ns, r.name, r.key),
+                    )
+                    .await;
+                }
+                // There is a Secret by that name without the token label: leave it alone.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, "could not publish an event");
+        }
+    }
+
+    /// Runs `f` on the index off the async workers (the first compile at 100,000 keys takes a
+    /// second, while the watches and the status writer keep going).
+    async fn on_index<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Incremental) -> T + Send + 'static,
+    ) -> T {
+        let mut index = std::mem::take(&mut self.index);
+        let (index, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&mut index);
+            (index, out)
+        })
+        .await
+        .expect("the compile does not panic");
+        self.index = index;
+        out
+    }
+
+    /// One pass: events in, compile, publish, then events, finalizers and statuses.
+    pub(super) async fn sync(&mut self) -> kube::Result<()> {
+        let t0 = Instant::now();
+        let events = self.drain();
+        let plans = self.stores.plans.state();
+        self.index.set_plans(&plans);
+        let keys = self.stores.keys.state();
+        self.generate_tokens(&keys).await?;
+        let t_tokens = t0.elapsed();
+        self.on_index(Incremental::compile).await;
+        let t_compile = t0.elapsed();
+        let pieces = self.index.pieces(&self.opts.config_name);
+        // Writes only the objects whose data differs from what is there (none on most passes).
+        self.publisher
+            .publish(&pieces, self.index.version(), self.index.admitted())
+            .await?;
+        drop(pieces);
+        let t_publish = t0.elapsed();
+
+        if self.accounted.as_ref() != Some(self.index.plans()) {
+            self.plan_events(&plans).await;
+            self.accounted = Some(self.index.plans().clone());
+        }
+        self.finalizers(&plans).await?;
+        let decided: Vec<String> = self.index.decided().to_vec();
+        self.key_events(&decided).await;
+        let refreshed = self.on_index(Incremental::refresh_reports).await;
+        self.first.extend(decided);
+        self.last_reports.clear();
+        self.refresh_enforced();
+        tracing::debug!(
+            events,
+            tokens_ms = t_tokens.as_millis() as u64,
+            compile_ms = (t_compile - t_tokens).as_millis() as u64,
+            publish_ms = (t_publish - t_compile).as_millis() as u64,
+            after_ms = (t0.elapsed() - t_publish).as_millis() as u64,
+            refreshed,
+            "pass phases"
+        );
+        Ok(())
+    }
+
+    /// Decides statuses again from the index and the current reports, when the reports say
+    /// something new (a heartbeat that changes nothing costs nothing).
+    pub(super) fn refresh_enforced(&mut self) {
+        let now = Timestamp::now();
+        let mut seen: Vec<(String, Option<u64>, bool)> = self
+            .reports()
+            .into_iter()
+            .map(|r| {
+                let live = r.is_live(now);
+                (r.replica, r.version, live)
+            })
+            .collect();
+        seen.sort();
+        if seen == self.last_reports && !seen.is_empty() {
+            return;
+        }
+        self.last_reports = seen;
+        if self.index.version() == 0 {
+            return;
+        }
+        let plans = self.stores.plans.state();
+        let keys = self.stores.keys.state();
+        self.desire_statuses(&plans, &keys);
+    }
+
+    async fn plan_events(&self, plans: &[Arc<ApiPlan>]) {
+        let Some(old) = &self.accounted else { return };
+        let new = self.index.plans();
+        for plan in plans {
+            let name = plan.name_any();
+            let (Some(a), Some(b)) = (old.get(&name), new.get(&name)) else {
+                continue;
+            };
+            if a != b {
+                let slots = |p: &CompiledPlan| {
+                    p.concurrency
+                        .as_ref()
+                        .map_or("unlimited".to_string(), |s| s.max.to_string())
+                };
+                self.event(
+                    &**plan,
+                    EventType::Normal,
+                    "PlanChanged",
+                    format!(
+                        "Limits changed ({} -> {} slots); configuration {} published to the gateways.",
+                        slots(a),
+                        slots(b),
+                        self.index.version()
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// A Warning event for each key that stopped being admitted (of the keys just decided).
+    async fn key_events(&mut self, decided: &[String]) {
+        for id in decided {
+            let Some(report) = self.index.key_report(id) else {
+                self.last_admitted.remove(id);
+                continue;
+            };
+            let admitted = report.admitted;
+            let before = self.last_admitted.insert(id.clone(), admitted);
+            if before == Some(admitted) || admitted {
+                continue;
+            }
+            let Some(c) = report.conditions.iter().find(|c| !c.status).cloned() else {
+                continue;
+            };
+            let Some((ns, name)) = id.split_once('/') else {
+                continue;
+            };
+            if let Some(key) = self.stores.keys.get(&ObjectRef::new(name).within(ns)) {
+                self.event(&*key, EventType::Warning, c.reason, c.message).await;
+            }
+        }
+    }
+
+    /// Keeps the in-use finalizer on every plan; a plan being deleted keeps it while keys use it.
+    async fn finalizers(&self, plans: &[Arc<ApiPlan>]) -> kube::Result<()> {
+        let api: Api<ApiPlan> = Api::all(self.client.clone());
+        let reports = self.index.plan_reports();
+        for plan in plans {
+            let name = plan.name_any();
+            let has = plan.finalizers().iter().any(|f| f == PLAN_FINALIZER);
+            let deleting = plan.meta().deletion_timestamp.is_some();
+            let in_use = reports.get(&name).map_or(0, |r| r.keys);
+            let want = !deleting || in_use > 0;
+            if has == want {
+                continue;
+            }
+            let mut list: Vec<String> = plan.finalizers().to_vec();
+            if want {
+                list.push(PLAN_FINALIZER.into());
+            } else {
+                list.retain(|f| f != PLAN_FINALIZER);
+            }
+            // Conditional on the version read: a concurrent change makes this a conflict, retried
+            // on the next pass, rather than a lost finalizer.
+            let patch = serde_json::json!({
+                "metadata": { "finalizers": list, "resourceVersion": plan.resource_version() }
+            });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn reports(&self) -> Vec<Report> {
+        self.stores
+            .reports
+            .state()
+            .iter()
+            .map(|l| {
+                let spec = l.spec.clone().unwrap_or_default();
+                Report {
+                    replica: spec.holder_identity.unwrap_or_else(|| l.name_any()),
+                    version: l
+                        .annotations()
+                        .get(VERSION_ANNOTATION)
+                        .and_then(|v| v.parse().ok()),
+                    renewed: spec.renew_time.map(|t| t.0),
+                    ttl_seconds: i64::from(spec.lease_duration_seconds.unwrap_or(15)),
+                }
+            })
+            .collect()
+    }
+
+    fn desire_statuses(&mut self, plans: &[Arc<ApiPlan>], keys: &[Arc<ApiKey>]) {
+        let reports = self.reports();
+        let now = Timestamp::now();
+        let version = self.index.version();
+        let plan_enforced = Enforcement::of(&reports, version, now);
+        let mut desired = status::Desired::default();
+        let keys_by_plan: HashMap<&str, Vec<&str>> = keys.iter().fold(HashMap::new(), |mut m, k| {
+            m.entry(k.spec.plan.as_str())
+                .or_default()
+                .push(k.meta().name.as_deref().unwrap_or(""));
+            m
+        });
+        let plan_reports = self.index.plan_reports();
+        for plan in plans {
+            let name = plan.name_any();
+            let Some(report) = plan_reports.get(&name) else {
+                continue;
+            };
+            let mut conditions = report.conditions.clone();
+            if plan.meta().deletion_timestamp.is_some() && report.keys > 0 {
+                let users = keys_by_plan.get(name.as_str()).cloned().unwrap_or_default();
+                conditions = vec![ConditionSpec::fail(
+                    "Ready",
+                    "InUse",
+                    format!(
+                        "Deletion waits until no key uses this plan; still used by {} key(s): {}. Move them to another plan.",
+                        report.keys,
+                        users.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )];
+            }
+            conditions.push(plan_enforced.condition(version));
+            desired.plans.insert(
+                name,
+                status::PlanStatus {
+                    generation: plan.meta().generation,
+                    keys: report.keys,
+                    conditions,
+                },
+            );
+        }
+        let mut memo: HashMap<u64, ConditionSpec> = HashMap::new();
+        for key in keys {
+            let id = key.id();
+            let Some(report) = self.index.key_report(&id) else {
+                continue;
+            };
+            let mut conditions = report.conditions.clone();
+            if report.admitted {
+                let since = self.index.since(&id).unwrap_or(version);
+                let c = memo
+                    .entry(since)
+                    .or_insert_with(|| Enforcement::of(&reports, since, now).condition(since))
+                    .clone();
+                conditions.push(c);
+            }
+            desired.keys.insert(
+                id,
+                status::KeyStatus {
+                    generation: key.meta().generation,
+                    effective: report.effective.clone(),
+                    conditions,
+                },
+            );
+        }
+        desired.first = std::mem::take(&mut self.first)
+            .into_iter()
+            .filter(|id| desired.keys.contains_key(id))
+            .collect();
+        self.metrics
+            .status_pending
+            .set(desired.keys.len() as i64 + desired.plans.len() as i64);
+        self.status.send_replace(Arc::new(desired));
+    }
+}
