@@ -1,6 +1,10 @@
-//! The controller binary at scale against the in-memory API server: many keys, one plan upgrade.
+//! The controller binary at scale against the in-memory API server and a real gateway: many keys,
+//! then plan upgrades, keys added and tokens rotated one at a time, each timed from the API
+//! server's change to the gateway enforcing it (a request with the new token admitted).
+//!
 //! CI runs 20,000 keys; `SLOTGATE_SCALE_KEYS=100000 SLOTGATE_SCALE_ROUNDS=20 cargo test --release
-//! --test controller_scale -- --nocapture` gives the figures quoted for 100,000.
+//! --test controller_scale -- --nocapture` gives the figures quoted for 100,000, and
+//! `SLOTGATE_BIN=<an earlier build>` runs the same against it, side by side.
 
 mod common;
 
@@ -16,14 +20,45 @@ fn index(api: &FakeApi) -> Option<Value> {
     serde_json::from_str(cm["data"]["index.json"].as_str()?).ok()
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+fn rss_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    rss_mib(pid, "VmHWM:")
+}
+
+/// The `q` quantile of durations (nearest rank).
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn secret(name: &str, token: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": "default", "labels": {"slotgate.dev/token": "true"}},
+           "stringData": {"token": token}})
+}
+
+/// Waits until the gateway admits `token`, and returns how long that took from `t0`.
+async fn admitted(gw: &Proc, token: &str, t0: Instant) -> Duration {
+    let deadline = t0 + Duration::from_secs(60);
+    loop {
+        if get(&gw.url("/v1/x"), &[("x-api-key", token)]).await.status == 200 {
+            return t0.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never admitted the new token"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,14 +73,11 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
                "spec": {"concurrency": {"maxConcurrentRequests": slots, "paths": ["/v1/*"]}}})
     };
     api.apply("apiplans", plan(25));
+    // A gateway with no configuration yet: the size a gateway has before any key.
+    let idle_stub = Stub::start().await;
+    let idle = api.start_gateway("idle", "gw-idle", &idle_stub.url());
     for i in 0..n {
-        api.apply(
-            "secrets",
-            json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": format!("k{i}-token"), "namespace": "default",
-                                "labels": {"slotgate.dev/token": "true"}},
-                   "stringData": {"token": format!("tok-{i:08}")}}),
-        );
+        api.apply("secrets", secret(&format!("k{i}-token"), &format!("tok-{i:08}")));
         api.apply(
             "apikeys",
             json!({"apiVersion": "slotgate.dev/v1alpha1", "kind": "ApiKey",
@@ -162,8 +194,39 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
                 .count(),
         );
     }
+
+    // Keys added one at a time, then tokens rotated one at a time.
+    let (mut to_add, mut to_rotate) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        api.apply(
+            "secrets",
+            secret(&format!("new{round}-token"), &format!("tok-new-{round}")),
+        );
+        api.apply(
+            "apikeys",
+            json!({"apiVersion": "slotgate.dev/v1alpha1", "kind": "ApiKey",
+                   "metadata": {"name": format!("new{round}"), "namespace": "default"},
+                   "spec": {"plan": "startup", "secretRef": {"name": format!("new{round}-token")}}}),
+        );
+        to_add.push(admitted(&gw, &format!("tok-new-{round}"), t0).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        let token = format!("tok-rotated-{round}");
+        api.apply("secrets", secret(&format!("k{round}-token"), &token));
+        to_rotate.push(admitted(&gw, &token, t0).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    to_add.sort();
+    to_rotate.sort();
+
     let rss = peak_rss_mib(ctl.child.id());
-    let gw_rss = peak_rss_mib(gw.child.id());
+    let rss_now = rss_mib(ctl.child.id(), "VmRSS:");
+    let gw_rss = rss_mib(gw.child.id(), "VmRSS:");
+    let idle_rss = rss_mib(idle.child.id(), "VmRSS:");
+    let per_key = (gw_rss - idle_rss) * 1024.0 * 1024.0 / n as f64;
     for line in ctl
         .stderr()
         .lines()
@@ -180,13 +243,19 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
     to_enforce.sort();
     eprintln!(
         "{n} keys: first publish {first_publish:?} ({shards} shards, largest object {largest} bytes), \
-         gateway enforcing at {gateway_first:?}; {rounds} plan upgrades: published p50 {:?} max {:?}, \
-         enforced by the gateway p50 {:?} max {:?}; configuration objects written per upgrade {writes:?}; \
-         peak RSS controller {rss:.0} MiB, gateway {gw_rss:.0} MiB",
-        to_publish[rounds / 2],
-        to_publish[rounds - 1],
-        to_enforce[rounds / 2],
-        to_enforce[rounds - 1],
+         gateway enforcing every key at {gateway_first:?}; {rounds} plan upgrades: published p50 {:?} \
+         max {:?}, enforced by the gateway p50 {:?} p99 {:?}; configuration objects written per \
+         upgrade {writes:?}; key added -> admitted p50 {:?} p99 {:?}; token rotated -> admitted p50 \
+         {:?} p99 {:?}; controller RSS peak {rss:.0} MiB, now {rss_now:.0} MiB; gateway RSS {gw_rss:.0} MiB, \
+         idle {idle_rss:.0} MiB, {per_key:.0} B per key",
+        quantile(&to_publish, 0.5),
+        quantile(&to_publish, 1.0),
+        quantile(&to_enforce, 0.5),
+        quantile(&to_enforce, 0.99),
+        quantile(&to_add, 0.5),
+        quantile(&to_add, 0.99),
+        quantile(&to_rotate, 0.5),
+        quantile(&to_rotate, 0.99),
     );
     assert!(
         writes.iter().all(|w| *w == 1),
