@@ -125,6 +125,8 @@ pub struct Incremental {
     since: HashMap<String, u64>,
     /// Keys the last compile decided (their status may have changed).
     decided: Vec<String>,
+    /// Keys the last [`Incremental::refresh_reports`] decided.
+    refreshed: Vec<String>,
 }
 
 impl Incremental {
@@ -575,12 +577,29 @@ impl Incremental {
             decided_now.push((id, decided.report));
         }
         let n = decided_now.len();
+        self.refreshed.clear();
         for (id, report) in decided_now {
             if let Some(out) = self.out.get_mut(&id) {
                 out.report = report;
             }
+            self.refreshed.push(id);
         }
         n
+    }
+
+    /// The keys the next compile decides again (an event touched them).
+    pub fn dirty(&self) -> impl Iterator<Item = &str> {
+        self.dirty.iter().map(String::as_str)
+    }
+
+    /// The keys the last [`Incremental::refresh_reports`] decided.
+    pub fn refreshed(&self) -> &[String] {
+        &self.refreshed
+    }
+
+    /// Ids of the keys whose spec names `plan`, in order.
+    pub fn keys_on(&self, plan: &str) -> impl Iterator<Item = &str> {
+        self.by_plan.get(plan).into_iter().flatten().map(String::as_str)
     }
 
     fn valid_plans(&self) -> BTreeMap<String, CompiledPlan> {

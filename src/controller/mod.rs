@@ -17,7 +17,7 @@ mod reconcile;
 mod status;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -145,11 +145,11 @@ pub async fn run(
         },
         lead_tx,
     )));
-    let (status_tx, status_rx) = watch::channel(Arc::new(status::Desired::default()));
+    let book = Arc::new(status::StatusBook::default());
     tasks.0.push(tokio::spawn(status::run(
         client.clone(),
         stores.clone(),
-        status_rx,
+        Arc::clone(&book),
         opts.status_writes_per_second,
         Arc::clone(&metrics),
     )));
@@ -178,10 +178,9 @@ pub async fn run(
         accounted: None,
         recorder,
         metrics,
-        status: status_tx,
+        status: book,
         last_admitted: HashMap::new(),
         last_reports: Vec::new(),
-        first: BTreeSet::new(),
     };
     let work = async {
         loop {
@@ -247,6 +246,7 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             tracing::info!("no longer leading");
+            shell.status.clear();
         }
     };
     tokio::select! {

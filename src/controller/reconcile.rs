@@ -4,7 +4,7 @@
 //! runs, with the statuses handed to the rate-limited writer ([`super::status`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::Instant,
 };
@@ -18,7 +18,7 @@ use kube::{
         reflector::ObjectRef,
     },
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 
 use super::{
     ControllerMetrics, ControllerOptions, PLAN_FINALIZER, TOKEN_LABEL,
@@ -47,13 +47,11 @@ pub(super) struct Shell {
     pub(super) accounted: Option<BTreeMap<String, CompiledPlan>>,
     pub(super) recorder: Recorder,
     pub(super) metrics: Arc<ControllerMetrics>,
-    pub(super) status: watch::Sender<Arc<status::Desired>>,
+    pub(super) status: Arc<status::StatusBook>,
     /// Per key id: whether it was admitted at the last pass (for transition events).
     pub(super) last_admitted: HashMap<String, bool>,
     /// What the reports said at the last status decision: (replica, version, live).
     pub(super) last_reports: Vec<(String, Option<u64>, bool)>,
-    /// Keys whose status a change made and that the writer has not been handed first yet.
-    pub(super) first: BTreeSet<String>,
 }
 
 impl Shell {
@@ -176,7 +174,15 @@ impl Shell {
         let events = self.drain();
         let plans = self.stores.plans.state();
         self.index.set_plans(&plans);
-        let keys = self.stores.keys.state();
+        // Only keys an event touched can have lost their token Secret (or never had one).
+        let keys: Vec<Arc<ApiKey>> = self
+            .index
+            .dirty()
+            .filter_map(|id| {
+                let (ns, name) = id.split_once('/')?;
+                self.stores.keys.get(&ObjectRef::new(name).within(ns))
+            })
+            .collect();
         self.generate_tokens(&keys).await?;
         let t_tokens = t0.elapsed();
         self.on_index(Incremental::compile).await;
@@ -188,6 +194,10 @@ impl Shell {
             .await?;
         drop(pieces);
         let t_publish = t0.elapsed();
+        // Before anything that can fail: the next pass decides none of these keys again.
+        self.last_reports.clear();
+        self.refresh_enforced();
+        self.desire_keys(self.index.decided(), status::Priority::First);
 
         if self.accounted.as_ref() != Some(self.index.plans()) {
             self.plan_events(&plans).await;
@@ -197,9 +207,7 @@ impl Shell {
         let decided: Vec<String> = self.index.decided().to_vec();
         self.key_events(&decided).await;
         let refreshed = self.on_index(Incremental::refresh_reports).await;
-        self.first.extend(decided);
-        self.last_reports.clear();
-        self.refresh_enforced();
+        self.desire_keys(self.index.refreshed(), status::Priority::Rest);
         tracing::debug!(
             events,
             tokens_ms = t_tokens.as_millis() as u64,
@@ -212,17 +220,15 @@ impl Shell {
         Ok(())
     }
 
-    /// Decides statuses again from the index and the current reports, when the reports say
-    /// something new (a heartbeat that changes nothing costs nothing).
+    /// Decides the `Enforced` conditions and the plans' statuses again from the current
+    /// reports, when the reports say something new (a heartbeat that changes nothing costs
+    /// nothing). Keys are queued only for the versions whose condition moved.
     pub(super) fn refresh_enforced(&mut self) {
         let now = Timestamp::now();
-        let mut seen: Vec<(String, Option<u64>, bool)> = self
-            .reports()
-            .into_iter()
-            .map(|r| {
-                let live = r.is_live(now);
-                (r.replica, r.version, live)
-            })
+        let reports = self.reports();
+        let mut seen: Vec<(String, Option<u64>, bool)> = reports
+            .iter()
+            .map(|r| (r.replica.clone(), r.version, r.is_live(now)))
             .collect();
         seen.sort();
         if seen == self.last_reports && !seen.is_empty() {
@@ -232,9 +238,14 @@ impl Shell {
         if self.index.version() == 0 {
             return;
         }
-        let plans = self.stores.plans.state();
-        let keys = self.stores.keys.state();
-        self.desire_statuses(&plans, &keys);
+        let version = self.index.version();
+        let plan_enforced = Enforcement::of(&reports, version, now).condition(version);
+        let reports = Arc::new(reports);
+        self.status
+            .set_enforcement(status::Enforcing(Arc::new(move |since| {
+                Enforcement::of(&reports, since, now).condition(since)
+            })));
+        self.desire_plans(plan_enforced);
     }
 
     async fn plan_events(&self, plans: &[Arc<ApiPlan>]) {
@@ -347,39 +358,35 @@ impl Shell {
             .collect()
     }
 
-    fn desire_statuses(&mut self, plans: &[Arc<ApiPlan>], keys: &[Arc<ApiKey>]) {
-        let reports = self.reports();
-        let now = Timestamp::now();
-        let version = self.index.version();
-        let plan_enforced = Enforcement::of(&reports, version, now);
-        let mut desired = status::Desired::default();
-        let keys_by_plan: HashMap<&str, Vec<&str>> = keys.iter().fold(HashMap::new(), |mut m, k| {
-            m.entry(k.spec.plan.as_str())
-                .or_default()
-                .push(k.meta().name.as_deref().unwrap_or(""));
-            m
-        });
+    /// Every plan's status: its report, and the `Enforced` condition of the current version.
+    fn desire_plans(&self, enforced: ConditionSpec) {
         let plan_reports = self.index.plan_reports();
-        for plan in plans {
+        let mut plans = BTreeMap::new();
+        for plan in self.stores.plans.state() {
             let name = plan.name_any();
             let Some(report) = plan_reports.get(&name) else {
                 continue;
             };
             let mut conditions = report.conditions.clone();
             if plan.meta().deletion_timestamp.is_some() && report.keys > 0 {
-                let users = keys_by_plan.get(name.as_str()).cloned().unwrap_or_default();
+                let users: Vec<&str> = self
+                    .index
+                    .keys_on(&name)
+                    .take(10)
+                    .map(|id| id.split_once('/').map_or(id, |(_, n)| n))
+                    .collect();
                 conditions = vec![ConditionSpec::fail(
                     "Ready",
                     "InUse",
                     format!(
                         "Deletion waits until no key uses this plan; still used by {} key(s): {}. Move them to another plan.",
                         report.keys,
-                        users.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                        users.join(", ")
                     ),
                 )];
             }
-            conditions.push(plan_enforced.condition(version));
-            desired.plans.insert(
+            conditions.push(enforced.clone());
+            plans.insert(
                 name,
                 status::PlanStatus {
                     generation: plan.meta().generation,
@@ -388,37 +395,24 @@ impl Shell {
                 },
             );
         }
-        let mut memo: HashMap<u64, ConditionSpec> = HashMap::new();
-        for key in keys {
-            let id = key.id();
-            let Some(report) = self.index.key_report(&id) else {
-                continue;
-            };
-            let mut conditions = report.conditions.clone();
-            if report.admitted {
-                let since = self.index.since(&id).unwrap_or(version);
-                let c = memo
-                    .entry(since)
-                    .or_insert_with(|| Enforcement::of(&reports, since, now).condition(since))
-                    .clone();
-                conditions.push(c);
-            }
-            desired.keys.insert(
-                id,
-                status::KeyStatus {
+        self.status.set_plans(plans);
+    }
+
+    /// Hands the statuses of keys `ids` (as the index now decides them) to the writer.
+    fn desire_keys(&self, ids: &[String], priority: status::Priority) {
+        let version = self.index.version();
+        for id in ids {
+            let want = self.index.key_report(id).and_then(|report| {
+                let (ns, name) = id.split_once('/')?;
+                let key = self.stores.keys.get(&ObjectRef::new(name).within(ns))?;
+                Some(status::KeyStatus {
                     generation: key.meta().generation,
                     effective: report.effective.clone(),
-                    conditions,
-                },
-            );
+                    conditions: report.conditions.clone(),
+                    since: report.admitted.then(|| self.index.since(id).unwrap_or(version)),
+                })
+            });
+            self.status.set_key(id, want, priority);
         }
-        desired.first = std::mem::take(&mut self.first)
-            .into_iter()
-            .filter(|id| desired.keys.contains_key(id))
-            .collect();
-        self.metrics
-            .status_pending
-            .set(desired.keys.len() as i64 + desired.plans.len() as i64);
-        self.status.send_replace(Arc::new(desired));
     }
 }
