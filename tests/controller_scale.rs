@@ -85,6 +85,12 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
                    "spec": {"plan": "startup", "secretRef": {"name": format!("k{i}-token")}}}),
         );
     }
+    // High enough that every status can catch up within the test; the writer runs behind the
+    // changes throughout, which is what its priority queue is for.
+    let status_rate: u32 = std::env::var("SLOTGATE_SCALE_STATUS_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let started = Instant::now();
     let ctl = Proc::start_env(
         &[
@@ -95,6 +101,8 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
             "ctl-0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--status-writes-per-second",
+            &status_rate.to_string(),
         ],
         &[
             ("KUBECONFIG", api.kubeconfig.to_str().unwrap()),
@@ -262,4 +270,39 @@ async fn many_keys_are_sharded_and_a_plan_upgrade_rewrites_one_object() {
         "a plan upgrade rewrites the index only: {writes:?}"
     );
     assert_eq!(shards, n.div_ceil(2000).next_power_of_two());
+
+    // Every key's status converges: all of them report the limits of the last upgrade and a
+    // gateway enforcing them, written at the bounded rate.
+    let slots =
+        api.get("apiplans", "", "startup").unwrap()["spec"]["concurrency"]["maxConcurrentRequests"].clone();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(600);
+    let behind = loop {
+        let keys = api.list("apikeys");
+        let behind = keys
+            .iter()
+            .filter(|k| {
+                let enforced = k["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Enforced" && c["status"] == "True");
+                !(enforced && k["status"]["effective"]["maxConcurrentRequests"] == slots)
+            })
+            .count();
+        if behind == 0 || Instant::now() > deadline {
+            break (behind, keys.len());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    eprintln!(
+        "statuses of {} keys converged {:?} after the last change (writer at {status_rate}/s)",
+        behind.1,
+        t0.elapsed()
+    );
+    assert_eq!(
+        behind.0, 0,
+        "{} of {} key statuses never converged",
+        behind.0, behind.1
+    );
 }
