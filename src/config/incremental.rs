@@ -114,6 +114,8 @@ pub struct Incremental {
     /// Plans whose limits changed (valid before and after) since the key reports were last
     /// brought up to date ([`Incremental::refresh_reports`]).
     stale_reports: BTreeSet<String>,
+    /// Keys of those plans still to decide again, for [`Incremental::refresh_reports_upto`].
+    refresh_queue: BTreeSet<String>,
     /// Plan reports, rebuilt at each compile (a few plans).
     plan_reports: BTreeMap<String, PlanReport>,
     head: Option<Head>,
@@ -537,15 +539,29 @@ impl Incremental {
     /// gateways get the upgrade first. Their entries come out the same. Returns how many keys
     /// it decided.
     pub fn refresh_reports(&mut self) -> usize {
+        self.refresh_reports_upto(usize::MAX)
+    }
+
+    /// [`Incremental::refresh_reports`] for at most `limit` keys, the rest left for the next
+    /// call ([`Incremental::refresh_pending`]): the controller takes a change that arrives
+    /// between two chunks before it finishes the statuses of 100,000 keys.
+    pub fn refresh_reports_upto(&mut self, limit: usize) -> usize {
         let plans = std::mem::take(&mut self.stale_reports);
-        let ids: BTreeSet<String> = plans
-            .iter()
-            .flat_map(|p| {
-                let on = self.by_plan.get(p).into_iter().flatten();
-                on.chain(self.kept_on.get(p).into_iter().flatten())
-            })
-            .cloned()
-            .collect();
+        for p in &plans {
+            let on = self.by_plan.get(p).into_iter().flatten();
+            let ids: Vec<String> = on
+                .chain(self.kept_on.get(p).into_iter().flatten())
+                .cloned()
+                .collect();
+            self.refresh_queue.extend(ids);
+        }
+        let mut ids = Vec::new();
+        while ids.len() < limit {
+            let Some(id) = self.refresh_queue.pop_first() else {
+                break;
+            };
+            ids.push(id);
+        }
         let valid = self.valid_plans();
         let previous_plans = self.head.as_ref().map(|h| &h.plans);
         let plan_of = |name: &str| {
@@ -585,6 +601,11 @@ impl Incremental {
             self.refreshed.push(id);
         }
         n
+    }
+
+    /// Whether some keys' statuses still wait for [`Incremental::refresh_reports_upto`].
+    pub fn refresh_pending(&self) -> bool {
+        !self.stale_reports.is_empty() || !self.refresh_queue.is_empty()
     }
 
     /// The keys the next compile decides again (an event touched them).

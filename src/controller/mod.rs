@@ -230,20 +230,26 @@ pub async fn run(
                     shell.refresh_enforced();
                     shell.metrics.reconciled("report", "ok", started.elapsed());
                 }
-                full = tokio::select! {
-                    () = notify.notified() => true,
-                    () = reports_changed.notified() => false,
+                let catching_up;
+                (full, catching_up) = tokio::select! {
+                    biased;
+                    () = notify.notified() => (true, false),
+                    // Statuses of a plan change still to catch up, and nothing newer waiting.
+                    () = std::future::ready(()), if shell.index.refresh_pending() => (true, true),
+                    () = reports_changed.notified() => (false, false),
                     // A periodic pass also catches what a lost watch event would have missed.
-                    () = tokio::time::sleep(Duration::from_secs(300)) => true,
+                    () = tokio::time::sleep(Duration::from_secs(300)) => (true, false),
                     changed = leading.changed() => {
                         if changed.is_err() {
                             return;
                         }
-                        true
+                        (true, false)
                     }
                 };
-                // Coalesce a burst of events (a `kubectl apply -f` of many objects) into one pass.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                if !catching_up {
+                    // Coalesce a burst of events (a `kubectl apply -f` of many objects) into one pass.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
             tracing::info!("no longer leading");
             shell.status.clear();

@@ -33,6 +33,9 @@ use crate::{
     config::{CompiledPlan, TokenState, incremental::Incremental, pieces::VERSION_ANNOTATION},
 };
 
+/// Keys whose statuses one step of a plan change's catch-up decides again.
+const REFRESH_CHUNK: usize = 4096;
+
 pub(super) struct Shell {
     pub(super) client: Client,
     pub(super) opts: ControllerOptions,
@@ -206,7 +209,9 @@ impl Shell {
         self.finalizers(&plans).await?;
         let decided: Vec<String> = self.index.decided().to_vec();
         self.key_events(&decided).await;
-        let refreshed = self.on_index(Incremental::refresh_reports).await;
+        // A plan's keys' statuses, one chunk per pass: a change that arrives meanwhile goes
+        // first (the run loop comes back at once while some are pending).
+        let refreshed = self.on_index(|i| i.refresh_reports_upto(REFRESH_CHUNK)).await;
         self.desire_keys(self.index.refreshed(), status::Priority::Rest);
         tracing::debug!(
             events,
