@@ -199,6 +199,20 @@ pub struct Assembled {
     shards: BTreeMap<String, String>,
     /// [`super::keys_digest`] of its keys.
     keys_digest: String,
+    /// What changed against the last assembly when only some shards did: a gateway patches its
+    /// key table for these digests instead of rebuilding it for every key.
+    pub delta: Option<KeyDelta>,
+    /// Keys per plan name: which plans the keys need, without a pass over them.
+    plans_used: BTreeMap<String, usize>,
+}
+
+/// The keys one assembly changed against the one before it.
+#[derive(Clone, Debug)]
+pub struct KeyDelta {
+    /// The keys of the assembly before: the delta is only meaningful against exactly these.
+    pub base: super::SharedKeys,
+    /// Token digests whose entry was added, removed or changed.
+    pub changed: Vec<String>,
 }
 
 /// [`assemble`], reusing the keys of `last` when the index names the same shards with the same
@@ -213,8 +227,14 @@ pub fn assemble_from<'a>(
     if index.schema != SCHEMA_VERSION {
         return Err(ConfigError::Schema(index.schema).into());
     }
+    let mut delta = None;
+    // The keys not checked yet: all of them, or the ones the changed shards brought.
+    let mut unchecked: Vec<String> = Vec::new();
+    let mut all_unchecked = false;
+    let mut plans_used = BTreeMap::new();
     let (keys, keys_digest) = match last {
         Some(last) if last.shards == index.shards => {
+            plans_used = last.plans_used.clone();
             (Arc::clone(&last.config.keys), last.keys_digest.clone())
         }
         // The same shards with some of them changed (a key added, removed or rotated): only those
@@ -235,10 +255,37 @@ pub fn assemble_from<'a>(
             }
             let count = index.shards.len();
             let mut keys = (*last.config.keys).clone();
-            keys.retain(|digest, _| !numbers.contains(&shard_of(digest, count)));
-            for part in parts {
-                keys.extend(part);
+            let mut before = BTreeMap::new();
+            keys.retain(|digest, key| {
+                let keep = !numbers.contains(&shard_of(digest, count));
+                if !keep {
+                    before.insert(digest.clone(), key.clone());
+                }
+                keep
+            });
+            let mut changed = Vec::new();
+            plans_used = last.plans_used.clone();
+            for key in before.values() {
+                if let Some(n) = plans_used.get_mut(&key.plan) {
+                    *n -= 1;
+                }
             }
+            for part in parts {
+                for (digest, key) in part {
+                    *plans_used.entry(key.plan.clone()).or_default() += 1;
+                    if before.remove(&digest).as_ref() != Some(&key) {
+                        changed.push(digest.clone());
+                    }
+                    unchecked.push(digest.clone());
+                    keys.insert(digest, key);
+                }
+            }
+            plans_used.retain(|_, n| *n > 0);
+            changed.extend(before.into_keys());
+            delta = Some(KeyDelta {
+                base: Arc::clone(&last.config.keys),
+                changed,
+            });
             let digest = combine_digests(index.shards.values().map(String::as_str));
             (Arc::new(keys), digest)
         }
@@ -246,6 +293,10 @@ pub fn assemble_from<'a>(
             let mut keys = BTreeMap::new();
             for (name, digest) in &index.shards {
                 keys.extend(read_shard(&shard, name, digest)?);
+            }
+            all_unchecked = true;
+            for key in keys.values() {
+                *plans_used.entry(key.plan.clone()).or_default() += 1;
             }
             let digest = combine_digests(index.shards.values().map(String::as_str));
             (Arc::new(keys), digest)
@@ -259,11 +310,29 @@ pub fn assemble_from<'a>(
         keys,
         task_types: index.task_types,
     };
-    config.check_with(&keys_digest)?;
+    if all_unchecked {
+        config.check_with(&keys_digest)?;
+    } else {
+        // Keys kept from the last assembly were checked then; what they need now is their plans.
+        config.check_head(&keys_digest)?;
+        for digest in &unchecked {
+            if let Some(key) = config.keys.get(digest) {
+                config.check_key(digest, key)?;
+            }
+        }
+        if let Some(plan) = plans_used.keys().find(|p| !config.plans.contains_key(*p)) {
+            let n = plans_used[plan];
+            return Err(
+                ConfigError::Invalid(format!("{n} keys are on plan {plan}, which is not defined")).into(),
+            );
+        }
+    }
     Ok(Assembled {
         config,
         shards: index.shards,
         keys_digest,
+        delta,
+        plans_used,
     })
 }
 
@@ -388,6 +457,15 @@ mod tests {
             assemble_from(&tampered, |_| None, Some(&first)),
             Err(AssembleError::Invalid(ConfigError::HashMismatch { .. }))
         ));
+        // Keys kept from the last assembly still need their plan.
+        let mut orphaned = upgraded.clone();
+        orphaned.plans.clear();
+        orphaned.hash = orphaned.content_hash();
+        let map_o = by_name(&split(&orphaned, "cfg"));
+        assert!(matches!(
+            assemble_from(&map_o["cfg"], |_| None, Some(&first)),
+            Err(AssembleError::Invalid(ConfigError::Invalid(m))) if m.contains("plan p")
+        ));
         // Changed keys mean changed shard digests: the shards are read again.
         let mut more = upgraded.clone();
         let key = more.keys.values().next().unwrap().clone();
@@ -407,5 +485,13 @@ mod tests {
         ));
         let third = assemble_from(&map3["cfg"], |n| map3.get(n).map(String::as_str), Some(&second)).unwrap();
         assert_eq!(third.config, more);
+        // What changed is named, against the keys it changed from.
+        let delta = third.delta.as_ref().expect("assembled from changed shards");
+        assert_eq!(delta.changed, [sha256_hex("new")]);
+        assert!(Arc::ptr_eq(&delta.base, &second.config.keys));
+        assert!(
+            second.delta.is_none(),
+            "a plan change reads no shard and has no delta"
+        );
     }
 }

@@ -34,7 +34,7 @@ pub use server::{Listening, run, serve};
 pub use table::{KeyTable, UpstreamCap};
 
 use crate::{
-    config::{ConfigError, GatewayConfig},
+    config::{ConfigError, GatewayConfig, pieces::KeyDelta},
     limiter::{SharedLimiter, SharedOptions, shared::SharedError},
 };
 
@@ -195,9 +195,15 @@ impl Gateway {
     /// Swaps in a new configuration. Requests in flight keep their slots; each key's live state is
     /// carried over by key id, so the new limits apply to the same pools at once.
     pub fn apply(&self, config: GatewayConfig) -> ReloadReport {
+        self.apply_delta(config, None)
+    }
+
+    /// [`Gateway::apply`] of a configuration assembled from changed shards, whose `delta` names
+    /// the keys that changed: the key table is patched rather than rebuilt.
+    pub fn apply_delta(&self, config: GatewayConfig, delta: Option<&KeyDelta>) -> ReloadReport {
         let old = self.table.load_full();
         let changed = old.config.hash != config.hash || !self.is_ready();
-        let table = KeyTable::build(Arc::new(config), Some(&old), &self.metrics);
+        let table = KeyTable::build_from(Arc::new(config), Some(&old), delta, &self.metrics);
         let report = ReloadReport {
             from_version: old.config.version,
             to_version: table.config.version,

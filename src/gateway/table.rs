@@ -17,7 +17,7 @@ use std::{
 use super::metrics::{ErrorCode, Metrics, PlanMetrics};
 use crate::{
     api::BucketScope,
-    config::{GatewayConfig, KeyLimits, RateLimit, matches_any},
+    config::{CompiledKey, GatewayConfig, KeyLimits, RateLimit, matches_any, pieces::KeyDelta},
     limiter::{
         Gcra, RateParams, RateRefusal, SharedDecision, SharedLease, SharedLimiter, SlotGuard, SlotOwner,
         SlotPool, SlotsFull,
@@ -217,7 +217,7 @@ impl SlotOwner for KeyState {
 /// CPU's adjacent-line prefetcher fetches together), with the fields every request reads
 /// (digest, state, limits, metrics) in the first line. Unaligned, an entry straddled two or three
 /// lines; at a million keys each of them is a miss.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 #[repr(C, align(128))]
 pub struct KeyEntry {
     /// SHA-256 of the key's token: what the table looks it up by.
@@ -247,11 +247,11 @@ pub struct KeyEntry {
 /// A lookup starts at the entry slot the digest names and reads the entries themselves, so a hit
 /// costs one entry line, or the next one over (1.5 on average at half load). A general hash table
 /// reads a line of control bytes first and the entry after it: one more dependent cache miss on
-/// every request at a million keys. The table is built once per configuration and never shrinks,
-/// so it needs no deletion. The digest is SHA-256 of a secret token: its first bytes are already
+/// every request at a million keys. A key change removes entries by backward shift, which leaves
+/// no tombstone, so a table patched many times probes as one built afresh. The digest is SHA-256 of a secret token: its first bytes are already
 /// uniform, and a client who grinds tokens towards one cluster only lengthens its own lookups,
 /// by a few entries.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct DigestTable {
     /// A power of two in length; `None` is a free slot (the entry's `Arc`s give `Option` a niche,
     /// so a slot is exactly one entry).
@@ -283,7 +283,8 @@ impl DigestTable {
     }
 
     fn home(&self, digest: &[u8; 32]) -> usize {
-        let [a, b, c, d, e, f, g, h, ..] = *digest;
+        // Bytes 0..4 choose the part (`KeyTable::part_of`); bytes 8..16 are independent of them.
+        let [_, _, _, _, _, _, _, _, a, b, c, d, e, f, g, h, ..] = *digest;
         u64::from_le_bytes([a, b, c, d, e, f, g, h]) as usize & (self.slots.len() - 1)
     }
 
@@ -327,14 +328,114 @@ impl DigestTable {
     fn iter(&self) -> impl Iterator<Item = &KeyEntry> {
         self.slots.iter().flatten()
     }
+
+    /// Takes out the entry of `digest`. Backward-shift deletion: the entries after it in its run
+    /// move back where their probe would reach them, so no tombstone lengthens later lookups.
+    fn remove(&mut self, digest: &[u8; 32]) -> Option<KeyEntry> {
+        let mask = self.slots.len() - 1;
+        let mut hole = self.home(digest);
+        loop {
+            match &self.slots[hole] {
+                None => return None,
+                Some(e) if e.digest == *digest => break,
+                Some(_) => hole = (hole + 1) & mask,
+            }
+        }
+        let removed = self.slots[hole].take();
+        self.len -= 1;
+        let mut j = (hole + 1) & mask;
+        while let Some(e) = &self.slots[j] {
+            let home = self.home(&e.digest);
+            // The entry at `j` may fill the hole unless its home lies cyclically in (hole, j]:
+            // then a probe from its home would stop at the hole before reaching it.
+            let reachable_past_hole = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !reachable_past_hole {
+                self.slots[hole] = self.slots[j].take();
+                hole = j;
+            }
+            j = (j + 1) & mask;
+        }
+        removed
+    }
+}
+
+/// Which of `count` parts (a power of two) holds the entry of `digest`.
+fn part_of(digest: &[u8; 32], count: usize) -> usize {
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) as usize & (count - 1)
+}
+
+/// What the keys of one plan share in a table being built: the plan name, its limits for keys
+/// without overrides and its metric handles, made once per plan.
+#[derive(Default)]
+struct PlanCache(HashMap<String, PlanShared>);
+
+/// A plan's name, its limits for keys without overrides, its metric handles.
+type PlanShared = (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>);
+
+impl PlanCache {
+    /// The entry of `key` (token digest `hex_digest`), with `state` carried over or a fresh one;
+    /// `None` when the digest is not hex or the plan is not in `config`.
+    fn entry(
+        &mut self,
+        config: &GatewayConfig,
+        metrics: &Metrics,
+        hex_digest: &str,
+        key: &CompiledKey,
+        state: Option<Arc<KeyState>>,
+    ) -> Option<KeyEntry> {
+        let mut digest = [0u8; 32];
+        // `GatewayConfig::check` guarantees 64 hex digits; skip rather than panic if not.
+        hex::decode_to_slice(hex_digest, &mut digest).ok()?;
+        let plan_def = config.plans.get(&key.plan)?;
+        if !self.0.contains_key(&key.plan) {
+            let shared = (
+                key.plan.as_str().into(),
+                Arc::new(KeyLimits::resolve(plan_def, None)),
+                metrics.plan(&key.plan),
+            );
+            self.0.insert(key.plan.clone(), shared);
+        }
+        let (plan, shared, plan_metrics) = &self.0[&key.plan];
+        let limits = match &key.overrides {
+            None => Arc::clone(shared),
+            Some(o) => Arc::new(KeyLimits::resolve(plan_def, Some(o))),
+        };
+        let state = state.unwrap_or_else(|| Arc::new(KeyState::new(rate_params(&limits))));
+        Some(KeyEntry {
+            digest,
+            id: key.id.as_str().into(),
+            plan: Arc::clone(plan),
+            limits,
+            overridden: key.overrides.is_some(),
+            suspended: key.suspended,
+            expires_at: key.expires_at,
+            state,
+            metrics: Arc::clone(plan_metrics),
+            upstream_headers: http::HeaderValue::from_str(&key.id)
+                .ok()
+                .zip(http::HeaderValue::from_str(&key.plan).ok())
+                .map(Arc::new),
+        })
+    }
 }
 
 /// A configuration ready to enforce.
+///
+/// The entries are split into parts by the first bytes of their digest, each part shared between
+/// tables until a change touches it: a key added, removed or rotated copies one part of about
+/// 2,000 keys, and the parts it did not touch are neither copied nor dropped (at 100,000 keys a
+/// copy of every entry and the drop of the old ones took most of a reload).
 #[derive(Debug)]
 pub struct KeyTable {
     /// The configuration this table was built from.
     pub config: Arc<GatewayConfig>,
-    keys: DigestTable,
+    /// A power of two in length.
+    parts: Box<[Arc<DigestTable>]>,
+    len: usize,
 }
 
 impl KeyTable {
@@ -345,61 +446,86 @@ impl KeyTable {
 
     /// Builds the table for `config`, carrying over each key's live state from `previous` by key id.
     pub fn build(config: Arc<GatewayConfig>, previous: Option<&KeyTable>, metrics: &Metrics) -> Self {
+        Self::build_from(config, previous, None, metrics)
+    }
+
+    /// [`KeyTable::build`], patching `previous` when `delta` says which keys changed since it
+    /// (an assembly from changed shards): a key added, removed or rotated at 100,000 keys then
+    /// costs a copy of the table and a few entries, not an entry and a lookup by id for every key.
+    pub fn build_from(
+        config: Arc<GatewayConfig>,
+        previous: Option<&KeyTable>,
+        delta: Option<&KeyDelta>,
+        metrics: &Metrics,
+    ) -> Self {
         if let Some(previous) = previous
             && Arc::ptr_eq(&previous.config.keys, &config.keys)
         {
             return Self::with_new_plans(config, previous, metrics);
         }
+        if let (Some(previous), Some(delta)) = (previous, delta)
+            && Arc::ptr_eq(&previous.config.keys, &delta.base)
+            && previous.config.plans == config.plans
+        {
+            return Self::patched(config, previous, &delta.changed, metrics);
+        }
         let old: HashMap<&str, &Arc<KeyState>> = previous
             .map(|p| p.entries().map(|e| (&*e.id, &e.state)).collect())
             .unwrap_or_default();
-        // Per plan: its name, its limits for keys without overrides, its metric handles.
-        type PlanShared = (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>);
-        let mut plans: HashMap<&str, PlanShared> = HashMap::new();
-        let mut keys = DigestTable::with_capacity(config.keys.len());
+        let mut plans = PlanCache::default();
+        let count = crate::config::pieces::shard_count(config.keys.len());
+        let mut parts: Vec<DigestTable> = (0..count)
+            .map(|_| DigestTable::with_capacity(config.keys.len() / count))
+            .collect();
         for (hex_digest, key) in config.keys.iter() {
-            let mut digest = [0u8; 32];
-            // `GatewayConfig::check` guarantees 64 hex digits; skip rather than panic if not.
-            if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
-                continue;
+            let state = old.get(key.id.as_str()).map(|s| Arc::clone(s));
+            if let Some(entry) = plans.entry(&config, metrics, hex_digest, key, state) {
+                parts[part_of(&entry.digest, count)].insert(entry);
             }
-            let Some(plan_def) = config.plans.get(&key.plan) else {
+        }
+        Self::from_parts(config, parts.into_iter().map(Arc::new).collect())
+    }
+
+    fn from_parts(config: Arc<GatewayConfig>, parts: Box<[Arc<DigestTable>]>) -> Self {
+        let len = parts.iter().map(|p| p.len).sum();
+        Self { config, parts, len }
+    }
+
+    /// The previous table with the entries of `changed` digests taken out and put back as
+    /// `config` has them. Live state follows the key id, so a rotated token (a new digest, the
+    /// same key) keeps its requests in flight and its quota.
+    fn patched(
+        config: Arc<GatewayConfig>,
+        previous: &KeyTable,
+        changed: &[String],
+        metrics: &Metrics,
+    ) -> Self {
+        // Shares every part; the first write to one copies it (`make_mut`), once.
+        let mut parts = previous.parts.clone();
+        let count = parts.len();
+        let mut states: HashMap<Arc<str>, Arc<KeyState>> = HashMap::new();
+        for hex_digest in changed {
+            let mut digest = [0u8; 32];
+            if hex::decode_to_slice(hex_digest, &mut digest).is_ok() {
+                let part = &mut parts[part_of(&digest, count)];
+                if part.get(&digest).is_some()
+                    && let Some(e) = Arc::make_mut(part).remove(&digest)
+                {
+                    states.insert(e.id, e.state);
+                }
+            }
+        }
+        let mut plans = PlanCache::default();
+        for hex_digest in changed {
+            let Some(key) = config.keys.get(hex_digest) else {
                 continue;
             };
-            let (plan, shared, plan_metrics) = plans.entry(&key.plan).or_insert_with(|| {
-                let limits = KeyLimits::resolve(plan_def, None);
-                (
-                    key.plan.as_str().into(),
-                    Arc::new(limits),
-                    metrics.plan(&key.plan),
-                )
-            });
-            let limits = match &key.overrides {
-                None => Arc::clone(shared),
-                Some(o) => Arc::new(KeyLimits::resolve(plan_def, Some(o))),
-            };
-            let params = rate_params(&limits);
-            let state = old
-                .get(key.id.as_str())
-                .map(|s| Arc::clone(s))
-                .unwrap_or_else(|| Arc::new(KeyState::new(params)));
-            keys.insert(KeyEntry {
-                digest,
-                id: key.id.as_str().into(),
-                plan: Arc::clone(plan),
-                limits,
-                overridden: key.overrides.is_some(),
-                suspended: key.suspended,
-                expires_at: key.expires_at,
-                state,
-                metrics: Arc::clone(plan_metrics),
-                upstream_headers: http::HeaderValue::from_str(&key.id)
-                    .ok()
-                    .zip(http::HeaderValue::from_str(&key.plan).ok())
-                    .map(Arc::new),
-            });
+            let state = states.remove(key.id.as_str());
+            if let Some(entry) = plans.entry(&config, metrics, hex_digest, key, state) {
+                Arc::make_mut(&mut parts[part_of(&entry.digest, count)]).insert(entry);
+            }
         }
-        Self { config, keys }
+        Self::from_parts(config, parts)
     }
 
     /// A plan change: the same keys (the configuration shares them with the previous one) under
@@ -408,63 +534,65 @@ impl KeyTable {
     fn with_new_plans(config: Arc<GatewayConfig>, previous: &KeyTable, metrics: &Metrics) -> Self {
         // Per plan: limits for keys without overrides and metric handles; `None`: plan gone.
         type PlanShared = Option<(Arc<KeyLimits>, Arc<PlanMetrics>)>;
-        let mut plans: HashMap<&str, PlanShared> = HashMap::new();
-        let mut keys = DigestTable::with_capacity(previous.keys.len);
-        for e in previous.entries() {
-            let Some((shared, plan_metrics)) = plans
-                .entry(&e.plan)
-                .or_insert_with(|| {
-                    let def = config.plans.get(&*e.plan)?;
-                    Some((Arc::new(KeyLimits::resolve(def, None)), metrics.plan(&e.plan)))
-                })
-                .clone()
-            else {
-                continue;
-            };
-            let limits = if e.overridden {
-                let key = config.keys.get(&hex::encode(e.digest));
-                let def = config.plans.get(&*e.plan);
-                match (key, def) {
-                    (Some(k), Some(def)) => Arc::new(KeyLimits::resolve(def, k.overrides.as_ref())),
-                    _ => continue,
-                }
-            } else {
-                shared
-            };
-            keys.insert(KeyEntry {
-                digest: e.digest,
-                id: Arc::clone(&e.id),
-                plan: Arc::clone(&e.plan),
-                limits,
-                overridden: e.overridden,
-                suspended: e.suspended,
-                expires_at: e.expires_at,
-                state: Arc::clone(&e.state),
-                metrics: plan_metrics,
-                upstream_headers: e.upstream_headers.clone(),
-            });
+        let mut plans: HashMap<Arc<str>, PlanShared> = HashMap::new();
+        // A copy updated in place: each entry keeps its slot, so nothing is hashed or probed.
+        let mut parts = Vec::with_capacity(previous.parts.len());
+        for part in &previous.parts {
+            let mut keys = DigestTable::clone(part);
+            let mut gone = Vec::new();
+            for e in keys.slots.iter_mut().flatten() {
+                let Some((shared, plan_metrics)) = plans
+                    .entry(Arc::clone(&e.plan))
+                    .or_insert_with(|| {
+                        let def = config.plans.get(&*e.plan)?;
+                        Some((Arc::new(KeyLimits::resolve(def, None)), metrics.plan(&e.plan)))
+                    })
+                    .clone()
+                else {
+                    gone.push(e.digest);
+                    continue;
+                };
+                e.limits = if e.overridden {
+                    let key = config.keys.get(&hex::encode(e.digest));
+                    let def = config.plans.get(&*e.plan);
+                    match (key, def) {
+                        (Some(k), Some(def)) => Arc::new(KeyLimits::resolve(def, k.overrides.as_ref())),
+                        _ => {
+                            gone.push(e.digest);
+                            continue;
+                        }
+                    }
+                } else {
+                    shared
+                };
+                e.metrics = plan_metrics;
+            }
+            for digest in &gone {
+                keys.remove(digest);
+            }
+            parts.push(Arc::new(keys));
         }
-        Self { config, keys }
+        Self::from_parts(config, parts.into())
     }
 
     /// The key whose token has this SHA-256 digest.
     pub fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
-        self.keys.get(digest)
+        self.parts[part_of(digest, self.parts.len())].get(digest)
     }
 
     /// Every admitted key.
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.keys.iter()
+        self.parts.iter().flat_map(|p| p.iter())
     }
 
     /// Number of admitted keys.
     pub fn len(&self) -> usize {
-        self.keys.len
+        self.len
     }
 
     /// Whether no key is admitted.
     pub fn is_empty(&self) -> bool {
-        self.keys.len == 0
+        self.len == 0
     }
 }
 
@@ -938,6 +1066,10 @@ mod tests {
             .map(|i| {
                 let mut d: [u8; 32] = Sha256::digest(i.to_le_bytes()).into();
                 d[..prefix].fill(0xff);
+                // The part and the home slot come from bytes 0..4 and 8..16.
+                if prefix > 0 {
+                    d[8..16].fill(0xff);
+                }
                 d
             })
             .collect();
@@ -966,11 +1098,85 @@ mod tests {
     }
 
     #[test]
+    fn a_table_patched_by_a_delta_is_the_table_a_full_build_gives() {
+        let metrics = Metrics::new();
+        // Crowded digests: removals in the middle of long runs exercise the backward shift.
+        for prefix in [0, 8] {
+            let (a, _) = crowded(600, prefix);
+            let first = KeyTable::build(Arc::clone(&a), None, &metrics);
+            let mut b = (*a).clone();
+            let keys = Arc::make_mut(&mut b.keys);
+            let digests: Vec<String> = keys.keys().cloned().collect();
+            let mut changed = Vec::new();
+            for (n, d) in digests.iter().enumerate() {
+                match n % 7 {
+                    // Removed.
+                    0 => {
+                        keys.remove(d);
+                        changed.push(d.clone());
+                    }
+                    // Rotated: the same key under a new digest.
+                    1 => {
+                        let key = keys.remove(d).unwrap();
+                        let new = hex::encode(Sha256::digest(format!("rotated-{d}")));
+                        keys.insert(new.clone(), key);
+                        changed.extend([d.clone(), new]);
+                    }
+                    // Changed in place.
+                    2 => {
+                        keys.get_mut(d).unwrap().suspended = true;
+                        changed.push(d.clone());
+                    }
+                    _ => {}
+                }
+            }
+            let added = hex::encode(Sha256::digest(b"added"));
+            keys.insert(added.clone(), CompiledKey::on_plan("ns/added", "p"));
+            changed.push(added);
+            b.hash = b.content_hash();
+            let b = Arc::new(b);
+            let delta = KeyDelta {
+                base: Arc::clone(&a.keys),
+                changed,
+            };
+            let patched = KeyTable::build_from(Arc::clone(&b), Some(&first), Some(&delta), &metrics);
+            let full = KeyTable::build(Arc::clone(&b), Some(&first), &metrics);
+            assert_eq!(patched.len(), full.len());
+            assert_eq!(patched.entries().count(), full.len());
+            for f in full.entries() {
+                let q = patched
+                    .get(&f.digest)
+                    .expect("every key of the new configuration");
+                assert_eq!((&q.id, &q.plan, &q.limits), (&f.id, &f.plan, &f.limits));
+                assert_eq!((q.suspended, q.expires_at), (f.suspended, f.expires_at));
+                if &*f.id != "ns/added" {
+                    assert!(Arc::ptr_eq(&q.state, &f.state), "live state follows the key id");
+                }
+            }
+            for d in a.keys.keys().filter(|d| !b.keys.contains_key(*d)) {
+                let mut digest = [0u8; 32];
+                hex::decode_to_slice(d, &mut digest).unwrap();
+                assert!(
+                    patched.get(&digest).is_none(),
+                    "a removed or rotated-away digest is gone"
+                );
+            }
+            // A delta against other keys than the previous table's is not trusted: full build.
+            let stale = KeyDelta {
+                base: Arc::new((*a.keys).clone()),
+                changed: Vec::new(),
+            };
+            let rebuilt = KeyTable::build_from(Arc::clone(&b), Some(&first), Some(&stale), &metrics);
+            assert_eq!(rebuilt.len(), full.len());
+        }
+    }
+
+    #[test]
     fn the_digest_table_grows_to_stay_at_most_half_full() {
         let (c, digests) = crowded(1_000, 0);
         let built = KeyTable::build(c, None, &Metrics::new());
         let mut t = DigestTable::with_capacity(0);
-        for e in built.keys.slots.into_vec().into_iter().flatten() {
+        for e in built.entries().cloned() {
             t.insert(e);
             assert!(t.len * 2 <= t.slots.len());
         }
