@@ -227,8 +227,10 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         // Unchanged keys stay shared with the previous configuration: one copy in memory, and
         // whoever compares them finds the same pointer.
         keys: match previous {
-            Some(p) if *p.keys == out_keys => std::sync::Arc::clone(&p.keys),
-            _ => std::sync::Arc::new(out_keys),
+            Some(p) if p.keys.len() == out_keys.len() && p.keys.iter().eq(out_keys.iter()) => {
+                std::sync::Arc::clone(&p.keys)
+            }
+            _ => std::sync::Arc::new(out_keys.into_iter().collect()),
         },
         task_types,
     };

@@ -48,8 +48,13 @@ pub struct GatewayConfig {
     pub task_types: BTreeMap<String, CompiledTaskType>,
 }
 
+/// Admitted keys by token digest, in digest order. A persistent map: a copy shares every node
+/// with the original and an insert copies only the path to one leaf, so a gateway that takes
+/// one key added at 100,000 keys copies a few nodes rather than the whole map.
+pub type KeyMap = imbl::OrdMap<String, CompiledKey>;
+
 /// Admitted keys by token digest, shared between configurations that have the same keys.
-pub type SharedKeys = Arc<BTreeMap<String, CompiledKey>>;
+pub type SharedKeys = Arc<KeyMap>;
 
 /// A plan as the gateway enforces it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -191,7 +196,7 @@ impl KeyLimits {
 /// Digest of a key set: the part of [`GatewayConfig::content_hash`] that a plan change leaves
 /// alone. Made of the digests of its shards ([`pieces::combine_digests`]), so that whoever
 /// changed one shard (the incremental compile) or read one (a gateway) hashes that shard alone.
-pub fn keys_digest(keys: &BTreeMap<String, CompiledKey>) -> String {
+pub fn keys_digest(keys: &KeyMap) -> String {
     let data = pieces::shard_data(keys);
     let digests: Vec<String> = data.iter().map(|d| pieces::shard_digest(d)).collect();
     pieces::combine_digests(digests.iter().map(String::as_str))

@@ -112,7 +112,7 @@ pub fn shards(config: &GatewayConfig, base: &str) -> Vec<Piece> {
 
 /// The JSON of each key shard, in shard order: what [`shards`] writes and what
 /// [`super::keys_digest`] hashes.
-pub fn shard_data(keys: &BTreeMap<String, CompiledKey>) -> Vec<String> {
+pub fn shard_data(keys: &super::KeyMap) -> Vec<String> {
     let count = shard_count(keys.len());
     let mut parts: Vec<BTreeMap<&String, &CompiledKey>> = vec![BTreeMap::new(); count];
     for (digest, key) in keys {
@@ -204,6 +204,22 @@ pub struct Assembled {
     pub delta: Option<KeyDelta>,
     /// Keys per plan name: which plans the keys need, without a pass over them.
     plans_used: BTreeMap<String, usize>,
+    /// Per shard number, the first 8 bytes of each of its keys' digests: what a changed shard
+    /// held before, found in the key map by prefix rather than by a pass over every key.
+    members: Vec<Arc<[u64]>>,
+}
+
+/// The first 8 bytes of a hex digest, as a number.
+fn prefix_of(digest: &str) -> u64 {
+    digest
+        .get(..16)
+        .and_then(|p| u64::from_str_radix(p, 16).ok())
+        .unwrap_or(0)
+}
+
+/// The prefixes of `keys`, for [`Assembled::members`].
+fn prefixes<'k>(keys: impl Iterator<Item = &'k String>) -> Arc<[u64]> {
+    keys.map(|d| prefix_of(d)).collect()
 }
 
 /// The keys one assembly changed against the one before it.
@@ -232,9 +248,11 @@ pub fn assemble_from<'a>(
     let mut unchecked: Vec<String> = Vec::new();
     let mut all_unchecked = false;
     let mut plans_used = BTreeMap::new();
+    let mut members: Vec<Arc<[u64]>>;
     let (keys, keys_digest) = match last {
         Some(last) if last.shards == index.shards => {
             plans_used = last.plans_used.clone();
+            members = last.members.clone();
             (Arc::clone(&last.config.keys), last.keys_digest.clone())
         }
         // The same shards with some of them changed (a key added, removed or rotated): only those
@@ -246,42 +264,52 @@ pub fn assemble_from<'a>(
                 .filter(|(name, digest)| last.shards.get(*name) != Some(digest))
                 .collect();
             let mut parts = Vec::with_capacity(changed.len());
-            let mut numbers = std::collections::HashSet::new();
             for (name, digest) in changed {
                 let part = read_shard(&shard, name, digest)?;
                 let (i, _) = shard_number(name).ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
-                numbers.insert(i);
-                parts.push(part);
+                parts.push((i, part));
             }
             let count = index.shards.len();
+            // A copy of a persistent map: it shares every node until one is written. Only the
+            // keys that differ are written: a shard's keys are spread over the whole map, so
+            // taking all of them out and back in would copy most of its nodes.
             let mut keys = (*last.config.keys).clone();
-            let mut before = BTreeMap::new();
-            keys.retain(|digest, key| {
-                let keep = !numbers.contains(&shard_of(digest, count));
-                if !keep {
-                    before.insert(digest.clone(), key.clone());
-                }
-                keep
-            });
             let mut changed = Vec::new();
             plans_used = last.plans_used.clone();
-            for key in before.values() {
-                if let Some(n) = plans_used.get_mut(&key.plan) {
-                    *n -= 1;
-                }
-            }
-            for part in parts {
-                for (digest, key) in part {
-                    *plans_used.entry(key.plan.clone()).or_default() += 1;
-                    if before.remove(&digest).as_ref() != Some(&key) {
-                        changed.push(digest.clone());
+            members = last.members.clone();
+            for (i, part) in parts {
+                // What the shard held before and no longer holds: removed, or rotated away.
+                for prefix in last.members.get(i).iter().flat_map(|m| m.iter()) {
+                    let from = format!("{prefix:016x}");
+                    let held = last.config.keys.range(from.clone()..);
+                    for (digest, key) in held.take_while(|(d, _)| d.starts_with(&from)) {
+                        if shard_of(digest, count) == i && !part.contains_key(digest) {
+                            if let Some(n) = plans_used.get_mut(&key.plan) {
+                                *n -= 1;
+                            }
+                            keys.remove(digest);
+                            changed.push(digest.clone());
+                        }
                     }
+                }
+                if let Some(m) = members.get_mut(i) {
+                    *m = prefixes(part.keys());
+                }
+                for (digest, key) in part {
+                    let old = last.config.keys.get(&digest);
+                    if old == Some(&key) {
+                        continue;
+                    }
+                    if let Some(n) = old.and_then(|o| plans_used.get_mut(&o.plan)) {
+                        *n -= 1;
+                    }
+                    *plans_used.entry(key.plan.clone()).or_default() += 1;
+                    changed.push(digest.clone());
                     unchecked.push(digest.clone());
                     keys.insert(digest, key);
                 }
             }
             plans_used.retain(|_, n| *n > 0);
-            changed.extend(before.into_keys());
             delta = Some(KeyDelta {
                 base: Arc::clone(&last.config.keys),
                 changed,
@@ -290,9 +318,14 @@ pub fn assemble_from<'a>(
             (Arc::new(keys), digest)
         }
         _ => {
-            let mut keys = BTreeMap::new();
+            let mut keys = super::KeyMap::new();
+            members = vec![Arc::from([]); index.shards.len()];
             for (name, digest) in &index.shards {
-                keys.extend(read_shard(&shard, name, digest)?);
+                let part = read_shard(&shard, name, digest)?;
+                if let Some(m) = shard_number(name).and_then(|(i, _)| members.get_mut(i)) {
+                    *m = prefixes(part.keys());
+                }
+                keys.extend(part);
             }
             all_unchecked = true;
             for key in keys.values() {
@@ -333,6 +366,7 @@ pub fn assemble_from<'a>(
         keys_digest,
         delta,
         plans_used,
+        members,
     })
 }
 
