@@ -86,7 +86,7 @@ fn decision(c: &mut Criterion) {
                     i = (i + 1) & 4095;
                     now += 1_000;
                     let entry = t.get(&probes[i]).expect("key loaded");
-                    let admitted = admit(entry, black_box("/v1/monitor/chatgpt"), now, None, 1);
+                    let admitted = admit(&entry, black_box("/v1/monitor/chatgpt"), now, None, 1);
                     black_box(admitted.is_ok())
                 })
             });
@@ -122,7 +122,7 @@ fn sweep(c: &mut Criterion) {
     let mut now = 1_000_000_000u64;
     for i in 0..keys {
         let e = t.get(&digest(i)).expect("key loaded");
-        let _ = admit(e, "/v1/monitor/chatgpt", now, None, 1);
+        let _ = admit(&e, "/v1/monitor/chatgpt", now, None, 1);
     }
     group.bench_function(BenchmarkId::from_parameter(keys), |b| {
         b.iter(|| {

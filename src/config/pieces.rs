@@ -528,4 +528,65 @@ mod tests {
             "a plan change reads no shard and has no delta"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+        /// A chain of assemblies, each from the last and the shards that changed, gives the
+        /// configuration a full assembly gives, and names exactly the digests that differ.
+        #[test]
+        fn assembling_from_changed_shards_is_a_full_assembly(
+            steps in proptest::collection::vec(proptest::collection::vec((0u8..4, 0usize..3000), 1..6), 1..8)
+        ) {
+            let mut current = config(3000, 25);
+            current.plans.insert("q".into(), current.plans["p"].clone());
+            current.hash = current.content_hash();
+            let map = by_name(&split(&current, "cfg"));
+            let mut last = assemble_from(&map["cfg"], |n| map.get(n).map(String::as_str), None).unwrap();
+            for (round, ops) in steps.into_iter().enumerate() {
+                let mut next = current.clone();
+                let keys = Arc::make_mut(&mut next.keys);
+                for (op, i) in ops {
+                    let digest = sha256_hex(&i.to_string());
+                    match op {
+                        0 => { keys.remove(&digest); }
+                        1 => { keys.insert(sha256_hex(&format!("new-{round}-{i}")), CompiledKey::on_plan(format!("ns/n{round}-{i}"), "q")); }
+                        2 => {
+                            // A rotation: the same key under a new token.
+                            if let Some(k) = keys.remove(&digest) {
+                                keys.insert(sha256_hex(&format!("rot-{round}-{i}")), k);
+                            }
+                        }
+                        _ => {
+                            if let Some(k) = keys.get_mut(&digest) {
+                                k.plan = "q".into();
+                                k.suspended = !k.suspended;
+                            }
+                        }
+                    }
+                }
+                next.version += 1;
+                next.hash = next.content_hash();
+                let map = by_name(&split(&next, "cfg"));
+                let full = assemble(&map["cfg"], |n| map.get(n).map(String::as_str)).unwrap();
+                let got = assemble_from(&map["cfg"], |n| map.get(n).map(String::as_str), Some(&last)).unwrap();
+                proptest::prop_assert_eq!(&got.config, &full);
+                proptest::prop_assert_eq!(&got.config, &next);
+                let mut want: Vec<&String> = current.keys.iter()
+                    .filter(|(d, k)| next.keys.get(*d) != Some(*k)).map(|(d, _)| d)
+                    .chain(next.keys.keys().filter(|d| !current.keys.contains_key(*d)))
+                    .collect();
+                want.sort();
+                if let Some(delta) = &got.delta {
+                    let mut changed: Vec<&String> = delta.changed.iter().collect();
+                    changed.sort();
+                    proptest::prop_assert_eq!(changed, want);
+                } else {
+                    proptest::prop_assert!(want.is_empty() || current.keys.len() != next.keys.len());
+                }
+                current = next;
+                last = got;
+            }
+        }
+    }
 }

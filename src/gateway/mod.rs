@@ -210,16 +210,7 @@ impl Gateway {
             keys: table.len(),
             changed,
         };
-        let mut capacity: std::collections::BTreeMap<&str, i64> =
-            table.config.plans.keys().map(|p| (p.as_str(), 0)).collect();
-        for e in table.entries() {
-            if let Some(s) = &e.limits.slots
-                && let Some(c) = capacity.get_mut(&*e.plan)
-            {
-                *c += i64::from(s.max);
-            }
-        }
-        self.metrics.set_capacity(capacity);
+        self.metrics.set_capacity(table.capacity());
         if let Some(tasks) = self.tasks.get() {
             tasks.configure(Arc::clone(&table.config));
         }

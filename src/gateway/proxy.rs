@@ -257,7 +257,7 @@ impl Gateway {
         &self,
         parts: &Parts,
         table: &'t table::KeyTable,
-    ) -> Result<&'t table::KeyEntry, Answer> {
+    ) -> Result<table::KeyView<'t>, Answer> {
         let Some(token) = presented_key(parts) else {
             self.metrics.refusal_without_plan(ErrorCode::MissingApiKey);
             return Err(refuse_auth(
@@ -304,10 +304,10 @@ impl Gateway {
         // One clock read serves the limiter, the slot's duration and the upstream latency.
         let at = Instant::now();
         let result = match &self.shared {
-            None => table::admit(entry, path, self.nanos(at), self.cap.as_ref(), 1),
-            Some(s) => self.fallback(entry, path, s.replicas()),
+            None => table::admit(&entry, path, self.nanos(at), self.cap.as_ref(), 1),
+            Some(s) => self.fallback(&entry, path, s.replicas()),
         };
-        self.hold(entry, result, at)
+        self.hold(&entry, result, at)
     }
 
     /// Authenticates and admits through the shared limiter (Redis).
@@ -316,11 +316,11 @@ impl Gateway {
         let table = arc_swap::Guard::into_inner(self.table.load());
         let entry = self.authenticate(parts, &table)?;
         let path = parts.uri.path();
-        let result = match table::admit_shared(entry, path, shared, self.cap.as_ref()).await {
+        let result = match table::admit_shared(&entry, path, shared, self.cap.as_ref()).await {
             Ok(result) => result,
-            Err(_) => self.fallback(entry, path, shared.replicas()),
+            Err(_) => self.fallback(&entry, path, shared.replicas()),
         };
-        self.hold(entry, result, Instant::now())
+        self.hold(&entry, result, Instant::now())
     }
 
     /// Rewrites an admitted request for the upstream and encodes it.
@@ -436,7 +436,7 @@ impl Gateway {
     /// The decision while the shared state is unreachable, by the configured policy.
     fn fallback(
         &self,
-        entry: &table::KeyEntry,
+        entry: &table::KeyView<'_>,
         path: &str,
         replicas: u32,
     ) -> Result<table::Admitted, Refusal> {
@@ -450,7 +450,7 @@ impl Gateway {
     /// Counts a refusal, or turns an admission into what the request holds while in flight.
     fn hold(
         &self,
-        entry: &table::KeyEntry,
+        entry: &table::KeyView<'_>,
         result: Result<table::Admitted, Refusal>,
         started: Instant,
     ) -> Result<Admission, Answer> {

@@ -224,22 +224,46 @@ pub struct KeyEntry {
     digest: [u8; 32],
     /// Live state, shared with earlier and later tables.
     pub state: Arc<KeyState>,
-    /// Limits in force for this key; shared by every key of a plan without overrides.
-    pub limits: Arc<KeyLimits>,
-    /// Metric handles of the key's plan.
-    pub metrics: Arc<PlanMetrics>,
+    /// Limits of a key that overrides some of its plan's; `None`: the plan's, which the table
+    /// holds once per plan, so a plan change rewrites no entry.
+    own_limits: Option<Arc<KeyLimits>>,
+    /// The key's plan in its table's plans (stable across tables that share this entry).
+    plan_ix: u32,
+    /// Refused with 403.
+    pub suspended: bool,
     /// The key id and plan as header values for the upstream, built once per key.
     pub upstream_headers: Option<Arc<(http::HeaderValue, http::HeaderValue)>>,
     /// Unix seconds after which the key is refused.
     pub expires_at: Option<i64>,
-    /// Refused with 403.
-    pub suspended: bool,
-    /// Whether the key overrides some of its plan's limits.
-    pub overridden: bool,
     /// `namespace/name` of the ApiKey (safe to log).
     pub id: Arc<str>,
+}
+
+/// A key as its table enforces it: its entry with its plan's name, limits and metric handles.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyView<'t> {
+    entry: &'t KeyEntry,
+    /// Limits in force for this key; shared by every key of a plan without overrides.
+    pub limits: &'t Arc<KeyLimits>,
+    /// Metric handles of the key's plan.
+    pub metrics: &'t Arc<PlanMetrics>,
     /// Plan name (safe to log and to use as a metric label).
-    pub plan: Arc<str>,
+    pub plan: &'t Arc<str>,
+}
+
+impl std::ops::Deref for KeyView<'_> {
+    type Target = KeyEntry;
+
+    fn deref(&self) -> &KeyEntry {
+        self.entry
+    }
+}
+
+impl KeyView<'_> {
+    /// Whether the key overrides some of its plan's limits.
+    pub fn overridden(&self) -> bool {
+        self.entry.own_limits.is_some()
+    }
 }
 
 /// The entries by digest, in open addressing with linear probing, kept at most half full.
@@ -325,6 +349,15 @@ impl DigestTable {
         }
     }
 
+    fn get_mut(&mut self, digest: &[u8; 32]) -> Option<&mut KeyEntry> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(digest);
+        while self.slots.get(i)?.as_ref()?.digest != *digest {
+            i = (i + 1) & mask;
+        }
+        self.slots[i].as_mut()
+    }
+
     fn iter(&self) -> impl Iterator<Item = &KeyEntry> {
         self.slots.iter().flatten()
     }
@@ -368,21 +401,54 @@ fn part_of(digest: &[u8; 32], count: usize) -> usize {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) as usize & (count - 1)
 }
 
-/// What the keys of one plan share in a table being built: the plan name, its limits for keys
-/// without overrides and its metric handles, made once per plan.
-#[derive(Default)]
-struct PlanCache(HashMap<String, PlanShared>);
+/// What the keys of one plan share: its name, its limits for keys without overrides, its metric
+/// handles.
+#[derive(Debug)]
+struct PlanSlot {
+    name: Arc<str>,
+    limits: Arc<KeyLimits>,
+    metrics: Arc<PlanMetrics>,
+}
 
-/// A plan's name, its limits for keys without overrides, its metric handles.
-type PlanShared = (Arc<str>, Arc<KeyLimits>, Arc<PlanMetrics>);
+/// The plans of a table, by the index entries name them with. A plan keeps its index for as long
+/// as tables share entries, so that a plan change makes a new list and shares every entry.
+#[derive(Debug, Default)]
+struct Plans {
+    /// `None`: a plan of an earlier configuration, gone from this one.
+    slots: Vec<Option<PlanSlot>>,
+    index: HashMap<Arc<str>, u32>,
+}
 
-impl PlanCache {
+impl Plans {
+    /// The plans of `config`, keeping the indexes of `previous`.
+    fn of(config: &GatewayConfig, previous: Option<&Plans>, metrics: &Metrics) -> Self {
+        let mut index = previous.map(|p| p.index.clone()).unwrap_or_default();
+        let mut slots: Vec<Option<PlanSlot>> = Vec::new();
+        slots.resize_with(index.len(), || None);
+        for (name, def) in &config.plans {
+            let name: Arc<str> = name.as_str().into();
+            let ix = *index.entry(Arc::clone(&name)).or_insert_with(|| {
+                slots.push(None);
+                (slots.len() - 1) as u32
+            });
+            slots[ix as usize] = Some(PlanSlot {
+                limits: Arc::new(KeyLimits::resolve(def, None)),
+                metrics: metrics.plan(&name),
+                name,
+            });
+        }
+        Self { slots, index }
+    }
+
+    fn get(&self, ix: u32) -> Option<&PlanSlot> {
+        self.slots.get(ix as usize)?.as_ref()
+    }
+
     /// The entry of `key` (token digest `hex_digest`), with `state` carried over or a fresh one;
     /// `None` when the digest is not hex or the plan is not in `config`.
     fn entry(
-        &mut self,
+        &self,
         config: &GatewayConfig,
-        metrics: &Metrics,
         hex_digest: &str,
         key: &CompiledKey,
         state: Option<Arc<KeyState>>,
@@ -391,30 +457,21 @@ impl PlanCache {
         // `GatewayConfig::check` guarantees 64 hex digits; skip rather than panic if not.
         hex::decode_to_slice(hex_digest, &mut digest).ok()?;
         let plan_def = config.plans.get(&key.plan)?;
-        if !self.0.contains_key(&key.plan) {
-            let shared = (
-                key.plan.as_str().into(),
-                Arc::new(KeyLimits::resolve(plan_def, None)),
-                metrics.plan(&key.plan),
-            );
-            self.0.insert(key.plan.clone(), shared);
-        }
-        let (plan, shared, plan_metrics) = &self.0[&key.plan];
-        let limits = match &key.overrides {
-            None => Arc::clone(shared),
-            Some(o) => Arc::new(KeyLimits::resolve(plan_def, Some(o))),
-        };
-        let state = state.unwrap_or_else(|| Arc::new(KeyState::new(rate_params(&limits))));
+        let plan_ix = *self.index.get(key.plan.as_str())?;
+        let own_limits = key
+            .overrides
+            .as_ref()
+            .map(|o| Arc::new(KeyLimits::resolve(plan_def, Some(o))));
+        let limits = own_limits.as_ref().unwrap_or(&self.get(plan_ix)?.limits);
+        let state = state.unwrap_or_else(|| Arc::new(KeyState::new(rate_params(limits))));
         Some(KeyEntry {
             digest,
             id: key.id.as_str().into(),
-            plan: Arc::clone(plan),
-            limits,
-            overridden: key.overrides.is_some(),
+            plan_ix,
+            own_limits,
             suspended: key.suspended,
             expires_at: key.expires_at,
             state,
-            metrics: Arc::clone(plan_metrics),
             upstream_headers: http::HeaderValue::from_str(&key.id)
                 .ok()
                 .zip(http::HeaderValue::from_str(&key.plan).ok())
@@ -428,13 +485,20 @@ impl PlanCache {
 /// The entries are split into parts by the first bytes of their digest, each part shared between
 /// tables until a change touches it: a key added, removed or rotated copies one part of about
 /// 2,000 keys, and the parts it did not touch are neither copied nor dropped (at 100,000 keys a
-/// copy of every entry and the drop of the old ones took most of a reload).
+/// copy of every entry and the drop of the old ones took most of a reload). Entries name their
+/// plan by index, so a plan change shares every part and rewrites only the keys that override
+/// their plan.
 #[derive(Debug)]
 pub struct KeyTable {
     /// The configuration this table was built from.
     pub config: Arc<GatewayConfig>,
     /// A power of two in length.
     parts: Box<[Arc<DigestTable>]>,
+    plans: Plans,
+    /// Entries per plan index.
+    counts: Vec<usize>,
+    /// Digests of the keys with limits of their own, which a plan change resolves again.
+    overridden: Arc<std::collections::HashSet<[u8; 32]>>,
     len: usize,
 }
 
@@ -451,7 +515,7 @@ impl KeyTable {
 
     /// [`KeyTable::build`], patching `previous` when `delta` says which keys changed since it
     /// (an assembly from changed shards): a key added, removed or rotated at 100,000 keys then
-    /// costs a copy of the table and a few entries, not an entry and a lookup by id for every key.
+    /// costs a copy of one part and a few entries, not an entry and a lookup by id for every key.
     pub fn build_from(
         config: Arc<GatewayConfig>,
         previous: Option<&KeyTable>,
@@ -465,30 +529,49 @@ impl KeyTable {
         }
         if let (Some(previous), Some(delta)) = (previous, delta)
             && Arc::ptr_eq(&previous.config.keys, &delta.base)
-            && previous.config.plans == config.plans
         {
             return Self::patched(config, previous, &delta.changed, metrics);
         }
         let old: HashMap<&str, &Arc<KeyState>> = previous
-            .map(|p| p.entries().map(|e| (&*e.id, &e.state)).collect())
+            .map(|p| p.entries().map(|e| (&*e.entry.id, &e.entry.state)).collect())
             .unwrap_or_default();
-        let mut plans = PlanCache::default();
+        let plans = Plans::of(&config, None, metrics);
         let count = crate::config::pieces::shard_count(config.keys.len());
         let mut parts: Vec<DigestTable> = (0..count)
             .map(|_| DigestTable::with_capacity(config.keys.len() / count))
             .collect();
+        let mut counts = vec![0; plans.slots.len()];
+        let mut overridden = std::collections::HashSet::new();
         for (hex_digest, key) in config.keys.iter() {
             let state = old.get(key.id.as_str()).map(|s| Arc::clone(s));
-            if let Some(entry) = plans.entry(&config, metrics, hex_digest, key, state) {
+            if let Some(entry) = plans.entry(&config, hex_digest, key, state) {
+                counts[entry.plan_ix as usize] += 1;
+                if entry.own_limits.is_some() {
+                    overridden.insert(entry.digest);
+                }
                 parts[part_of(&entry.digest, count)].insert(entry);
             }
         }
-        Self::from_parts(config, parts.into_iter().map(Arc::new).collect())
+        let parts = parts.into_iter().map(Arc::new).collect();
+        Self::from_parts(config, parts, plans, counts, Arc::new(overridden))
     }
 
-    fn from_parts(config: Arc<GatewayConfig>, parts: Box<[Arc<DigestTable>]>) -> Self {
+    fn from_parts(
+        config: Arc<GatewayConfig>,
+        parts: Box<[Arc<DigestTable>]>,
+        plans: Plans,
+        counts: Vec<usize>,
+        overridden: Arc<std::collections::HashSet<[u8; 32]>>,
+    ) -> Self {
         let len = parts.iter().map(|p| p.len).sum();
-        Self { config, parts, len }
+        Self {
+            config,
+            parts,
+            plans,
+            counts,
+            overridden,
+            len,
+        }
     }
 
     /// The previous table with the entries of `changed` digests taken out and put back as
@@ -500,6 +583,10 @@ impl KeyTable {
         changed: &[String],
         metrics: &Metrics,
     ) -> Self {
+        let plans = Plans::of(&config, Some(&previous.plans), metrics);
+        let mut counts = previous.counts.clone();
+        counts.resize(plans.slots.len(), 0);
+        let mut overridden = Arc::clone(&previous.overridden);
         // Shares every part; the first write to one copies it (`make_mut`), once.
         let mut parts = previous.parts.clone();
         let count = parts.len();
@@ -511,78 +598,84 @@ impl KeyTable {
                 if part.get(&digest).is_some()
                     && let Some(e) = Arc::make_mut(part).remove(&digest)
                 {
+                    counts[e.plan_ix as usize] -= 1;
+                    if e.own_limits.is_some() {
+                        Arc::make_mut(&mut overridden).remove(&digest);
+                    }
                     states.insert(e.id, e.state);
                 }
             }
         }
-        let mut plans = PlanCache::default();
         for hex_digest in changed {
             let Some(key) = config.keys.get(hex_digest) else {
                 continue;
             };
             let state = states.remove(key.id.as_str());
-            if let Some(entry) = plans.entry(&config, metrics, hex_digest, key, state) {
+            if let Some(entry) = plans.entry(&config, hex_digest, key, state) {
+                counts[entry.plan_ix as usize] += 1;
+                if entry.own_limits.is_some() {
+                    Arc::make_mut(&mut overridden).insert(entry.digest);
+                }
                 Arc::make_mut(&mut parts[part_of(&entry.digest, count)]).insert(entry);
             }
         }
-        Self::from_parts(config, parts)
+        let table = Self::from_parts(config, parts, plans, counts, overridden);
+        if previous.config.plans == table.config.plans {
+            table
+        } else {
+            // The plans changed too: the keys kept from before may override one of them.
+            Self::with_new_plans(Arc::clone(&table.config), &table, metrics)
+        }
     }
 
     /// A plan change: the same keys (the configuration shares them with the previous one) under
-    /// new plan limits. Everything but the limits is carried over as it is, so a plan upgrade at
-    /// 100,000 keys costs a pass over the table rather than a rebuild.
+    /// new plan limits. Entries name their plan by index, so every part is shared as it is; only
+    /// the keys with limits of their own are resolved again, against their plan's new limits.
     fn with_new_plans(config: Arc<GatewayConfig>, previous: &KeyTable, metrics: &Metrics) -> Self {
-        // Per plan: limits for keys without overrides and metric handles; `None`: plan gone.
-        type PlanShared = Option<(Arc<KeyLimits>, Arc<PlanMetrics>)>;
-        let mut plans: HashMap<Arc<str>, PlanShared> = HashMap::new();
-        // A copy updated in place: each entry keeps its slot, so nothing is hashed or probed.
-        let mut parts = Vec::with_capacity(previous.parts.len());
-        for part in &previous.parts {
-            let mut keys = DigestTable::clone(part);
-            let mut gone = Vec::new();
-            for e in keys.slots.iter_mut().flatten() {
-                let Some((shared, plan_metrics)) = plans
-                    .entry(Arc::clone(&e.plan))
-                    .or_insert_with(|| {
-                        let def = config.plans.get(&*e.plan)?;
-                        Some((Arc::new(KeyLimits::resolve(def, None)), metrics.plan(&e.plan)))
-                    })
-                    .clone()
-                else {
-                    gone.push(e.digest);
-                    continue;
-                };
-                e.limits = if e.overridden {
-                    let key = config.keys.get(&hex::encode(e.digest));
-                    let def = config.plans.get(&*e.plan);
-                    match (key, def) {
-                        (Some(k), Some(def)) => Arc::new(KeyLimits::resolve(def, k.overrides.as_ref())),
-                        _ => {
-                            gone.push(e.digest);
-                            continue;
-                        }
-                    }
-                } else {
-                    shared
-                };
-                e.metrics = plan_metrics;
+        let plans = Plans::of(&config, Some(&previous.plans), metrics);
+        let mut counts = previous.counts.clone();
+        counts.resize(plans.slots.len(), 0);
+        let mut parts = previous.parts.clone();
+        let count = parts.len();
+        for digest in previous.overridden.iter() {
+            let part = &mut parts[part_of(digest, count)];
+            let Some(e) = part.get(digest) else { continue };
+            let plan = plans.get(e.plan_ix).map(|p| &*p.name);
+            let resolved = plan
+                .and_then(|name| config.plans.get(name))
+                .zip(config.keys.get(&hex::encode(digest)))
+                .map(|(def, key)| Arc::new(KeyLimits::resolve(def, key.overrides.as_ref())));
+            if let Some(limits) = resolved
+                && e.own_limits.as_deref() != Some(&*limits)
+                && let Some(e) = Arc::make_mut(part).get_mut(digest)
+            {
+                e.own_limits = Some(limits);
             }
-            for digest in &gone {
-                keys.remove(digest);
-            }
-            parts.push(Arc::new(keys));
         }
-        Self::from_parts(config, parts.into())
+        Self::from_parts(config, parts, plans, counts, Arc::clone(&previous.overridden))
+    }
+
+    fn view<'t>(&'t self, entry: &'t KeyEntry) -> Option<KeyView<'t>> {
+        let plan = self.plans.get(entry.plan_ix)?;
+        Some(KeyView {
+            entry,
+            limits: entry.own_limits.as_ref().unwrap_or(&plan.limits),
+            metrics: &plan.metrics,
+            plan: &plan.name,
+        })
     }
 
     /// The key whose token has this SHA-256 digest.
-    pub fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
-        self.parts[part_of(digest, self.parts.len())].get(digest)
+    pub fn get(&self, digest: &[u8; 32]) -> Option<KeyView<'_>> {
+        self.view(self.parts[part_of(digest, self.parts.len())].get(digest)?)
     }
 
     /// Every admitted key.
-    pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.parts.iter().flat_map(|p| p.iter())
+    pub fn entries(&self) -> impl Iterator<Item = KeyView<'_>> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.iter())
+            .filter_map(|e| self.view(e))
     }
 
     /// Number of admitted keys.
@@ -593,6 +686,28 @@ impl KeyTable {
     /// Whether no key is admitted.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Slots sold per plan: the sum of every key's slot limit, from the entry counts per plan
+    /// and the keys with limits of their own, without a pass over the table.
+    pub fn capacity(&self) -> std::collections::BTreeMap<&str, i64> {
+        let max = |l: &KeyLimits| l.slots.as_ref().map_or(0, |s| i64::from(s.max));
+        let mut capacity: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for (ix, slot) in self.plans.slots.iter().enumerate() {
+            if let Some(p) = slot {
+                let n = self.counts.get(ix).copied().unwrap_or(0) as i64;
+                capacity.insert(&p.name, n * max(&p.limits));
+            }
+        }
+        for digest in self.overridden.iter() {
+            if let Some(e) = self.get(digest)
+                && let Some(c) = capacity.get_mut(&**e.plan)
+            {
+                let plan_max = max(&self.plans.get(e.plan_ix).expect("viewed").limits);
+                *c += max(e.limits) - plan_max;
+            }
+        }
+        capacity
     }
 }
 
@@ -706,7 +821,7 @@ enum Inner {
 }
 
 /// The slot limit and rate limit that apply to a request on `path`.
-fn limits_for<'a>(entry: &'a KeyEntry, path: &str) -> (Option<u32>, Option<&'a RateLimit>) {
+fn limits_for<'a>(entry: &KeyView<'a>, path: &str) -> (Option<u32>, Option<&'a RateLimit>) {
     let slots = entry
         .limits
         .slots
@@ -718,7 +833,7 @@ fn limits_for<'a>(entry: &'a KeyEntry, path: &str) -> (Option<u32>, Option<&'a R
 }
 
 /// Whether any limit applies to a request on `path` (if none does, no limiter state is needed).
-pub fn is_limited(entry: &KeyEntry, path: &str) -> bool {
+pub fn is_limited(entry: &KeyView<'_>, path: &str) -> bool {
     let (slots, rate) = limits_for(entry, path);
     slots.is_some() || rate.is_some()
 }
@@ -737,7 +852,7 @@ fn share_of(limit: u32, share: u32) -> u32 {
 
 /// The rate decision alone, for a request that holds no slot (a task submission: the task takes
 /// its slot when it runs). `Ok(None)` when no rate limit covers `path`.
-pub fn admit_rate(entry: &KeyEntry, path: &str, now: u64) -> Result<Option<RateView>, Refusal> {
+pub fn admit_rate(entry: &KeyView<'_>, path: &str, now: u64) -> Result<Option<RateView>, Refusal> {
     let Some(rate) = limits_for(entry, path).1 else {
         return Ok(None);
     };
@@ -770,7 +885,7 @@ pub fn admit_rate(entry: &KeyEntry, path: &str, now: u64) -> Result<Option<RateV
 /// waits. `share` divides every limit: 1 when this replica enforces alone, the number of live
 /// replicas when shared state is unreachable and each replica enforces its part.
 pub fn admit(
-    entry: &KeyEntry,
+    entry: &KeyView<'_>,
     path: &str,
     now: u64,
     cap: Option<&UpstreamCap>,
@@ -877,7 +992,7 @@ pub fn admit(
 /// pool (without a limit), so that if Redis becomes unreachable the local fallback knows what this
 /// replica already has in flight.
 pub async fn admit_shared(
-    entry: &KeyEntry,
+    entry: &KeyView<'_>,
     path: &str,
     limiter: &SharedLimiter,
     cap: Option<&UpstreamCap>,
@@ -1029,6 +1144,14 @@ mod tests {
         let first = KeyTable::build(Arc::new(a.clone()), None, &metrics);
         let mut b = a.clone();
         b.plans.get_mut("p").unwrap().concurrency.as_mut().unwrap().max = 9;
+        // A limit the override does not replace: the overriding key's own limits change too.
+        b.plans
+            .get_mut("p")
+            .unwrap()
+            .rate_limit
+            .as_mut()
+            .unwrap()
+            .per_second = 5;
         b.hash = b.content_hash();
         assert!(Arc::ptr_eq(&b.keys, &first.config.keys));
         let fast = KeyTable::build(Arc::new(b.clone()), Some(&first), &metrics);
@@ -1037,11 +1160,17 @@ mod tests {
         let full = KeyTable::build(Arc::new(unshared), Some(&first), &metrics);
         assert_eq!(fast.len(), 2);
         assert_eq!(fast.len(), full.len());
+        let custom = fast.get(&[0xcd; 32]).unwrap();
+        assert_eq!(custom.limits.rate.as_ref().unwrap().per_second, 5);
+        assert_eq!(custom.limits.slots.as_ref().unwrap().max, 7);
+        // Capacity from the counts: 9 for the plain key, 7 for the one with its own limit.
+        assert_eq!(fast.capacity(), full.capacity());
+        assert_eq!(fast.capacity()["p"], 16);
         for f in full.entries() {
             let q = fast.get(&f.digest).expect("the same keys");
             assert_eq!(
-                (&q.id, &q.plan, &q.limits, q.overridden),
-                (&f.id, &f.plan, &f.limits, f.overridden)
+                (&q.id, q.plan, q.limits, q.overridden()),
+                (&f.id, f.plan, f.limits, f.overridden())
             );
             assert_eq!((q.suspended, q.expires_at), (f.suspended, f.expires_at));
             assert!(Arc::ptr_eq(&q.state, &f.state), "live state carried over");
@@ -1143,6 +1272,7 @@ mod tests {
             let full = KeyTable::build(Arc::clone(&b), Some(&first), &metrics);
             assert_eq!(patched.len(), full.len());
             assert_eq!(patched.entries().count(), full.len());
+            assert_eq!(patched.capacity(), full.capacity());
             for f in full.entries() {
                 let q = patched
                     .get(&f.digest)
@@ -1176,7 +1306,7 @@ mod tests {
         let (c, digests) = crowded(1_000, 0);
         let built = KeyTable::build(c, None, &Metrics::new());
         let mut t = DigestTable::with_capacity(0);
-        for e in built.entries().cloned() {
+        for e in built.entries().map(|v| v.entry.clone()) {
             t.insert(e);
             assert!(t.len * 2 <= t.slots.len());
         }
@@ -1200,8 +1330,8 @@ mod tests {
         for end in [
             std::mem::offset_of!(KeyEntry, digest) + 32,
             std::mem::offset_of!(KeyEntry, state) + 8,
-            std::mem::offset_of!(KeyEntry, limits) + 8,
-            std::mem::offset_of!(KeyEntry, metrics) + 8,
+            std::mem::offset_of!(KeyEntry, own_limits) + 8,
+            std::mem::offset_of!(KeyEntry, plan_ix) + 4,
         ] {
             assert!(end <= 64);
         }
@@ -1211,15 +1341,15 @@ mod tests {
     fn endpoints_get_their_own_buckets_and_the_map_stays_bounded() {
         let t = KeyTable::build(config(100, BucketScope::Endpoint), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
-        assert!(admit(e, "/v1/a", SEC, None, 1).is_ok());
-        assert!(admit(e, "/v1/a", SEC, None, 1).is_ok());
+        assert!(admit(&e, "/v1/a", SEC, None, 1).is_ok());
+        assert!(admit(&e, "/v1/a", SEC, None, 1).is_ok());
         assert!(matches!(
-            admit(e, "/v1/a", SEC, None, 1),
+            admit(&e, "/v1/a", SEC, None, 1),
             Err(Refusal::Rate { .. })
         ));
-        assert!(admit(e, "/v1/b", SEC, None, 1).is_ok());
+        assert!(admit(&e, "/v1/b", SEC, None, 1).is_ok());
         for i in 0..5 * MAX_ENDPOINT_BUCKETS {
-            let _ = admit(e, &format!("/v1/random/{i}"), SEC, None, 1);
+            let _ = admit(&e, &format!("/v1/random/{i}"), SEC, None, 1);
         }
         assert!(e.state.endpoint_buckets() <= MAX_ENDPOINT_BUCKETS);
         assert_eq!(e.state.sweep(100 * SEC), MAX_ENDPOINT_BUCKETS);
@@ -1227,9 +1357,9 @@ mod tests {
 
     #[test]
     fn a_reload_that_changes_the_bucket_scope_starts_the_new_scopes_buckets_full() {
-        let drain = |e: &KeyEntry, path: &str| {
+        let drain = |e: KeyView<'_>, path: &str| {
             (0..10)
-                .take_while(|_| admit(e, path, SEC, None, 1).is_ok())
+                .take_while(|_| admit(&e, path, SEC, None, 1).is_ok())
                 .count()
         };
         let t1 = KeyTable::build(config(100, BucketScope::Key), None, &Metrics::new());
@@ -1253,7 +1383,7 @@ mod tests {
     fn state_survives_a_reload_and_a_slot_refusal_costs_no_quota() {
         let t1 = KeyTable::build(config(1, BucketScope::Key), None, &Metrics::new());
         let e1 = t1.get(&[0xab; 32]).unwrap();
-        let held = admit(e1, "/v1/a", SEC, None, 1).unwrap();
+        let held = admit(&e1, "/v1/a", SEC, None, 1).unwrap();
         assert_eq!(
             held.slots,
             Some(SlotView {
@@ -1262,14 +1392,14 @@ mod tests {
                 remaining: 0
             })
         );
-        let Err(Refusal::Concurrency { rate, .. }) = admit(e1, "/v1/a", SEC, None, 1) else {
+        let Err(Refusal::Concurrency { rate, .. }) = admit(&e1, "/v1/a", SEC, None, 1) else {
             panic!("expected a concurrency refusal");
         };
         assert_eq!(rate.unwrap().remaining, 1);
         // Upgrade to 3 slots: the held request still counts.
         let t2 = KeyTable::build(config(3, BucketScope::Key), Some(&t1), &Metrics::new());
         let e2 = t2.get(&[0xab; 32]).unwrap();
-        let second = admit(e2, "/v1/a", SEC, None, 1).unwrap();
+        let second = admit(&e2, "/v1/a", SEC, None, 1).unwrap();
         assert_eq!(second.slots.unwrap().current, 2);
         drop((held, second));
         assert_eq!(e2.state.in_flight(), 0);
@@ -1279,7 +1409,7 @@ mod tests {
     fn a_panic_while_a_request_is_in_flight_returns_its_slot() {
         let t = KeyTable::build(config(1, BucketScope::Key), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
-        let admitted = admit(e, "/v1/a", SEC, None, 1).unwrap();
+        let admitted = admit(&e, "/v1/a", SEC, None, 1).unwrap();
         assert_eq!(e.state.in_flight(), 1);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let _held = admitted;
@@ -1287,17 +1417,17 @@ mod tests {
         }));
         assert!(result.is_err());
         assert_eq!(e.state.in_flight(), 0);
-        assert!(admit(e, "/v1/a", SEC, None, 1).is_ok());
+        assert!(admit(&e, "/v1/a", SEC, None, 1).is_ok());
     }
 
     #[test]
     fn paths_outside_the_patterns_are_not_limited() {
         let t = KeyTable::build(config(0, BucketScope::Key), None, &Metrics::new());
         let e = t.get(&[0xab; 32]).unwrap();
-        let a = admit(e, "/health", SEC, None, 1).unwrap();
+        let a = admit(&e, "/health", SEC, None, 1).unwrap();
         assert!(a.slots.is_none() && a.rate.is_none() && a.slot.is_none());
         assert!(matches!(
-            admit(e, "/v1/x", SEC, None, 1),
+            admit(&e, "/v1/x", SEC, None, 1),
             Err(Refusal::Concurrency { .. })
         ));
     }

@@ -47,7 +47,7 @@ impl Gateway {
             Ok(e) => e,
             Err(answer) => return self.count(answer),
         };
-        let rate = match table::admit_rate(entry, parts.uri.path(), self.now()) {
+        let rate = match table::admit_rate(&entry, parts.uri.path(), self.now()) {
             Ok(rate) => rate,
             Err(refusal) => {
                 entry.metrics.refusal(refusal.code());
@@ -57,7 +57,7 @@ impl Gateway {
         let caller = Caller {
             key_id: &entry.id,
             digest: entry.digest(),
-            plan: &entry.plan,
+            plan: entry.plan,
             slots: entry.limits.slots.as_ref().map(|s| s.max),
         };
         let reply = tasks
@@ -123,7 +123,7 @@ impl Limits for GatewayLimits {
         if entry.suspended || expired {
             return Admit::Gone;
         }
-        match table::admit(entry, path, gw.now(), gw.cap.as_ref(), 1) {
+        match table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1) {
             Ok(admitted) => {
                 let gauge = admitted.slot.as_ref().map(|_| {
                     let g = entry.metrics.in_flight.clone();
