@@ -125,6 +125,10 @@ pub struct Incremental {
     /// Per admitted key: the version since which its entry and its plan's limits are unchanged
     /// (what a gateway reporting that version or later enforces for it).
     since: HashMap<String, u64>,
+    /// Per plan: the version since which its limits are unchanged. A key's enforcement is
+    /// unchanged since the later of its own entry's and its plan's, so a plan upgrade writes one
+    /// number instead of one per key of the plan.
+    plan_since: HashMap<String, u64>,
     /// Keys the last compile decided (their status may have changed).
     decided: Vec<String>,
     /// Keys the last [`Incremental::refresh_reports`] decided.
@@ -494,13 +498,7 @@ impl Incremental {
             .map(|(name, _)| name)
             .collect();
         for plan in moved_plans {
-            let on = self.by_plan.get(plan).into_iter().flatten();
-            for id in on.chain(self.kept_on.get(plan).into_iter().flatten()) {
-                let entry = self.out.get(id).and_then(|o| o.admitted.as_ref());
-                if entry.is_some_and(|(_, k)| &k.plan == plan) {
-                    self.since.insert(id.clone(), version);
-                }
-            }
+            self.plan_since.insert(plan.clone(), version);
         }
         self.head = Some(Head {
             version,
@@ -659,7 +657,13 @@ impl Incremental {
     /// The version since which what the gateways enforce for key `id` is unchanged: a gateway
     /// reporting it (or later) enforces this key as compiled. `None`: not admitted.
     pub fn since(&self, id: &str) -> Option<u64> {
-        self.since.get(id).copied()
+        let own = *self.since.get(id)?;
+        let plan = self
+            .out
+            .get(id)
+            .and_then(|o| o.admitted.as_ref())
+            .and_then(|(_, k)| self.plan_since.get(&k.plan));
+        Some(plan.map_or(own, |&p| own.max(p)))
     }
 
     /// The keys the last compile decided: their statuses and events may have changed.
