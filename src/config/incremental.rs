@@ -64,7 +64,8 @@ type Admitted = (String, CompiledKey);
 #[derive(Clone, Debug)]
 struct Out {
     admitted: Option<Admitted>,
-    report: KeyReport,
+    /// Shared with the status book, which writes it: one copy per key.
+    report: std::sync::Arc<KeyReport>,
 }
 
 /// One shard: its keys by token digest and, once serialised, its JSON and digest.
@@ -92,11 +93,11 @@ pub struct Incremental {
     keys: HashMap<String, KeyIn>,
     tokens: TokenHashes,
     /// Key ids by the Secret they read, `(namespace, name)`.
-    by_secret: HashMap<(String, String), BTreeSet<String>>,
+    by_secret: HashMap<(String, String), Few<String>>,
     /// Key ids by the plan their spec names.
     by_plan: HashMap<String, BTreeSet<String>>,
     /// Keys by token digest, oldest first: the first owns the token.
-    claims: HashMap<String, BTreeSet<(Option<Timestamp>, String)>>,
+    claims: HashMap<String, Few<(Option<Timestamp>, String)>>,
     /// The digest each key claims, to withdraw the claim when its Secret or the key changes.
     claim_of: HashMap<String, (Option<Timestamp>, String)>,
     /// Keys kept as last known good on a plan other than the one their spec names, by that plan:
@@ -268,7 +269,12 @@ impl Incremental {
     fn forget_key(&mut self, id: &str) {
         let Some(old) = self.keys.remove(id) else { return };
         self.unclaim(id);
-        remove_from(&mut self.by_secret, &old.secret_id(), id);
+        if let Some(set) = self.by_secret.get_mut(&old.secret_id()) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_secret.remove(&old.secret_id());
+            }
+        }
         remove_from(&mut self.by_plan, &old.entry.plan, id);
     }
 
@@ -405,7 +411,7 @@ impl Incremental {
                 id.clone(),
                 Out {
                     admitted: decided.admitted,
-                    report: decided.report,
+                    report: std::sync::Arc::new(decided.report),
                 },
             );
             if before != after {
@@ -594,7 +600,7 @@ impl Incremental {
         self.refreshed.clear();
         for (id, report) in decided_now {
             if let Some(out) = self.out.get_mut(&id) {
-                out.report = report;
+                out.report = std::sync::Arc::new(report);
             }
             self.refreshed.push(id);
         }
@@ -703,14 +709,14 @@ impl Incremental {
     }
 
     /// Status of one key, as [`super::Compiled::keys`] has it.
-    pub fn key_report(&self, id: &str) -> Option<&KeyReport> {
+    pub fn key_report(&self, id: &str) -> Option<&std::sync::Arc<KeyReport>> {
         self.out.get(id).map(|o| &o.report)
     }
 
     /// Status of every key, in id order (what [`super::Compiled::keys`] holds). Keys on a plan
     /// whose limits changed read the new limits once [`Incremental::refresh_reports`] ran.
     pub fn key_reports(&self) -> BTreeMap<&str, &KeyReport> {
-        self.out.iter().map(|(id, o)| (id.as_str(), &o.report)).collect()
+        self.out.iter().map(|(id, o)| (id.as_str(), &*o.report)).collect()
     }
 
     /// The admitted entry of one key.
@@ -764,6 +770,65 @@ impl Incremental {
             keys: std::sync::Arc::new(self.shards.iter().flat_map(|s| s.keys.clone()).collect()),
             task_types: self.task_types.clone(),
         }
+    }
+}
+
+/// A small set as a sorted vector. Nearly every token is claimed by one key and nearly every
+/// Secret read by one key; a one-element `BTreeSet` allocates a node for eleven (about 500 bytes
+/// per key at 100,000 keys, twice over).
+#[derive(Clone, Debug)]
+struct Few<T>(Vec<T>);
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> Few<T> {
+    fn insert(&mut self, v: T) -> bool {
+        match self.0.binary_search(&v) {
+            Ok(_) => false,
+            Err(i) => {
+                self.0.insert(i, v);
+                true
+            }
+        }
+    }
+
+    fn remove<Q>(&mut self, v: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        match self.0.binary_search_by(|x| x.borrow().cmp(v)) {
+            Ok(i) => {
+                self.0.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Few<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 

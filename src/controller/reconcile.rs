@@ -412,8 +412,7 @@ impl Shell {
                 let key = self.stores.keys.get(&ObjectRef::new(name).within(ns))?;
                 Some(status::KeyStatus {
                     generation: key.meta().generation,
-                    effective: report.effective.clone(),
-                    conditions: report.conditions.clone(),
+                    report: std::sync::Arc::clone(report),
                     since: report.admitted.then(|| self.index.since(id).unwrap_or(version)),
                 })
             });

@@ -24,7 +24,10 @@ use kube::{
 use tokio::sync::Notify;
 
 use super::{ControllerMetrics, MANAGER, index::Stores};
-use crate::api::{ApiKey, ApiPlan, ConditionSpec, EffectiveLimits, merge_conditions};
+use crate::{
+    api::{ApiKey, ApiPlan, ConditionSpec, merge_conditions},
+    config::KeyReport,
+};
 
 /// How often every status is compared again with what the objects show, so that a write lost
 /// to an API hiccup (or a status someone edited) is repeated. Failed writes are queued again at
@@ -47,10 +50,9 @@ pub struct PlanStatus {
 pub struct KeyStatus {
     /// `metadata.generation` it was decided from.
     pub generation: Option<i64>,
-    /// Limits in force.
-    pub effective: Option<EffectiveLimits>,
-    /// Conditions, `Enforced` aside.
-    pub conditions: Vec<ConditionSpec>,
+    /// Limits in force and conditions (`Enforced` aside), as the index decided them: shared
+    /// with it, so the book holds no copy of 100,000 keys' conditions.
+    pub report: Arc<KeyReport>,
     /// The configuration version since which the gateways' entry for this key is unchanged
     /// (`None`: not admitted, so no `Enforced` condition).
     pub since: Option<u64>,
@@ -319,12 +321,12 @@ pub(super) async fn run(
                 let Some(current) = stores.keys.get(&ObjectRef::new(name).within(ns)) else {
                     continue;
                 };
-                let mut desired = want.conditions;
+                let mut desired = want.report.conditions.clone();
                 desired.extend(enforced);
                 let cur = current.status.clone().unwrap_or_default();
                 let conditions = merge_conditions(&cur.conditions, &desired, want.generation, &now);
                 if cur.observed_generation == want.generation
-                    && cur.effective == want.effective
+                    && cur.effective == want.report.effective
                     && cur.conditions == conditions
                 {
                     continue;
@@ -333,7 +335,7 @@ pub(super) async fn run(
                 let body = serde_json::json!({
                     "apiVersion": "slotgate.dev/v1alpha1",
                     "kind": "ApiKey",
-                    "status": { "observedGeneration": want.generation, "effective": want.effective, "conditions": conditions },
+                    "status": { "observedGeneration": want.generation, "effective": want.report.effective, "conditions": conditions },
                 });
                 let keys: Api<ApiKey> = Api::namespaced(client.clone(), ns);
                 let result = keys.patch_status(name, &params, &Patch::Apply(body)).await;

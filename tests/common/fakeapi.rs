@@ -518,18 +518,52 @@ impl FakeApi {
                 }
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
                 let st = self.state.lock().unwrap();
-                let items: Vec<Value> = st
-                    .objects
-                    .iter()
-                    .filter(|((r, n, _), o)| {
-                        r == &t.resource && (t.namespace.is_none() || n == &ns) && label_match(o, &selector)
-                    })
-                    .map(|(_, o)| o.clone())
-                    .collect();
+                // Pages as the real API server gives them (`limit`, `continue`): the token names
+                // the list's resource version and the last object given, and every page carries
+                // that version, so a watch from it replays whatever changed during the list.
+                let limit: usize = query_param(&query, "limit")
+                    .and_then(|l| l.parse().ok())
+                    .filter(|&l| l > 0)
+                    .unwrap_or(usize::MAX);
+                let token = query_param(&query, "continue").filter(|c| !c.is_empty());
+                let (list_rv, after) = match token.as_deref().and_then(|c| c.split_once('|')) {
+                    Some((rv, key)) => {
+                        let (n, name) = key.split_once('/').unwrap_or(("", key));
+                        (
+                            rv.to_string(),
+                            Some((t.resource.clone(), n.to_string(), name.to_string())),
+                        )
+                    }
+                    None => (st.rv.to_string(), None),
+                };
+                let range = match &after {
+                    Some(k) => st
+                        .objects
+                        .range((std::ops::Bound::Excluded(k.clone()), std::ops::Bound::Unbounded)),
+                    None => st.objects.range(..),
+                };
+                let mut items: Vec<Value> = Vec::new();
+                let mut last = None;
+                let mut more = false;
+                for ((r, n, name), o) in range {
+                    if r != &t.resource || !((t.namespace.is_none() || n == &ns) && label_match(o, &selector))
+                    {
+                        continue;
+                    }
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    items.push(o.clone());
+                    last = Some(format!("{n}/{name}"));
+                }
+                let mut meta = json!({"resourceVersion": list_rv});
+                if more && let Some(last) = last {
+                    meta["continue"] = json!(format!("{list_rv}|{last}"));
+                }
                 json_response(
                     200,
-                    &json!({"apiVersion": t.api_version, "kind": "List",
-                            "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+                    &json!({"apiVersion": t.api_version, "kind": "List", "metadata": meta, "items": items}),
                 )
             }
             (&Method::GET, Some(name)) => match self.get(&t.resource, if cluster { "" } else { &ns }, name) {
