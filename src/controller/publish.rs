@@ -91,42 +91,79 @@ impl Publisher {
         pieces::assemble(&index.data, |n| self.written.get(n).map(|w| w.data.as_str())).ok()
     }
 
-    /// Writes the objects whose data changed (in order: shards, then the index), then removes
+    /// Remembers a write of ours. Versions of earlier data are kept: until the watch catches up
+    /// it shows one of them, which is this replica's own write and no reason to write again.
+    fn record(&mut self, piece: &Piece, version: String) {
+        match self.written.get_mut(&piece.name) {
+            Some(w) => {
+                w.data.clone_from(&piece.data);
+                w.versions.push(version);
+                w.at = Instant::now();
+                if w.versions.len() > 16 {
+                    w.versions.remove(0);
+                }
+            }
+            None => {
+                self.written
+                    .insert(piece.name.clone(), Written::new(piece.data.clone(), version));
+            }
+        }
+    }
+
+    /// Writes the objects whose data changed (the shards, then the index), then removes
     /// objects no longer part of the configuration.
     pub(super) async fn publish(&mut self, all: &[Piece], version: u64, keys: usize) -> kube::Result<()> {
+        use futures::StreamExt;
         let mut writes = 0;
-        for Piece { name, entry, data } in all {
-            if !self.needs_write(name, data) {
-                continue;
-            }
-            let cm = serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": { "name": name, "labels": { CONFIG_LABEL: self.config_name } },
-                "data": { *entry: data },
-            });
-            let done = self
-                .api
-                .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm))
-                .await?;
-            let version = done.resource_version().unwrap_or_default();
-            // Versions of earlier data are kept: until the watch catches up it shows one of them,
-            // which is this replica's own write and no reason to write again.
-            match self.written.get_mut(name) {
-                Some(w) => {
-                    w.data.clone_from(data);
-                    w.versions.push(version);
-                    w.at = Instant::now();
-                    if w.versions.len() > 16 {
-                        w.versions.remove(0);
+        // Shards first, several at a time (a rotation touches two, a cold start all of them);
+        // the index only once they are all in, so a gateway never sees an index naming a shard
+        // version that is not there yet.
+        let (index, shards): (Vec<&Piece>, Vec<&Piece>) =
+            all.iter().partition(|p| p.name == self.config_name);
+        for batch in [shards, index] {
+            let pending: Vec<&Piece> = batch
+                .into_iter()
+                .filter(|p| self.needs_write(&p.name, &p.data))
+                .collect();
+            // Owned requests: a stream of futures that borrow `self` is not `Send` (rustc #102211).
+            let requests: Vec<(usize, String, serde_json::Value)> = pending
+                .iter()
+                .enumerate()
+                .map(|(i, piece)| {
+                    let cm = serde_json::json!({
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": { "name": piece.name, "labels": { CONFIG_LABEL: self.config_name } },
+                        "data": { piece.entry: piece.data },
+                    });
+                    (i, piece.name.clone(), cm)
+                })
+                .collect();
+            let api = self.api.clone();
+            let results: Vec<(usize, kube::Result<ConfigMap>)> = futures::stream::iter(requests)
+                .map(move |(i, name, cm)| {
+                    let api = api.clone();
+                    async move {
+                        let params = PatchParams::apply(MANAGER).force();
+                        (i, api.patch(&name, &params, &Patch::Apply(cm)).await)
                     }
-                }
-                None => {
-                    self.written
-                        .insert(name.clone(), Written::new(data.clone(), version));
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+            let mut failed = None;
+            for (i, result) in results {
+                match result {
+                    Ok(done) => {
+                        self.record(pending[i], done.resource_version().unwrap_or_default());
+                        writes += 1;
+                    }
+                    Err(e) => failed = failed.or(Some(e)),
                 }
             }
-            writes += 1;
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         let stale: Vec<String> = self
             .written
