@@ -207,6 +207,16 @@ pub struct Assembled {
     /// Per shard number, the first 8 bytes of each of its keys' digests: what a changed shard
     /// held before, found in the key map by prefix rather than by a pass over every key.
     members: Vec<Arc<[u64]>>,
+    /// Shards this assembly read (their text matched the index's digest): their keys are here
+    /// now, and a later assembly needs their text only for another version of them.
+    pub read: Vec<String>,
+}
+
+impl Assembled {
+    /// Whether `text` is the version of shard `name` this assembly holds the keys of.
+    pub fn holds(&self, name: &str, text: &str) -> bool {
+        self.shards.get(name).is_some_and(|d| *d == sha256_hex(text))
+    }
 }
 
 /// The first 8 bytes of a hex digest, as a number.
@@ -249,6 +259,7 @@ pub fn assemble_from<'a>(
     let mut all_unchecked = false;
     let mut plans_used = BTreeMap::new();
     let mut members: Vec<Arc<[u64]>>;
+    let mut read = Vec::new();
     let (keys, keys_digest) = match last {
         Some(last) if last.shards == index.shards => {
             plans_used = last.plans_used.clone();
@@ -266,6 +277,7 @@ pub fn assemble_from<'a>(
             let mut parts = Vec::with_capacity(changed.len());
             for (name, digest) in changed {
                 let part = read_shard(&shard, name, digest)?;
+                read.push(name.clone());
                 let (i, _) = shard_number(name).ok_or_else(|| AssembleError::Incomplete(name.clone()))?;
                 parts.push((i, part));
             }
@@ -322,6 +334,7 @@ pub fn assemble_from<'a>(
             members = vec![Arc::from([]); index.shards.len()];
             for (name, digest) in &index.shards {
                 let part = read_shard(&shard, name, digest)?;
+                read.push(name.clone());
                 if let Some(m) = shard_number(name).and_then(|(i, _)| members.get_mut(i)) {
                     *m = prefixes(part.keys());
                 }
@@ -367,6 +380,7 @@ pub fn assemble_from<'a>(
         delta,
         plans_used,
         members,
+        read,
     })
 }
 
@@ -485,6 +499,14 @@ mod tests {
         let second = assemble_from(&map2["cfg"], |_| None, Some(&first)).unwrap();
         assert_eq!(second.config, upgraded);
         assert!(Arc::ptr_eq(&second.config.keys, &first.config.keys));
+        // What each assembly read, which a gateway need not keep the text of.
+        assert_eq!(first.read.len(), first.shards.len());
+        assert!(second.read.is_empty());
+        assert!(
+            map.iter()
+                .filter(|(n, _)| *n != "cfg")
+                .all(|(n, t)| second.holds(n, t))
+        );
         // A tampered plan in the index is still caught by the content hash.
         let tampered = map2["cfg"].replace("\"max\":50", "\"max\":5000");
         assert!(matches!(
@@ -520,6 +542,9 @@ mod tests {
         let third = assemble_from(&map3["cfg"], |n| map3.get(n).map(String::as_str), Some(&second)).unwrap();
         assert_eq!(third.config, more);
         // What changed is named, against the keys it changed from.
+        assert_eq!(third.read.len(), 1, "only the shard the new key went to");
+        assert!(third.holds(&third.read[0], &map3[&third.read[0]]));
+        assert!(!second.holds(&third.read[0], &map3[&third.read[0]]));
         let delta = third.delta.as_ref().expect("assembled from changed shards");
         assert_eq!(delta.changed, [sha256_hex("new")]);
         assert!(Arc::ptr_eq(&delta.base, &second.config.keys));

@@ -67,6 +67,8 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
     // The last configuration applied: a plan change reuses its keys instead of re-reading shards.
     let mut last: Option<Assembled> = None;
     let mut api_down = false;
+    // A relist brought every shard's text again, also of the versions already assembled.
+    let mut relisted = false;
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(e) => e,
@@ -94,7 +96,10 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
                 }
                 continue;
             }
-            watcher::Event::InitDone => data = init.take().unwrap_or_default(),
+            watcher::Event::InitDone => {
+                data = init.take().unwrap_or_default();
+                relisted = true;
+            }
             watcher::Event::Apply(cm) => match entry(&cm) {
                 Some(d) => {
                     data.insert(cm.name_any(), d);
@@ -123,6 +128,18 @@ pub async fn run(gateway: Arc<Gateway>, client: Client, opts: KubeSourceOptions)
             break;
         };
         (data, last) = (back, last_back);
+        if outcome.is_ok()
+            && let Some(l) = &last
+        {
+            // The assembly holds the keys of the shards it read: their text (about 110 bytes a
+            // key) is needed again only for another version, which comes with its own text.
+            for name in &l.read {
+                data.remove(name);
+            }
+            if std::mem::take(&mut relisted) {
+                data.retain(|n, text| *n == opts.name || !l.holds(n, text));
+            }
+        }
         match outcome {
             Ok(None) => refused_index = None,
             Ok(Some(report)) => {
