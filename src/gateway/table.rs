@@ -306,6 +306,7 @@ impl DigestTable {
         (entries.max(8) * 2).next_power_of_two()
     }
 
+    #[inline]
     fn home(&self, digest: &[u8; 32]) -> usize {
         // Bytes 0..4 choose the part (`KeyTable::part_of`); bytes 8..16 are independent of them.
         let [_, _, _, _, _, _, _, _, a, b, c, d, e, f, g, h, ..] = *digest;
@@ -336,6 +337,7 @@ impl DigestTable {
         }
     }
 
+    #[inline]
     fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
         let mask = self.slots.len() - 1;
         let mut i = self.home(digest);
@@ -397,6 +399,7 @@ impl DigestTable {
 }
 
 /// Which of `count` parts (a power of two) holds the entry of `digest`.
+#[inline]
 fn part_of(digest: &[u8; 32], count: usize) -> usize {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) as usize & (count - 1)
 }
@@ -655,6 +658,7 @@ impl KeyTable {
         Self::from_parts(config, parts, plans, counts, Arc::clone(&previous.overridden))
     }
 
+    #[inline]
     fn view<'t>(&'t self, entry: &'t KeyEntry) -> Option<KeyView<'t>> {
         let plan = self.plans.get(entry.plan_ix)?;
         Some(KeyView {
@@ -666,6 +670,7 @@ impl KeyTable {
     }
 
     /// The key whose token has this SHA-256 digest.
+    #[inline]
     pub fn get(&self, digest: &[u8; 32]) -> Option<KeyView<'_>> {
         self.view(self.parts[part_of(digest, self.parts.len())].get(digest)?)
     }
