@@ -253,10 +253,9 @@ pub fn assemble_from<'a>(
     if index.schema != SCHEMA_VERSION {
         return Err(ConfigError::Schema(index.schema).into());
     }
-    let mut delta = None;
-    // The keys not checked yet: all of them, or the ones the changed shards brought.
-    let mut unchecked: Vec<String> = Vec::new();
-    let mut all_unchecked = false;
+    let mut delta: Option<KeyDelta> = None;
+    // Every key read, none carried over from the last assembly: all of them are checked.
+    let mut full = false;
     let mut plans_used = BTreeMap::new();
     let mut members: Vec<Arc<[u64]>>;
     let mut read = Vec::new();
@@ -317,7 +316,6 @@ pub fn assemble_from<'a>(
                     }
                     *plans_used.entry(key.plan.clone()).or_default() += 1;
                     changed.push(digest.clone());
-                    unchecked.push(digest.clone());
                     keys.insert(digest, key);
                 }
             }
@@ -338,12 +336,12 @@ pub fn assemble_from<'a>(
                 if let Some(m) = shard_number(name).and_then(|(i, _)| members.get_mut(i)) {
                     *m = prefixes(part.keys());
                 }
+                for key in part.values() {
+                    *plans_used.entry(key.plan.clone()).or_default() += 1;
+                }
                 keys.extend(part);
             }
-            all_unchecked = true;
-            for key in keys.values() {
-                *plans_used.entry(key.plan.clone()).or_default() += 1;
-            }
+            full = true;
             let digest = combine_digests(index.shards.values().map(String::as_str));
             (Arc::new(keys), digest)
         }
@@ -356,12 +354,13 @@ pub fn assemble_from<'a>(
         keys,
         task_types: index.task_types,
     };
-    if all_unchecked {
+    if full {
         config.check_with(&keys_digest)?;
     } else {
         // Keys kept from the last assembly were checked then; what they need now is their plans.
+        // The changed digests still present are the keys the changed shards brought.
         config.check_head(&keys_digest)?;
-        for digest in &unchecked {
+        for digest in delta.iter().flat_map(|d| &d.changed) {
             if let Some(key) = config.keys.get(digest) {
                 config.check_key(digest, key)?;
             }

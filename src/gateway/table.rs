@@ -215,7 +215,7 @@ impl SlotOwner for KeyState {
 ///
 /// The table holds entries inline, each on one aligned 128-byte pair of cache lines (which the
 /// CPU's adjacent-line prefetcher fetches together), with the fields every request reads
-/// (digest, state, limits, metrics) in the first line. Unaligned, an entry straddled two or three
+/// (digest, state, own limits, plan index) in the first line. Unaligned, an entry straddled two or three
 /// lines; at a million keys each of them is a miss.
 #[derive(Clone, Debug)]
 #[repr(C, align(128))]
@@ -272,9 +272,9 @@ impl KeyView<'_> {
 /// costs one entry line, or the next one over (1.5 on average at half load). A general hash table
 /// reads a line of control bytes first and the entry after it: one more dependent cache miss on
 /// every request at a million keys. A key change removes entries by backward shift, which leaves
-/// no tombstone, so a table patched many times probes as one built afresh. The digest is SHA-256 of a secret token: its first bytes are already
-/// uniform, and a client who grinds tokens towards one cluster only lengthens its own lookups,
-/// by a few entries.
+/// no tombstone, so a table patched many times probes as one built afresh. The digest is SHA-256
+/// of a secret token: its first bytes are already uniform, and a client who grinds tokens towards
+/// one cluster only lengthens its own lookups, by a few entries.
 #[derive(Clone, Debug)]
 struct DigestTable {
     /// A power of two in length; `None` is a free slot (the entry's `Arc`s give `Option` a niche,
@@ -337,26 +337,27 @@ impl DigestTable {
         }
     }
 
+    /// The slot holding the entry of `digest`.
     #[inline]
-    fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
+    fn find(&self, digest: &[u8; 32]) -> Option<usize> {
         let mask = self.slots.len() - 1;
         let mut i = self.home(digest);
         // Ends: at most half the slots are taken, so the probe meets a free one.
         loop {
-            let e = self.slots.get(i)?.as_ref()?;
-            if e.digest == *digest {
-                return Some(e);
+            if self.slots.get(i)?.as_ref()?.digest == *digest {
+                return Some(i);
             }
             i = (i + 1) & mask;
         }
     }
 
+    #[inline]
+    fn get(&self, digest: &[u8; 32]) -> Option<&KeyEntry> {
+        self.slots[self.find(digest)?].as_ref()
+    }
+
     fn get_mut(&mut self, digest: &[u8; 32]) -> Option<&mut KeyEntry> {
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(digest);
-        while self.slots.get(i)?.as_ref()?.digest != *digest {
-            i = (i + 1) & mask;
-        }
+        let i = self.find(digest)?;
         self.slots[i].as_mut()
     }
 
@@ -368,14 +369,7 @@ impl DigestTable {
     /// move back where their probe would reach them, so no tombstone lengthens later lookups.
     fn remove(&mut self, digest: &[u8; 32]) -> Option<KeyEntry> {
         let mask = self.slots.len() - 1;
-        let mut hole = self.home(digest);
-        loop {
-            match &self.slots[hole] {
-                None => return None,
-                Some(e) if e.digest == *digest => break,
-                Some(_) => hole = (hole + 1) & mask,
-            }
-        }
+        let mut hole = self.find(digest)?;
         let removed = self.slots[hole].take();
         self.len -= 1;
         let mut j = (hole + 1) & mask;
@@ -528,7 +522,8 @@ impl KeyTable {
         if let Some(previous) = previous
             && Arc::ptr_eq(&previous.config.keys, &config.keys)
         {
-            return Self::with_new_plans(config, previous, metrics);
+            // A plan change: the same keys under new plan limits.
+            return Self::patched(config, previous, &[], metrics);
         }
         if let (Some(previous), Some(delta)) = (previous, delta)
             && Arc::ptr_eq(&previous.config.keys, &delta.base)
@@ -579,7 +574,8 @@ impl KeyTable {
 
     /// The previous table with the entries of `changed` digests taken out and put back as
     /// `config` has them. Live state follows the key id, so a rotated token (a new digest, the
-    /// same key) keeps its requests in flight and its quota.
+    /// same key) keeps its requests in flight and its quota. Entries name their plan by index,
+    /// so new plan limits need no entry rewritten but those of the keys with limits of their own.
     fn patched(
         config: Arc<GatewayConfig>,
         previous: &KeyTable,
@@ -622,40 +618,25 @@ impl KeyTable {
                 Arc::make_mut(&mut parts[part_of(&entry.digest, count)]).insert(entry);
             }
         }
-        let table = Self::from_parts(config, parts, plans, counts, overridden);
-        if previous.config.plans == table.config.plans {
-            table
-        } else {
-            // The plans changed too: the keys kept from before may override one of them.
-            Self::with_new_plans(Arc::clone(&table.config), &table, metrics)
-        }
-    }
-
-    /// A plan change: the same keys (the configuration shares them with the previous one) under
-    /// new plan limits. Entries name their plan by index, so every part is shared as it is; only
-    /// the keys with limits of their own are resolved again, against their plan's new limits.
-    fn with_new_plans(config: Arc<GatewayConfig>, previous: &KeyTable, metrics: &Metrics) -> Self {
-        let plans = Plans::of(&config, Some(&previous.plans), metrics);
-        let mut counts = previous.counts.clone();
-        counts.resize(plans.slots.len(), 0);
-        let mut parts = previous.parts.clone();
-        let count = parts.len();
-        for digest in previous.overridden.iter() {
-            let part = &mut parts[part_of(digest, count)];
-            let Some(e) = part.get(digest) else { continue };
-            let plan = plans.get(e.plan_ix).map(|p| &*p.name);
-            let resolved = plan
-                .and_then(|name| config.plans.get(name))
-                .zip(config.keys.get(&hex::encode(digest)))
-                .map(|(def, key)| Arc::new(KeyLimits::resolve(def, key.overrides.as_ref())));
-            if let Some(limits) = resolved
-                && e.own_limits.as_deref() != Some(&*limits)
-                && let Some(e) = Arc::make_mut(part).get_mut(digest)
-            {
-                e.own_limits = Some(limits);
+        if previous.config.plans != config.plans {
+            // The keys with limits of their own resolve them again against their plan's new ones.
+            for digest in overridden.iter() {
+                let part = &mut parts[part_of(digest, count)];
+                let Some(e) = part.get(digest) else { continue };
+                let resolved = plans
+                    .get(e.plan_ix)
+                    .and_then(|p| config.plans.get(&*p.name))
+                    .zip(config.keys.get(&hex::encode(digest)))
+                    .map(|(def, key)| Arc::new(KeyLimits::resolve(def, key.overrides.as_ref())));
+                if let Some(limits) = resolved
+                    && e.own_limits.as_deref() != Some(&*limits)
+                    && let Some(e) = Arc::make_mut(part).get_mut(digest)
+                {
+                    e.own_limits = Some(limits);
+                }
             }
         }
-        Self::from_parts(config, parts, plans, counts, Arc::clone(&previous.overridden))
+        Self::from_parts(config, parts, plans, counts, overridden)
     }
 
     #[inline]
