@@ -26,6 +26,7 @@ fn fixture(n: usize) -> (Vec<ApiPlan>, Vec<ApiKey>, TokenHashes) {
                         paths: vec!["/v1/*".into()],
                     }),
                     tasks: None,
+                    abuse: None,
                 },
             )
         })

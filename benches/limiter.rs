@@ -43,6 +43,7 @@ fn table(keys: usize, per: BucketScope) -> KeyTable {
             }),
             retained: false,
             tasks: None,
+            abuse: None,
         },
     );
     for i in 0..keys {

@@ -32,6 +32,7 @@ fn plan(slots: u32) -> CompiledPlan {
         rate_limit: None,
         retained: false,
         tasks: None,
+        abuse: None,
     }
 }
 

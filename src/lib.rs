@@ -4,15 +4,18 @@
 //! - [`api`]: the `ApiPlan` and `ApiKey` custom resources users write;
 //! - [`config`]: the pure `compile` step from those resources to a [`config::GatewayConfig`];
 //! - [`limiter`]: slot pools and GCRA rate buckets, free of HTTP and Kubernetes;
+//! - [`abuse`]: temporary bans of clients that keep exceeding their limits or guess keys, in
+//!   bounded memory, free of HTTP and Kubernetes like the limiter;
 //! - [`gateway`]: the reverse proxy that enforces a configuration, and its configuration sources;
 //! - [`standalone`]: a folder of manifests read and compiled the way the controller would;
 //! - [`up`] and [`load`]: the laptop experience, everything from a folder, and a load tool;
 //!
 //! Dependencies point one way: `api` ← `config` ← `gateway`/`controller`; the limiter knows
-//! nothing of HTTP or Kubernetes.
+//! nothing of HTTP or Kubernetes, and neither does `abuse` (the gateway imports it).
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod abuse;
 pub mod api;
 pub mod config;
 pub mod controller;

@@ -37,6 +37,8 @@ enum Command {
     /// Run the operator: reconcile ApiPlans and ApiKeys into gateway configuration and status.
     Controller(ControllerArgs),
     /// Run the gateway: a reverse proxy enforcing a configuration file it watches.
+    // A flag given twice takes the last value, so that a wrapper's defaults can be overridden.
+    #[command(args_override_self = true)]
     Gateway(GatewayArgs),
     /// Run everything from a folder of manifests, no cluster needed: compile, gateway, demo upstream.
     Up {
@@ -62,6 +64,8 @@ enum Command {
         state: StateArgs,
         #[command(flatten)]
         tasks: TaskArgs,
+        #[command(flatten)]
+        abuse: AbuseArgs,
     },
     /// Send load with concurrent workers and summarise what the limits did.
     Load {
@@ -186,10 +190,66 @@ struct GatewayArgs {
     state: StateArgs,
     #[command(flatten)]
     tasks: TaskArgs,
+    #[command(flatten)]
+    abuse: AbuseArgs,
     /// Webhook signing secrets by key id, a YAML or JSON map (`default/acme: whsec_...`); re-read
     /// at start only. Needed for tasks with a webhook.
     #[arg(long, env = "SLOTGATE_WEBHOOK_SECRETS")]
     webhook_secrets: Option<PathBuf>,
+}
+
+/// Abuse protection options shared by `slotgate gateway` and `slotgate up`. Each plan's
+/// `spec.abuse` says when its clients are banned; these are the gateway-wide parts.
+#[derive(Args, Debug, Clone)]
+struct AbuseArgs {
+    /// Peers whose X-Forwarded-For / Forwarded headers name the client, as comma-separated CIDRs
+    /// (your load balancer or ingress, e.g. 10.0.0.0/8). From any other peer the headers are
+    /// ignored for bans.
+    #[arg(long, default_value = "", env = "SLOTGATE_TRUSTED_PROXIES")]
+    trusted_proxies: String,
+    /// Client addresses never banned, as comma-separated CIDRs.
+    #[arg(long, default_value = "", env = "SLOTGATE_BAN_ALLOWLIST")]
+    ban_allowlist: String,
+    /// Unknown or revoked keys from one address within --invalid-key-window that ban the address
+    /// (someone guessing keys); 0 turns the guard off.
+    #[arg(long, default_value_t = 20)]
+    invalid_key_limit: u32,
+    /// The window invalid keys are counted in.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    invalid_key_window: Duration,
+    /// The first ban for invalid keys; each repeat within an hour doubles, up to
+    /// --invalid-key-max-ban.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    invalid_key_ban: Duration,
+    /// The longest ban for invalid keys.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    invalid_key_max_ban: Duration,
+    /// Clients and keys the ban table tracks at once (its memory is about 104 bytes each, taken
+    /// only as the table fills).
+    #[arg(long, default_value_t = slotgate::gateway::DEFAULT_TRACKED)]
+    ban_table_entries: usize,
+}
+
+impl AbuseArgs {
+    fn options(&self) -> anyhow::Result<gateway::AbuseOptions> {
+        let cidrs = |flag: &str, v: &str| -> anyhow::Result<slotgate::abuse::Cidrs> {
+            v.parse().with_context(|| format!("--{flag}"))
+        };
+        let ms = |d: Duration| d.as_millis() as u64;
+        Ok(gateway::AbuseOptions {
+            trusted_proxies: cidrs("trusted-proxies", &self.trusted_proxies)?,
+            allowlist: cidrs("ban-allowlist", &self.ban_allowlist)?,
+            invalid_keys: (self.invalid_key_limit > 0).then(|| slotgate::abuse::Policy {
+                threshold: self.invalid_key_limit,
+                window_ms: ms(self.invalid_key_window).max(1),
+                ban_ms: ms(self.invalid_key_ban).max(1),
+                escalation_window_ms: 3_600_000,
+                escalation_factor: 2,
+                max_ban_ms: ms(self.invalid_key_max_ban).max(ms(self.invalid_key_ban)),
+            }),
+            tracked: self.ban_table_entries.max(1),
+        })
+    }
 }
 
 /// Async task options shared by `slotgate gateway` and `slotgate up`.
@@ -316,7 +376,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a duration like 250ms, 30s or 2m"));
@@ -393,6 +454,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         upstream_timeout: args.upstream_timeout,
         max_upstream_in_flight: args.max_upstream_in_flight,
         state: args.state.options()?,
+        abuse: args.abuse.options()?,
     })
     .await?;
     if let Some(dir) = &args.tasks.data_dir {
@@ -587,9 +649,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_timeout,
             state,
             tasks,
+            abuse,
         } => {
             init_tracing();
             let state = state.options()?;
+            let abuse = abuse.options()?;
             let upstream = upstream.map(|u| u.parse::<Upstream>()).transpose()?;
             let opts = slotgate::up::UpOptions {
                 dir,
@@ -599,6 +663,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 upstream_timeout,
                 shutdown_timeout,
                 state,
+                abuse,
                 data_dir: tasks.data_dir.clone(),
                 max_task_payload_bytes: tasks.max_task_payload_bytes,
                 webhook_ca: tasks.webhook_ca.clone(),

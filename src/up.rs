@@ -38,6 +38,8 @@ pub struct UpOptions {
     pub shutdown_timeout: Duration,
     /// Where slots and rate buckets live (memory, or Redis shared with other gateways).
     pub state: gateway::StateOptions,
+    /// Bans, trusted proxies and the ban allowlist.
+    pub abuse: gateway::AbuseOptions,
     /// Folder of the durable task store; by default `.slotgate/tasks-<port>` in the working
     /// directory (one per listen port, so two `up`s side by side do not share a store), or a
     /// temporary folder removed at exit when the port is 0 (a restart could not find it again).
@@ -118,6 +120,7 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         upstream_timeout: opts.upstream_timeout,
         max_upstream_in_flight: None,
         state: opts.state.clone(),
+        abuse: opts.abuse.clone(),
     })
     .await?;
     let mut current = compiled.config;

@@ -14,8 +14,8 @@ pub mod validate;
 pub use conditions::{ConditionSpec, merge_conditions};
 pub use key::{ApiKey, ApiKeySpec, ApiKeyStatus, EffectiveLimits, LimitOverrides, SecretKeyRef};
 pub use plan::{
-    ApiPlan, ApiPlanSpec, ApiPlanStatus, BucketScope, ConcurrencySpec, RateLimitSpec, TasksSpec,
-    default_paths,
+    AbuseSpec, ApiPlan, ApiPlanSpec, ApiPlanStatus, BanScope, BucketScope, ConcurrencySpec, RateLimitSpec,
+    TasksSpec, default_paths,
 };
 pub use task_type::{ApiTaskType, ApiTaskTypeSpec, TaskMethod, TaskRequestSpec};
 

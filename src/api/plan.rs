@@ -48,6 +48,59 @@ pub struct ApiPlanSpec {
     /// Async tasks (`POST /v1/tasks`): absent, the plan's keys cannot submit tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<TasksSpec>,
+
+    /// Temporary bans of clients that keep exceeding this plan's limits. Absent: a refusal is
+    /// only a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abuse: Option<AbuseSpec>,
+}
+
+/// When a client that keeps hitting its limits is banned: `refusals` 429s within `window` ban it
+/// for `banDuration`; each repeat within `escalationWindow` of the last ban's end lasts
+/// `escalationFactor` times longer, up to `maxBanDuration`. A banned client gets 429
+/// `temporarily_blocked` with `Retry-After` until the ban ends, without reaching the upstream.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AbuseSpec {
+    /// Refusals for concurrency or rate (429) within `window` that start a ban.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub refusals: u32,
+    /// The sliding window refusals are counted in, such as `10s`. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|h|d)$')").message("window must be a duration such as 500ms, 10s or 1m"))]
+    pub window: Option<String>,
+    /// The first ban's length, such as `2m`. Default `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|h|d)$')").message("banDuration must be a duration such as 30s, 2m or 1h"))]
+    pub ban_duration: Option<String>,
+    /// A ban starting within this long of the previous one's end is a repeat. Default `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|h|d)$')").message("escalationWindow must be a duration such as 30m, 1h or 1d"))]
+    pub escalation_window: Option<String>,
+    /// How many times longer each repeat lasts than the ban before it. Default 2; 1 never
+    /// escalates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub escalation_factor: Option<u32>,
+    /// The longest ban (the long-lasting block of repeat offenders), such as `24h`. Default `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|h|d)$')").message("maxBanDuration must be a duration such as 1h or 1d"))]
+    pub max_ban_duration: Option<String>,
+    /// Who is counted and banned: `ClientIP` (the client's address, whatever key it sends) or
+    /// `Key` (the key, from any address). Default `ClientIP`.
+    #[serde(default)]
+    pub by: BanScope,
+}
+
+/// Who an abuse policy counts and bans.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BanScope {
+    /// The client's address (behind trusted proxies, the one they report).
+    #[default]
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+    /// The key, from whatever address.
+    Key,
 }
 
 /// How a plan's keys may use the async task API. Every field has a default, so `tasks: {}` opts

@@ -464,12 +464,47 @@ pub(super) fn compile_plan(plan: &ApiPlan) -> Result<CompiledPlan, String> {
         .as_ref()
         .map(super::tasks::compile_policy)
         .transpose()?;
+    let abuse = spec.abuse.as_ref().map(compile_abuse).transpose()?;
     Ok(CompiledPlan {
         display_name: spec.display_name.clone(),
         concurrency,
         rate_limit,
         retained: false,
         tasks,
+        abuse,
+    })
+}
+
+/// Compiles `spec.abuse`: defaults filled in, durations in milliseconds.
+fn compile_abuse(spec: &crate::api::AbuseSpec) -> Result<super::AbusePolicy, String> {
+    let ms = |field: &str, value: &Option<String>, default: u64, min: u64| -> Result<u64, String> {
+        let ms = match value {
+            Some(v) => super::tasks::parse_duration_ms(v).map_err(|e| format!("abuse.{field}: {e}"))?,
+            None => default,
+        };
+        if ms < min {
+            return Err(format!("abuse.{field} must be at least {min} ms"));
+        }
+        Ok(ms)
+    };
+    let ban_ms = ms("banDuration", &spec.ban_duration, 120_000, 1_000)?;
+    let max_ban_ms = ms(
+        "maxBanDuration",
+        &spec.max_ban_duration,
+        3_600_000.max(ban_ms),
+        1_000,
+    )?;
+    if max_ban_ms < ban_ms {
+        return Err("abuse.maxBanDuration must be at least banDuration".into());
+    }
+    Ok(super::AbusePolicy {
+        refusals: spec.refusals.max(1),
+        window_ms: ms("window", &spec.window, 10_000, 100)?,
+        ban_ms,
+        escalation_window_ms: ms("escalationWindow", &spec.escalation_window, 3_600_000, 0)?,
+        escalation_factor: spec.escalation_factor.unwrap_or(2).max(1),
+        max_ban_ms,
+        by: spec.by,
     })
 }
 
@@ -489,7 +524,20 @@ pub(super) fn plan_ready(plan: &CompiledPlan) -> ConditionSpec {
             UNLIMITED,
             "no concurrency or rate limit: keys on this plan are authenticated but not limited",
         ),
-        (c, r) => ConditionSpec::ok(READY, COMPILED, describe(c.as_ref(), r.as_ref())),
+        (c, r) => {
+            let mut text = describe(c.as_ref(), r.as_ref());
+            if let Some(a) = &plan.abuse {
+                let by = match a.by {
+                    crate::api::BanScope::ClientIp => "client address",
+                    crate::api::BanScope::Key => "key",
+                };
+                text.push_str(&format!(
+                    "; {} refusals in {} ms ban the {by} for {} ms (repeats x{} up to {} ms)",
+                    a.refusals, a.window_ms, a.ban_ms, a.escalation_factor, a.max_ban_ms
+                ));
+            }
+            ConditionSpec::ok(READY, COMPILED, text)
+        }
     }
 }
 

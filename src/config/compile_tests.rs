@@ -20,6 +20,7 @@ fn plan(name: &str, slots: Option<u32>, rps: Option<u32>) -> ApiPlan {
                 paths: vec!["/v1/*".into()],
             }),
             tasks: None,
+            abuse: None,
         },
     )
 }
@@ -383,5 +384,65 @@ proptest::proptest! {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn an_abuse_policy_compiles_with_its_defaults_and_a_bad_one_names_its_field() {
+    use crate::api::{AbuseSpec, BanScope};
+    let with = |abuse: AbuseSpec| {
+        let mut p = plan("p", Some(2), None);
+        p.spec.abuse = Some(abuse);
+        compile(&[p], &[key("a", "p", 1)], &tokens_for(&["a"]), None)
+    };
+    let out = with(AbuseSpec {
+        refusals: 50,
+        by: BanScope::Key,
+        ..AbuseSpec::default()
+    });
+    let policy = out.config.plans["p"].abuse.unwrap();
+    assert_eq!(
+        (
+            policy.refusals,
+            policy.window_ms,
+            policy.ban_ms,
+            policy.max_ban_ms
+        ),
+        (50, 10_000, 120_000, 3_600_000)
+    );
+    assert_eq!((policy.escalation_factor, policy.by), (2, BanScope::Key));
+    assert!(
+        out.plans["p"].conditions[0]
+            .message
+            .contains("50 refusals in 10000 ms ban the key")
+    );
+
+    for (spec, field) in [
+        (
+            AbuseSpec {
+                refusals: 5,
+                ban_duration: Some("10m".into()),
+                max_ban_duration: Some("5m".into()),
+                ..AbuseSpec::default()
+            },
+            "abuse.maxBanDuration must be at least banDuration",
+        ),
+        (
+            AbuseSpec {
+                refusals: 5,
+                window: Some("10 seconds".into()),
+                ..AbuseSpec::default()
+            },
+            "abuse.window",
+        ),
+    ] {
+        let out = with(spec);
+        assert_eq!(out.plans["p"].conditions[0].reason, INVALID_SPEC);
+        assert!(
+            out.plans["p"].conditions[0].message.contains(field),
+            "{:?}",
+            out.plans["p"].conditions
+        );
+        assert!(!out.keys["acme/a"].admitted);
     }
 }

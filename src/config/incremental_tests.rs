@@ -86,6 +86,7 @@ fn plan(i: u8, shape: u8) -> ApiPlan {
             concurrency,
             rate_limit,
             tasks: None,
+            abuse: None,
         },
     )
 }

@@ -20,7 +20,7 @@ pub use compile::{Compiled, KeyReport, PlanReport, compile, compile_plans_only, 
 pub use tasks::{CompiledTaskType, TaskPolicy};
 pub use tokens::{TokenHashes, TokenState, hash_token};
 
-use crate::api::{BucketScope, EffectiveLimits, LimitOverrides};
+use crate::api::{BanScope, BucketScope, EffectiveLimits, LimitOverrides};
 
 /// Format version of [`GatewayConfig`] documents this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -75,6 +75,29 @@ pub struct CompiledPlan {
     /// Async task policy; `None`: the plan's keys cannot submit tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks: Option<TaskPolicy>,
+    /// When clients that keep exceeding the plan's limits are banned; `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abuse: Option<AbusePolicy>,
+}
+
+/// A plan's abuse policy as the gateway enforces it (`ApiPlan.spec.abuse`, durations in ms).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AbusePolicy {
+    /// Refusals within `window_ms` that start a ban.
+    pub refusals: u32,
+    /// Sliding window the refusals are counted in.
+    pub window_ms: u64,
+    /// The first ban's length.
+    pub ban_ms: u64,
+    /// A ban within this long of the previous one's end is a repeat.
+    pub escalation_window_ms: u64,
+    /// Each repeat lasts this many times longer.
+    pub escalation_factor: u32,
+    /// The longest ban.
+    pub max_ban_ms: u64,
+    /// Client address or key.
+    pub by: BanScope,
 }
 
 /// Concurrency slots over a set of paths.

@@ -415,6 +415,7 @@ mod tests {
                 rate_limit: None,
                 retained: false,
                 tasks: None,
+                abuse: None,
             },
         );
         for i in 0..keys {

@@ -55,6 +55,9 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let g = &self.gateway;
         let plain = "text/plain; charset=utf-8";
+        if let Some(res) = bans(g, &req) {
+            return ready(Ok(res));
+        }
         let res = match req.uri().path() {
             "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
             "/readyz" if g.is_draining() => text(
@@ -80,9 +83,59 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
             _ => text(
                 StatusCode::NOT_FOUND,
                 plain,
-                "not found: try /healthz, /readyz or /metrics\n".into(),
+                "not found: try /healthz, /readyz, /metrics or /bans\n".into(),
             ),
         };
         ready(Ok(res))
     }
+}
+
+/// `GET /bans`: the bans in force, as JSON. `DELETE /bans/<subject>` (`ip:203.0.113.7`,
+/// `key:team-a/acme`): lifts one.
+fn bans(g: &Gateway, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let path = req.uri().path();
+    let json = "application/json";
+    if path == "/bans" && req.method() == http::Method::GET {
+        let bans: Vec<serde_json::Value> = g
+            .bans()
+            .into_iter()
+            .map(|(subject, ban, remaining_ms)| {
+                serde_json::json!({
+                    "subject": subject.to_string(),
+                    "reason": ban.reason.as_str(),
+                    "strike": ban.strike,
+                    "remainingMs": remaining_ms,
+                    "retryAfterSeconds": remaining_ms.div_ceil(1_000),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({ "bans": bans }).to_string();
+        return Some(text(StatusCode::OK, json, body + "\n"));
+    }
+    let subject = path.strip_prefix("/bans/")?;
+    if req.method() != http::Method::DELETE {
+        return Some(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "use DELETE /bans/<subject> to lift a ban, GET /bans to list them\n".into(),
+        ));
+    }
+    let res = match subject.parse::<crate::abuse::Subject>() {
+        Err(e) => text(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        ),
+        Ok(s) if g.lift_ban(&s) => text(
+            StatusCode::OK,
+            json,
+            serde_json::json!({ "lifted": s.to_string() }).to_string() + "\n",
+        ),
+        Ok(s) => text(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            format!("{s} is not banned\n"),
+        ),
+    };
+    Some(res)
 }

@@ -43,10 +43,12 @@ pub enum ErrorCode {
     InvalidRequest,
     /// 503: the shared limiter state is unreachable and the policy is to fail closed.
     LimiterUnavailable,
+    /// 429: the client (or key) is banned for a while after repeated excess.
+    TemporarilyBlocked,
 }
 
 impl ErrorCode {
-    const COUNT: usize = 11;
+    const COUNT: usize = 12;
 
     /// The code as clients and metrics see it.
     pub fn as_str(self) -> &'static str {
@@ -62,6 +64,7 @@ impl ErrorCode {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::InvalidRequest => "invalid_request",
             Self::LimiterUnavailable => "limiter_unavailable",
+            Self::TemporarilyBlocked => "temporarily_blocked",
         }
     }
 
@@ -71,7 +74,9 @@ impl ErrorCode {
         match self {
             Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => S::UNAUTHORIZED,
             Self::KeySuspended => S::FORBIDDEN,
-            Self::ConcurrencyLimitExceeded | Self::RateLimit => S::TOO_MANY_REQUESTS,
+            Self::ConcurrencyLimitExceeded | Self::RateLimit | Self::TemporarilyBlocked => {
+                S::TOO_MANY_REQUESTS
+            }
             Self::UpstreamConcurrencyLimitExceeded | Self::LimiterUnavailable => S::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable => S::BAD_GATEWAY,
             Self::UpstreamTimeout => S::GATEWAY_TIMEOUT,
@@ -154,6 +159,60 @@ pub struct Metrics {
     unknown_plan: Arc<PlanMetrics>,
     /// Metrics of the shared limiter state (Redis).
     pub state: StateMetrics,
+    /// Metrics of bans.
+    pub abuse: AbuseMetrics,
+}
+
+/// Metrics of bans: how many are in force, how many started, and what they refused.
+#[derive(Clone, Debug, Default)]
+pub struct AbuseMetrics {
+    /// Bans in force (as of the last sweep, a few seconds old at most, or the last change).
+    pub active: Gauge,
+    started: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
+    /// Bytes the ban table takes now.
+    pub table_bytes: Gauge,
+}
+
+impl AbuseMetrics {
+    fn labels(reason: crate::abuse::Reason, by: &'static str) -> Labels {
+        vec![("reason", reason.as_str().to_string()), ("by", by.to_string())]
+    }
+
+    /// Counts a ban that started.
+    pub fn started(&self, reason: crate::abuse::Reason, by: &'static str) {
+        self.started.get_or_create(&Self::labels(reason, by)).inc();
+    }
+
+    /// Counts a request refused because of a ban.
+    pub fn refused(&self, reason: crate::abuse::Reason, by: &'static str) {
+        self.refused.get_or_create(&Self::labels(reason, by)).inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        for reason in crate::abuse::Reason::ALL {
+            for by in ["ip", "key"] {
+                drop(self.started.get_or_create(&Self::labels(reason, by)));
+                drop(self.refused.get_or_create(&Self::labels(reason, by)));
+            }
+        }
+        registry.register("bans_active", "Bans in force", self.active.clone());
+        registry.register(
+            "bans_started",
+            "Bans started, by reason (repeated_refusals, invalid_keys) and subject (ip, key)",
+            self.started.clone(),
+        );
+        registry.register(
+            "banned_requests",
+            "Requests refused with temporarily_blocked, by the ban's reason and subject",
+            self.refused.clone(),
+        );
+        registry.register(
+            "ban_table_bytes",
+            "Memory of the ban and abuse counter table",
+            self.table_bytes.clone(),
+        );
+    }
 }
 
 /// Metrics of the shared limiter state: call latency and errors by operation, and the mode in
@@ -265,6 +324,7 @@ impl Metrics {
                 replicas: Gauge::default(),
                 fallback: Fallback::Local,
             },
+            abuse: AbuseMetrics::default(),
         };
         registry.register(
             "requests",
@@ -349,6 +409,7 @@ impl Metrics {
             m.state.replicas.clone(),
         );
         m.tasks.register(&mut registry);
+        m.abuse.register(&mut registry);
         Self { registry, ..m }
     }
 

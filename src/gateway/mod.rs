@@ -6,6 +6,7 @@
 //! one seam every configuration source (file, folder, Kubernetes) feeds.
 
 mod admin;
+mod bans;
 mod body;
 mod headers;
 pub mod kube_source;
@@ -28,6 +29,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 pub use admin::admin_service;
+pub use bans::{AbuseOptions, DEFAULT_TRACKED, client_address};
 pub use metrics::{ErrorCode, Metrics, PlanMetrics, StateMetrics};
 pub use proxy::{GatewayService, ProxyBody, Upstream, UpstreamError};
 pub use server::{Listening, run, serve};
@@ -49,6 +51,8 @@ pub struct GatewayOptions {
     pub max_upstream_in_flight: Option<u32>,
     /// Where slots and rate buckets live.
     pub state: StateOptions,
+    /// Bans, trusted proxies and the ban allowlist.
+    pub abuse: AbuseOptions,
 }
 
 /// Where slots and rate buckets live, and what happens when the shared state is unreachable.
@@ -137,6 +141,7 @@ pub struct Gateway {
     epoch: Instant,
     shared: Option<SharedLimiter>,
     tasks: std::sync::OnceLock<Arc<crate::tasks::Tasks>>,
+    guard: crate::abuse::Guard,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -179,6 +184,7 @@ impl Gateway {
             pool: upstream::Pool::new(options.upstream.authority().clone()),
             upstream_host: http::HeaderValue::from_str(options.upstream.authority().as_str())
                 .expect("an authority is a valid header value"),
+            guard: crate::abuse::Guard::new(options.abuse.tracked),
             options,
             metrics,
             epoch: Instant::now(),

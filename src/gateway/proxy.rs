@@ -7,7 +7,7 @@
 use std::{
     convert::Infallible,
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     str::FromStr,
     sync::Arc,
@@ -196,11 +196,12 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<Incoming>,
         client_ip: Option<HeaderValue>,
+        client: Option<IpAddr>,
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let admitted = match self.shared_decision() {
-            None => self.decide_locally(&parts),
-            Some(shared) => self.decide_shared(&parts, shared).await,
+            None => self.decide_locally(&parts, client),
+            Some(shared) => self.decide_shared(&parts, shared, client).await,
         };
         let prepared = admitted.map(|a| self.prepare(&parts, body, a, client_ip));
         // The head is encoded: let the connection's read buffer go before the exchange.
@@ -219,16 +220,25 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<Incoming>,
         client_ip: Option<HeaderValue>,
+        peer: Option<IpAddr>,
     ) -> Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>> {
-        if self.tasks.get().is_some() && crate::tasks::api::is_task_path(req.uri().path()) {
-            return Box::pin(async move { Ok(self.handle_task(req).await) });
+        let client = self.client_of(&req, peer);
+        let (parts, body) = req.into_parts();
+        // A banned address is answered first, whatever the path: before a key is looked up in
+        // the limiter, and long before the upstream.
+        if let Some(answer) = self.address_ban(&parts, client) {
+            return Box::pin(std::future::ready(Ok(self.count(answer))));
+        }
+        if self.tasks.get().is_some() && crate::tasks::api::is_task_path(parts.uri.path()) {
+            let req = Request::from_parts(parts, body);
+            return Box::pin(async move { Ok(self.handle_task(req, client).await) });
         }
         if self.shared_decision().is_some() {
-            return Box::pin(async move { Ok(self.handle(req, client_ip).await) });
+            let req = Request::from_parts(parts, body);
+            return Box::pin(async move { Ok(self.handle(req, client_ip, client).await) });
         }
-        let (parts, body) = req.into_parts();
         match self
-            .decide_locally(&parts)
+            .decide_locally(&parts, client)
             .map(|a| self.prepare(&parts, body, a, client_ip))
         {
             Ok(forward) => Box::pin(async move {
@@ -257,6 +267,7 @@ impl Gateway {
         &self,
         parts: &Parts,
         table: &'t table::KeyTable,
+        client: Option<IpAddr>,
     ) -> Result<table::KeyView<'t>, Answer> {
         let Some(token) = presented_key(parts) else {
             self.metrics.refusal_without_plan(ErrorCode::MissingApiKey);
@@ -268,11 +279,15 @@ impl Gateway {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let Some(entry) = table.get(&digest) else {
             self.metrics.refusal_without_plan(ErrorCode::InvalidApiKey);
+            self.count_invalid_key(client);
             return Err(refuse_auth(
                 ErrorCode::InvalidApiKey,
                 "This API key is not valid. Check it for typos, or create a new key.",
             ));
         };
+        if let Some(answer) = self.key_ban(&entry, parts.uri.path()) {
+            return Err(answer);
+        }
         if entry.suspended {
             entry.metrics.refusal(ErrorCode::KeySuspended);
             return Err(refuse_auth(
@@ -297,9 +312,9 @@ impl Gateway {
 
     /// Authenticates and admits with this replica's own state (no shared limiter, or the
     /// fallback while it is unreachable).
-    fn decide_locally(&self, parts: &Parts) -> Result<Admission, Answer> {
+    fn decide_locally(&self, parts: &Parts, client: Option<IpAddr>) -> Result<Admission, Answer> {
         let table = self.table.load();
-        let entry = self.authenticate(parts, &table)?;
+        let entry = self.authenticate(parts, &table, client)?;
         let path = parts.uri.path();
         // One clock read serves the limiter, the slot's duration and the upstream latency.
         let at = Instant::now();
@@ -307,20 +322,25 @@ impl Gateway {
             None => table::admit(&entry, path, self.nanos(at), self.cap.as_ref(), 1),
             Some(s) => self.fallback(&entry, path, s.replicas()),
         };
-        self.hold(&entry, result, at)
+        self.hold(&entry, result, at, client)
     }
 
     /// Authenticates and admits through the shared limiter (Redis).
-    async fn decide_shared(&self, parts: &Parts, shared: &SharedLimiter) -> Result<Admission, Answer> {
+    async fn decide_shared(
+        &self,
+        parts: &Parts,
+        shared: &SharedLimiter,
+        client: Option<IpAddr>,
+    ) -> Result<Admission, Answer> {
         // The decision awaits Redis: own the table instead of borrowing it.
         let table = arc_swap::Guard::into_inner(self.table.load());
-        let entry = self.authenticate(parts, &table)?;
+        let entry = self.authenticate(parts, &table, client)?;
         let path = parts.uri.path();
         let result = match table::admit_shared(&entry, path, shared, self.cap.as_ref()).await {
             Ok(result) => result,
             Err(_) => self.fallback(&entry, path, shared.replicas()),
         };
-        self.hold(&entry, result, Instant::now())
+        self.hold(&entry, result, Instant::now(), client)
     }
 
     /// Rewrites an admitted request for the upstream and encodes it.
@@ -453,9 +473,13 @@ impl Gateway {
         entry: &table::KeyView<'_>,
         result: Result<table::Admitted, Refusal>,
         started: Instant,
+        client: Option<IpAddr>,
     ) -> Result<Admission, Answer> {
         let admitted = result.map_err(|r| {
             entry.metrics.refusal(r.code());
+            if r.is_the_clients() {
+                self.count_refusal(entry, client);
+            }
             (Some(r.code()), refused(r))
         })?;
         let (slots, rate) = (admitted.slots, admitted.rate);
@@ -494,13 +518,19 @@ pub struct GatewayService {
     gateway: Arc<Gateway>,
     /// The client's address as an `X-Forwarded-For` value, made once per connection.
     client_ip: Option<HeaderValue>,
+    /// The connection's peer.
+    peer: Option<IpAddr>,
 }
 
 impl GatewayService {
     /// The service for one connection from `remote`.
     pub fn new(gateway: Arc<Gateway>, remote: Option<SocketAddr>) -> Self {
         let client_ip = remote.and_then(|addr| HeaderValue::try_from(addr.ip().to_string()).ok());
-        Self { gateway, client_ip }
+        Self {
+            gateway,
+            client_ip,
+            peer: remote.map(|a| a.ip()),
+        }
     }
 }
 
@@ -529,6 +559,6 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        Arc::clone(&self.gateway).respond(req, self.client_ip.clone())
+        Arc::clone(&self.gateway).respond(req, self.client_ip.clone(), self.peer)
     }
 }

@@ -99,6 +99,18 @@ pub async fn run(
             }
         })
     };
+    // Bans end on their own; this keeps the gauges true and forgets old records (a pass over a
+    // table of fixed size, a millisecond at most).
+    let ban_sweeper = {
+        let gw = Arc::clone(&gateway);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                gw.sweep_bans();
+            }
+        })
+    };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let leaving = Arc::clone(&gateway);
     let admin_gw = Arc::clone(&gateway);
@@ -125,4 +137,5 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     sweeper.abort();
+    ban_sweeper.abort();
 }

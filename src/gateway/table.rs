@@ -249,6 +249,8 @@ pub struct KeyView<'t> {
     pub metrics: &'t Arc<PlanMetrics>,
     /// Plan name (safe to log and to use as a metric label).
     pub plan: &'t Arc<str>,
+    /// The plan's abuse policy, if it has one.
+    pub abuse: Option<&'t PlanAbuse>,
 }
 
 impl std::ops::Deref for KeyView<'_> {
@@ -405,6 +407,32 @@ struct PlanSlot {
     name: Arc<str>,
     limits: Arc<KeyLimits>,
     metrics: Arc<PlanMetrics>,
+    abuse: Option<PlanAbuse>,
+}
+
+/// A plan's abuse policy as the request path applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanAbuse {
+    /// When a ban starts and how long it lasts.
+    pub policy: crate::abuse::Policy,
+    /// Whether the key is banned (from every address) rather than the client's address.
+    pub by_key: bool,
+}
+
+impl From<&crate::config::AbusePolicy> for PlanAbuse {
+    fn from(a: &crate::config::AbusePolicy) -> Self {
+        Self {
+            policy: crate::abuse::Policy {
+                threshold: a.refusals,
+                window_ms: a.window_ms,
+                ban_ms: a.ban_ms,
+                escalation_window_ms: a.escalation_window_ms,
+                escalation_factor: a.escalation_factor,
+                max_ban_ms: a.max_ban_ms,
+            },
+            by_key: a.by == crate::api::BanScope::Key,
+        }
+    }
 }
 
 /// The plans of a table, by the index entries name them with. A plan keeps its index for as long
@@ -431,6 +459,7 @@ impl Plans {
             slots[ix as usize] = Some(PlanSlot {
                 limits: Arc::new(KeyLimits::resolve(def, None)),
                 metrics: metrics.plan(&name),
+                abuse: def.abuse.as_ref().map(PlanAbuse::from),
                 name,
             });
         }
@@ -647,6 +676,7 @@ impl KeyTable {
             limits: entry.own_limits.as_ref().unwrap_or(&plan.limits),
             metrics: &plan.metrics,
             plan: &plan.name,
+            abuse: plan.abuse.as_ref(),
         })
     }
 
@@ -781,6 +811,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Whether the refusal is the client's doing (its own limits), which abuse policies count;
+    /// not the upstream's capacity or the shared state's outage.
+    pub fn is_the_clients(&self) -> bool {
+        matches!(self, Self::Concurrency { .. } | Self::Rate { .. })
+    }
+
     /// The error code the refusal is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -815,6 +851,23 @@ fn limits_for<'a>(entry: &KeyView<'a>, path: &str) -> (Option<u32>, Option<&'a R
         .filter(|s| matches_any(&s.paths, path))
         .map(|s| s.max);
     let rate = entry.limits.rate.as_ref().filter(|r| matches_any(&r.paths, path));
+    (slots, rate)
+}
+
+/// The key's limits on `path` with nothing left, for a request refused before the limiter (a
+/// banned client): the slots in flight are read, no bucket is touched.
+pub fn exhausted(entry: &KeyView<'_>, path: &str) -> (Option<SlotView>, Option<RateView>) {
+    let (slots, rate) = limits_for(entry, path);
+    let slots = slots.map(|limit| SlotView {
+        limit,
+        current: entry.state.in_flight(),
+        remaining: 0,
+    });
+    let rate = rate.map(|r| RateView {
+        per_second: r.per_second,
+        burst: r.burst,
+        remaining: 0,
+    });
     (slots, rate)
 }
 
@@ -1101,6 +1154,7 @@ mod tests {
                 }),
                 retained: false,
                 tasks: None,
+                abuse: None,
             },
         );
         std::sync::Arc::make_mut(&mut c.keys).insert("ab".repeat(32), CompiledKey::on_plan("ns/k", "p"));

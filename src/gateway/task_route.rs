@@ -37,13 +37,17 @@ impl Gateway {
 
     /// Answers a request on a task endpoint: authenticate, take a rate token (a submission holds
     /// no slot; the task takes one when it runs), then let the task subsystem answer.
-    pub(super) async fn handle_task(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub(super) async fn handle_task(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: Option<std::net::IpAddr>,
+    ) -> Response<ProxyBody> {
         let Some(tasks) = self.tasks.get().cloned() else {
             unreachable!("routed here only when tasks are enabled")
         };
         let (parts, body) = req.into_parts();
         let table = arc_swap::Guard::into_inner(self.table.load());
-        let entry = match self.authenticate(&parts, &table) {
+        let entry = match self.authenticate(&parts, &table, client) {
             Ok(e) => e,
             Err(answer) => return self.count(answer),
         };
@@ -51,6 +55,7 @@ impl Gateway {
             Ok(rate) => rate,
             Err(refusal) => {
                 entry.metrics.refusal(refusal.code());
+                self.count_refusal(&entry, client);
                 return self.count((Some(refusal.code()), refused(refusal)));
             }
         };
