@@ -9,18 +9,22 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::StatusCode;
 
-/// Slots 2; 6 refusals within 10 s ban for 2 s, doubling for a repeat within a minute, up to 8 s.
-fn abuse_plan(by: &str) -> String {
+/// Slots 2; 6 refusals within 10 s ban for `ban`, doubling for a repeat within a minute.
+fn abuse_plan(by: &str, ban: &str) -> String {
     plan_yaml(
         "p",
         &format!(
-            "  concurrency:\n    maxConcurrentRequests: 2\n    paths: [\"/v1/*\"]\n  abuse:\n    refusals: 6\n    window: 10s\n    banDuration: 2s\n    escalationWindow: 1m\n    escalationFactor: 2\n    maxBanDuration: 8s\n    by: {by}"
+            "  concurrency:\n    maxConcurrentRequests: 2\n    paths: [\"/v1/*\"]\n  abuse:\n    refusals: 6\n    window: 10s\n    banDuration: {ban}\n    escalationWindow: 1m\n    escalationFactor: 2\n    maxBanDuration: 1h\n    by: {by}"
         ),
     )
 }
 
 fn manifests(by: &str) -> String {
-    abuse_plan(by) + &key_yaml("k", "p", "") + &key_yaml("k2", "p", "")
+    manifests_with(by, "2s")
+}
+
+fn manifests_with(by: &str, ban: &str) -> String {
+    abuse_plan(by, ban) + &key_yaml("k", "p", "") + &key_yaml("k2", "p", "")
 }
 
 struct Client {
@@ -369,4 +373,72 @@ async fn an_address_that_keeps_sending_unknown_keys_is_banned_and_valid_keys_els
     );
     assert!(gw.stderr().contains("ban started"));
     assert!(!gw.stderr().contains("guess-"), "a guessed token was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shared_state_a_ban_on_one_replica_holds_on_every_replica_and_a_lift_too() {
+    let redis = Redis::start();
+    let stub = Stub::start().await;
+    // Long enough that only a lift can end it within the test.
+    let cfg = ConfigDir::new(&manifests_with("ClientIP", "10m"));
+    let url = redis.url();
+    let state = ["--state", url.as_str()];
+    let (a, b) = (
+        Proc::gateway(&cfg.config, &stub.url(), &state),
+        Proc::gateway(&cfg.config, &stub.url(), &state),
+    );
+    for gw in [&a, &b] {
+        gw.wait_metric("slotgate_config_keys", |v| v == 2.0).await;
+    }
+    let (refused, _) = flood(&a, &stub, "127.0.0.1", "tok-k", &[], 1_000).await;
+    assert_eq!(refused, 6);
+    let started = Instant::now();
+    let c = Client::from("127.0.0.1");
+    loop {
+        let r = c.get(&b, "/v1/work", "tok-k", &[]).await;
+        if r.code() == "temporarily_blocked" {
+            assert!((590..=600).contains(&r.num("retry-after")), "{:?}", r.headers);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::OK, "before the ban reaches b: {}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the ban never reached the other replica"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    eprintln!("the ban held on the other replica {:?} later", started.elapsed());
+    // Another client is served by both.
+    let other = Client::from("127.0.0.2");
+    for gw in [&a, &b] {
+        assert_eq!(
+            other.get(gw, "/v1/work", "tok-k2", &[]).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        admin_json(&b, "/bans").await["bans"][0]["subject"],
+        "ip:127.0.0.1"
+    );
+
+    // Lifted on b, the ban ends on a too.
+    let req = http::Request::delete(format!("http://{}/bans/ip:127.0.0.1", b.admin.unwrap()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), StatusCode::OK);
+    stub.wait_in_flight(0).await;
+    let lifted = Instant::now();
+    loop {
+        let r = c.get(&a, "/v1/work", "tok-k", &[]).await;
+        if r.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(r.code(), "temporarily_blocked", "{}", r.body);
+        assert!(
+            lifted.elapsed() < Duration::from_secs(10),
+            "the lift never reached a"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    eprintln!("the lift reached the other replica {:?} later", lifted.elapsed());
 }

@@ -6,11 +6,14 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, Request, request::Parts};
 
-use crate::abuse::{Ban, Cidrs, Guard, Policy, Reason, Subject};
+use crate::{
+    abuse::{Ban, Cidrs, Guard, Policy, Reason, Subject, decode_shared, encode_shared},
+    limiter::shared::unix_ms,
+};
 
 use super::{
     Gateway,
-    headers::{error_response, limit_headers, presented_key, retry_after},
+    headers::{error_response_of, limit_headers, presented_key, retry_after},
     metrics::ErrorCode,
     proxy::Answer,
     table::{self, KeyView},
@@ -196,6 +199,16 @@ impl Gateway {
             return;
         };
         self.ban_started(subject, &ban, key);
+        if let Some(shared) = self.shared.clone() {
+            // Off the request path: the other replicas learn of it on their next read.
+            let until = unix_ms() + ban.remaining_ms(now);
+            let member = encode_shared(subject, &ban, until);
+            tokio::spawn(async move {
+                if let Err(e) = shared.put_expiring(BANS, &member, until).await {
+                    tracing::warn!(error = %e, "could not share a ban; it holds on this replica only");
+                }
+            });
+        }
     }
 
     /// What follows a ban's start, whichever replica started it.
@@ -212,12 +225,29 @@ impl Gateway {
         );
     }
 
-    /// Lifts a ban (the admin endpoint). Whether one was in force.
+    /// Lifts a ban (the admin endpoint), on every replica when bans are shared. Whether one was
+    /// in force here.
     pub fn lift_ban(&self, subject: &Subject) -> bool {
+        let lifted = self.lift_here(subject);
+        if lifted {
+            tracing::info!(subject = %subject, "ban lifted");
+        }
+        if let Some(shared) = self.shared.clone() {
+            let subject = subject.clone();
+            tokio::spawn(async move {
+                let gone = shared.remove_where(BANS, |m| decode_shared(m).is_some_and(|d| d.0 == subject));
+                if let Err(e) = gone.await {
+                    tracing::warn!(error = %e, "could not lift a shared ban; it ends on its own on the other replicas");
+                }
+            });
+        }
+        lifted
+    }
+
+    fn lift_here(&self, subject: &Subject) -> bool {
         let lifted = self.guard.lift(subject, self.abuse_now());
         if lifted {
             self.metrics.abuse.active.dec();
-            tracing::info!(subject = %subject, "ban lifted");
         }
         lifted
     }
@@ -243,18 +273,80 @@ impl Gateway {
     }
 }
 
+/// The shared expiring set of bans (`<prefix>:bans`).
+const BANS: &str = "bans";
+
+/// How often a replica reads the bans the others started: a ban holds everywhere within this
+/// (plus one round trip).
+const BAN_SYNC: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// Bans read from the shared state at most, per read (the longest first).
+const BAN_SYNC_LIMIT: usize = 10_000;
+
+/// Keeps this replica's bans in step with the others' through the shared state (Redis): takes
+/// the bans they started, and lifts those an operator lifted on another replica.
+pub(super) async fn share_bans(gateway: std::sync::Weak<Gateway>) {
+    let mut tick = tokio::time::interval(BAN_SYNC);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Subjects the last read found banned: one gone from the set before its end was lifted.
+    let mut shared_before: std::collections::HashMap<Subject, u64> = Default::default();
+    loop {
+        tick.tick().await;
+        let Some(gw) = gateway.upgrade() else { return };
+        let Some(shared) = gw.shared.clone() else { return };
+        let Ok(members) = shared.live(BANS, BAN_SYNC_LIMIT).await else {
+            continue;
+        };
+        let (now, unix) = (gw.abuse_now(), unix_ms());
+        let mut shared_now = std::collections::HashMap::with_capacity(members.len());
+        for (member, _) in members {
+            let Some((subject, reason, strike, until_unix)) = decode_shared(&member) else {
+                continue;
+            };
+            let until = now + until_unix.saturating_sub(unix);
+            let ban = Ban {
+                reason,
+                started: now,
+                until,
+                strike,
+            };
+            // The escalation window of the policy that started it is the other replica's to
+            // know; an hour, the default, keeps repeats escalating here too.
+            if gw.guard.impose(&subject, ban, until + 3_600_000, now)
+                && gw.guard.check(&subject, now) == Some(ban)
+            {
+                gw.metrics.abuse.active.inc();
+                tracing::info!(subject = %subject, reason = reason.as_str(), strike, "ban started on another replica");
+            }
+            let end = shared_now.get(&subject).copied().unwrap_or(0).max(until_unix);
+            shared_now.insert(subject, end);
+        }
+        for (subject, until_unix) in shared_before.drain() {
+            if until_unix > unix + 1_000 && !shared_now.contains_key(&subject) && gw.lift_here(&subject) {
+                tracing::info!(subject = %subject, "ban lifted on another replica");
+            }
+        }
+        shared_before = shared_now;
+    }
+}
+
 /// 429 `temporarily_blocked` with the ban's time left, and the key's limits with nothing left.
 fn banned(ban: &Ban, now: u64, entry: Option<&KeyView<'_>>, path: &str) -> Answer {
     let secs = ban.retry_after_secs(now);
-    let message = match ban.reason {
-        Reason::Refusals => format!(
-            "Temporarily blocked for {secs} s after too many requests over the plan's limits in a short time. Keep within your concurrency and rate limits (the X-Concurrent-* and X-RateLimit-* headers say how much is left); repeated blocks last longer."
-        ),
-        Reason::InvalidKeys => format!(
-            "Temporarily blocked for {secs} s after too many invalid API keys from this address. Check the key you send; repeated blocks last longer."
-        ),
-    };
-    let mut res = error_response(ErrorCode::TemporarilyBlocked, &message, None);
+    let mut n = itoa::Buffer::new();
+    // The gateway's own text, copied without escaping or formatting: a banned client may be
+    // flooding, and this answer must cost less than the refusal that started the ban.
+    let pieces = [
+        "Temporarily blocked for ",
+        n.format(secs),
+        match ban.reason {
+            Reason::Refusals => " s: too many requests over the plan's limits. Repeated blocks last longer.",
+            Reason::InvalidKeys => {
+                " s: too many invalid API keys from this address. Repeated blocks last longer."
+            }
+        },
+    ];
+    let mut res = error_response_of(ErrorCode::TemporarilyBlocked, &pieces, None);
     if let Some(e) = entry {
         let (slots, rate) = table::exhausted(e, path);
         limit_headers(res.headers_mut(), slots, rate);

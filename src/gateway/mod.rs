@@ -139,7 +139,7 @@ pub struct Gateway {
     /// The gateway's metrics.
     pub metrics: Metrics,
     epoch: Instant,
-    shared: Option<SharedLimiter>,
+    shared: Option<Arc<SharedLimiter>>,
     tasks: std::sync::OnceLock<Arc<crate::tasks::Tasks>>,
     guard: crate::abuse::Guard,
 }
@@ -169,11 +169,13 @@ impl Gateway {
                     "limits shared through redis"
                 );
                 metrics.state.init_series();
-                Some(SharedLimiter::start(o.clone(), Arc::new(metrics.state.clone())).await?)
+                Some(Arc::new(
+                    SharedLimiter::start(o.clone(), Arc::new(metrics.state.clone())).await?,
+                ))
             }
             None => None,
         };
-        Ok(Arc::new(Self {
+        let gateway = Arc::new(Self {
             table: ArcSwap::from_pointee(KeyTable::empty()),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -190,12 +192,16 @@ impl Gateway {
             epoch: Instant::now(),
             shared,
             tasks: std::sync::OnceLock::new(),
-        }))
+        });
+        if gateway.shared.is_some() {
+            tokio::spawn(bans::share_bans(Arc::downgrade(&gateway)));
+        }
+        Ok(gateway)
     }
 
     /// The shared limiter, when limits are shared through Redis.
     pub fn shared(&self) -> Option<&SharedLimiter> {
-        self.shared.as_ref()
+        self.shared.as_deref()
     }
 
     /// Swaps in a new configuration. Requests in flight keep their slots; each key's live state is

@@ -259,7 +259,7 @@ impl Gateway {
 
     /// The shared limiter, when decisions go through it now.
     fn shared_decision(&self) -> Option<&SharedLimiter> {
-        self.shared.as_ref().filter(|s| s.is_shared())
+        self.shared.as_deref().filter(|s| s.is_shared())
     }
 
     /// The key's table entry, or the answer to a request without a usable key.

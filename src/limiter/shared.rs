@@ -174,12 +174,14 @@ pub enum SharedOp {
     Release,
     /// The periodic heartbeat and lease renewal.
     Renew,
+    /// Reading or writing a shared expiring set (the bans).
+    Set,
 }
 
 impl SharedOp {
     /// Every op, to export their series from the start (a rate over a series that appears only
     /// with its first error misses that error).
-    pub const ALL: [SharedOp; 3] = [Self::Admit, Self::Release, Self::Renew];
+    pub const ALL: [SharedOp; 4] = [Self::Admit, Self::Release, Self::Renew, Self::Set];
 
     /// The op as a metric label.
     pub fn as_str(self) -> &'static str {
@@ -187,6 +189,7 @@ impl SharedOp {
             Self::Admit => "admit",
             Self::Release => "release",
             Self::Renew => "renew",
+            Self::Set => "set",
         }
     }
 }
@@ -456,6 +459,91 @@ impl SharedLimiter {
         })
     }
 
+    /// Adds `member` to the shared expiring set `name` until `until_unix_ms` (wall-clock ms, which
+    /// every replica reads alike), and drops members that have expired. Replicas use these sets
+    /// to share what each of them decided (the bans), each reading them with [`Self::live`].
+    pub async fn put_expiring(
+        &self,
+        name: &str,
+        member: &str,
+        until_unix_ms: u64,
+    ) -> Result<(), SharedError> {
+        let core = &self.core;
+        let key = format!("{}:{name}", core.prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD").arg(&key).arg(until_unix_ms).arg(member).ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(unix_ms())
+            .ignore();
+        pipe.cmd("PEXPIREAT")
+            .arg(&key)
+            .arg(until_unix_ms.max(unix_ms()))
+            .arg("GT")
+            .ignore();
+        let mut conn = core.conn.clone();
+        core.bounded(
+            SharedOp::Set,
+            core.background_timeout(),
+            pipe.query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// The members of the shared expiring set `name` that have not expired, with their ends
+    /// (wall-clock ms), at most `limit` of them, those ending last first.
+    pub async fn live(&self, name: &str, limit: usize) -> Result<Vec<(String, u64)>, SharedError> {
+        let core = &self.core;
+        let key = format!("{}:{name}", core.prefix);
+        let mut conn = core.conn.clone();
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(&key)
+            .arg("+inf")
+            .arg(format!("({}", unix_ms()))
+            .arg("BYSCORE")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .arg("WITHSCORES");
+        core.bounded(
+            SharedOp::Set,
+            core.background_timeout(),
+            cmd.query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Removes the members of the shared expiring set `name` that `matches` picks.
+    pub async fn remove_where(
+        &self,
+        name: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> Result<usize, SharedError> {
+        let members: Vec<String> = self
+            .live(name, usize::MAX >> 1)
+            .await?
+            .into_iter()
+            .map(|(m, _)| m)
+            .filter(|m| matches(m))
+            .collect();
+        if members.is_empty() {
+            return Ok(0);
+        }
+        let core = &self.core;
+        let key = format!("{}:{name}", core.prefix);
+        let mut conn = core.conn.clone();
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(&key).arg(&members);
+        core.bounded(
+            SharedOp::Set,
+            core.background_timeout(),
+            cmd.query_async::<usize>(&mut conn),
+        )
+        .await
+    }
+
     /// Sends the releases still queued and leaves the replica set, so the others' share grows at
     /// once; call after the requests in flight have finished.
     pub async fn leave(&self) {
@@ -464,6 +552,13 @@ impl SharedLimiter {
             let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
         }
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A replica id unique across restarts and hosts: host name, process id, start time.
