@@ -8,6 +8,7 @@
 //!   bounded memory, free of HTTP and Kubernetes like the limiter;
 //! - [`gateway`]: the reverse proxy that enforces a configuration, and its configuration sources;
 //! - [`standalone`]: a folder of manifests read and compiled the way the controller would;
+//! - [`usage`]: per-key usage counters and the access log, fed by the gateway;
 //! - [`up`] and [`load`]: the laptop experience, everything from a folder, and a load tool;
 //!
 //! Dependencies point one way: `api` ← `config` ← `gateway`/`controller`; the limiter knows
@@ -26,6 +27,7 @@ pub mod load;
 pub mod standalone;
 pub mod tasks;
 pub mod up;
+pub mod usage;
 
 /// How far an API call reaches: decides whether the Helm chart grants it through a ClusterRole or a
 /// Role in the release's namespace.

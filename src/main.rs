@@ -66,6 +66,10 @@ enum Command {
         tasks: TaskArgs,
         #[command(flatten)]
         abuse: AbuseArgs,
+        /// Access log, one JSON line per request: `stdout` or a file path. Off by default (the
+        /// terminal shows `up`'s own report).
+        #[arg(long)]
+        access_log: Option<String>,
     },
     /// Send load with concurrent workers and summarise what the limits did.
     Load {
@@ -192,6 +196,9 @@ struct GatewayArgs {
     tasks: TaskArgs,
     #[command(flatten)]
     abuse: AbuseArgs,
+    /// Access log, one JSON line per request: `stdout` or a file path. Off by default.
+    #[arg(long, env = "SLOTGATE_ACCESS_LOG")]
+    access_log: Option<String>,
     /// Webhook signing secrets by key id, a YAML or JSON map (`default/acme: whsec_...`); re-read
     /// at start only. Needed for tasks with a webhook.
     #[arg(long, env = "SLOTGATE_WEBHOOK_SECRETS")]
@@ -455,6 +462,10 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         max_upstream_in_flight: args.max_upstream_in_flight,
         state: args.state.options()?,
         abuse: args.abuse.options()?,
+        access_log: args
+            .access_log
+            .as_deref()
+            .map(|t| t.parse().expect("any text is a target")),
     })
     .await?;
     if let Some(dir) = &args.tasks.data_dir {
@@ -650,6 +661,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state,
             tasks,
             abuse,
+            access_log,
         } => {
             init_tracing();
             let state = state.options()?;
@@ -664,6 +676,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_timeout,
                 state,
                 abuse,
+                access_log: access_log
+                    .as_deref()
+                    .map(|t| t.parse().expect("any text is a target")),
                 data_dir: tasks.data_dir.clone(),
                 max_task_payload_bytes: tasks.max_task_payload_bytes,
                 webhook_ca: tasks.webhook_ca.clone(),

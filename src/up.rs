@@ -40,6 +40,9 @@ pub struct UpOptions {
     pub state: gateway::StateOptions,
     /// Bans, trusted proxies and the ban allowlist.
     pub abuse: gateway::AbuseOptions,
+    /// Where the access log goes; `None` (the default of `up`, whose terminal shows its own
+    /// report): no access log.
+    pub access_log: Option<crate::usage::LogTarget>,
     /// Folder of the durable task store; by default `.slotgate/tasks-<port>` in the working
     /// directory (one per listen port, so two `up`s side by side do not share a store), or a
     /// temporary folder removed at exit when the port is 0 (a restart could not find it again).
@@ -70,9 +73,9 @@ pub enum UpError {
     /// The folder cannot be watched.
     #[error(transparent)]
     Watch(#[from] gateway::source::SourceError),
-    /// The shared state URL is not usable.
+    /// The gateway could not start (the shared state URL, the access log).
     #[error(transparent)]
-    State(#[from] crate::limiter::shared::SharedError),
+    Gateway(#[from] gateway::GatewayError),
     /// The task store could not be opened.
     #[error(transparent)]
     Tasks(#[from] crate::tasks::TasksError),
@@ -121,6 +124,7 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         max_upstream_in_flight: None,
         state: opts.state.clone(),
         abuse: opts.abuse.clone(),
+        access_log: opts.access_log.clone(),
     })
     .await?;
     let mut current = compiled.config;

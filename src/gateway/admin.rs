@@ -58,6 +58,9 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
         if let Some(res) = bans(g, &req) {
             return ready(Ok(res));
         }
+        if req.uri().path() == "/usage" {
+            return ready(Ok(usage(g, req.uri().query())));
+        }
         let res = match req.uri().path() {
             "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
             "/readyz" if g.is_draining() => text(
@@ -75,15 +78,19 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
                 plain,
                 "not ready: no configuration loaded yet\n".into(),
             ),
-            "/metrics" => text(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                g.metrics.render(),
-            ),
+            "/metrics" => {
+                let (dropped, c) = (g.access_log_dropped(), &g.metrics.access_log_dropped);
+                c.inc_by(dropped.saturating_sub(c.get()));
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    g.metrics.render(),
+                )
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
                 plain,
-                "not found: try /healthz, /readyz, /metrics or /bans\n".into(),
+                "not found: try /healthz, /readyz, /metrics, /bans or /usage?key=<namespace>/<name>\n".into(),
             ),
         };
         ready(Ok(res))
@@ -138,4 +145,41 @@ fn bans(g: &Gateway, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
         ),
     };
     Some(res)
+}
+
+/// `GET /usage?key=<namespace>/<name>`: what the key did (requests, admitted, refused by code,
+/// the last minute) and its requests in flight now. Without `key`: every key that sent something.
+fn usage(g: &Gateway, query: Option<&str>) -> Response<ProxyBody> {
+    let json = "application/json";
+    let key = query.and_then(|q| {
+        q.split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| *k == "key")
+            .map(|(_, v)| v.replace("%2F", "/").replace("%2f", "/"))
+    });
+    let Some(key) = key else {
+        let all: serde_json::Map<String, serde_json::Value> = g
+            .all_usage()
+            .into_iter()
+            .map(|(id, u)| (id.to_string(), serde_json::to_value(u).unwrap_or_default()))
+            .collect();
+        return text(
+            StatusCode::OK,
+            json,
+            serde_json::json!({ "keys": all }).to_string() + "\n",
+        );
+    };
+    match g.usage_of(&key) {
+        Some((u, in_flight)) => {
+            let mut v = serde_json::to_value(u).unwrap_or_default();
+            v["key"] = key.into();
+            v["inFlight"] = in_flight.into();
+            text(StatusCode::OK, json, v.to_string() + "\n")
+        }
+        None => text(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            format!("no key {key:?} is admitted (give it as <namespace>/<name>)\n"),
+        ),
+    }
 }

@@ -153,6 +153,7 @@ impl Gateway {
         if let Some(e) = &entry {
             e.metrics.refusal(ErrorCode::TemporarilyBlocked);
         }
+        self.note_refusal(parts, entry.as_ref(), ErrorCode::TemporarilyBlocked, client);
         Some(banned(&ban, now, entry.as_ref(), parts.uri.path()))
     }
 

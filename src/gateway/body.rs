@@ -18,6 +18,8 @@ pub(super) struct Hold {
     pub admitted: Admitted,
     pub started: Instant,
     pub gauge: Option<Gauge>,
+    /// The request's access-log line, queued when the hold ends.
+    pub log: Option<super::visibility::PendingLog>,
 }
 
 impl Drop for Hold {
@@ -28,6 +30,9 @@ impl Drop for Hold {
         }
         if let Some(g) = &self.gauge {
             g.dec();
+        }
+        if let Some(log) = self.log.take() {
+            log.finish(self.started, self.admitted.slot.is_some());
         }
         // The slot guards in `admitted` drop next and return the slots.
     }
@@ -51,7 +56,10 @@ impl<B> Held<B> {
     }
 }
 
-impl<B: Body> Body for Held<B> {
+impl<B: Body> Body for Held<B>
+where
+    B::Data: bytes::Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -65,7 +73,12 @@ impl<B: Body> Body for Held<B> {
         // last call: release there, not only on `None`.
         let ended = match &polled {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(log) = this.hold.as_mut().and_then(|h| h.log.as_mut()) {
+                    log.record.bytes += frame.data_ref().map_or(0, |d| bytes::Buf::remaining(d) as u64);
+                }
+                this.inner.is_end_stream()
+            }
             Poll::Ready(Some(Err(_))) => {
                 drop(this.hold.take());
                 false

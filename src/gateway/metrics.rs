@@ -68,6 +68,26 @@ impl ErrorCode {
         }
     }
 
+    /// The code named `code` (as [`ErrorCode::as_str`] gives it).
+    pub fn from_str_code(code: Option<&str>) -> Option<Self> {
+        const ALL: [ErrorCode; ErrorCode::COUNT] = [
+            ErrorCode::MissingApiKey,
+            ErrorCode::InvalidApiKey,
+            ErrorCode::KeySuspended,
+            ErrorCode::KeyExpired,
+            ErrorCode::ConcurrencyLimitExceeded,
+            ErrorCode::RateLimit,
+            ErrorCode::UpstreamConcurrencyLimitExceeded,
+            ErrorCode::UpstreamUnavailable,
+            ErrorCode::UpstreamTimeout,
+            ErrorCode::InvalidRequest,
+            ErrorCode::LimiterUnavailable,
+            ErrorCode::TemporarilyBlocked,
+        ];
+        let code = code?;
+        ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
     /// The HTTP status this code is answered with.
     pub fn status(self) -> http::StatusCode {
         use http::StatusCode as S;
@@ -161,6 +181,8 @@ pub struct Metrics {
     pub state: StateMetrics,
     /// Metrics of bans.
     pub abuse: AbuseMetrics,
+    /// Access-log lines dropped because the writer was behind (brought up to date on render).
+    pub access_log_dropped: Counter,
 }
 
 /// Metrics of bans: how many are in force, how many started, and what they refused.
@@ -350,6 +372,7 @@ impl Metrics {
                 fallback: Fallback::Local,
             },
             abuse: AbuseMetrics::default(),
+            access_log_dropped: Counter::default(),
         };
         registry.register(
             "requests",
@@ -435,6 +458,11 @@ impl Metrics {
         );
         m.tasks.register(&mut registry);
         m.abuse.register(&mut registry);
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer was behind (never blocks a request)",
+            m.access_log_dropped.clone(),
+        );
         Self { registry, ..m }
     }
 

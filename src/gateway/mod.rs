@@ -17,6 +17,7 @@ pub mod source;
 pub mod table;
 mod task_route;
 mod upstream;
+mod visibility;
 
 use std::{
     sync::{
@@ -53,6 +54,8 @@ pub struct GatewayOptions {
     pub state: StateOptions,
     /// Bans, trusted proxies and the ban allowlist.
     pub abuse: AbuseOptions,
+    /// Where the access log goes; `None`: no access log.
+    pub access_log: Option<crate::usage::LogTarget>,
 }
 
 /// Where slots and rate buckets live, and what happens when the shared state is unreachable.
@@ -114,6 +117,23 @@ pub(crate) async fn off_the_serving_threads<T: Send + 'static>(
     }
 }
 
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The shared state's URL is not usable.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+    /// The access log could not be opened.
+    #[error("--access-log {target:?}: {source}")]
+    AccessLog {
+        /// Where it was to go.
+        target: crate::usage::LogTarget,
+        /// Why it could not.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// What a reload changed, for the one-line report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -142,6 +162,8 @@ pub struct Gateway {
     shared: Option<Arc<SharedLimiter>>,
     tasks: std::sync::OnceLock<Arc<crate::tasks::Tasks>>,
     guard: crate::abuse::Guard,
+    usage: crate::usage::Usage,
+    access_log: Option<Arc<crate::usage::AccessLog>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -157,7 +179,7 @@ impl Gateway {
     /// A gateway with no configuration yet: every key is unknown and `/readyz` answers 503 until
     /// the first [`Gateway::apply`]. With shared state, connects to Redis (an unreachable Redis is
     /// not an error: the fallback policy applies until it answers).
-    pub async fn new(options: GatewayOptions) -> Result<Arc<Self>, SharedError> {
+    pub async fn new(options: GatewayOptions) -> Result<Arc<Self>, GatewayError> {
         let mut metrics = Metrics::new();
         metrics.state.fallback = options.state.fallback;
         let shared = match &options.state.shared {
@@ -187,6 +209,16 @@ impl Gateway {
             upstream_host: http::HeaderValue::from_str(options.upstream.authority().as_str())
                 .expect("an authority is a valid header value"),
             guard: crate::abuse::Guard::new(options.abuse.tracked),
+            usage: crate::usage::Usage::default(),
+            access_log: match &options.access_log {
+                Some(target) => Some(Arc::new(crate::usage::AccessLog::start(target).map_err(
+                    |source| GatewayError::AccessLog {
+                        target: target.clone(),
+                        source,
+                    },
+                )?)),
+                None => None,
+            },
             options,
             metrics,
             epoch: Instant::now(),
@@ -285,5 +317,8 @@ impl Gateway {
         let table = self.table.load_full();
         let dropped: usize = table.entries().map(|e| e.state.sweep(now)).sum();
         self.metrics.buckets_evicted.inc_by(dropped as u64);
+        // Usage of keys that are gone.
+        let ids: std::collections::HashSet<&str> = table.entries().map(|e| &**e.entry_id()).collect();
+        self.usage.retain(|id| ids.contains(id));
     }
 }

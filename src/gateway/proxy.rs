@@ -271,6 +271,7 @@ impl Gateway {
     ) -> Result<table::KeyView<'t>, Answer> {
         let Some(token) = presented_key(parts) else {
             self.metrics.refusal_without_plan(ErrorCode::MissingApiKey);
+            self.note_refusal(parts, None, ErrorCode::MissingApiKey, client);
             return Err(refuse_auth(
                 ErrorCode::MissingApiKey,
                 "No API key. Send it as `Authorization: Bearer <key>`, an `X-API-Key` header, or an `apikey` query parameter.",
@@ -280,16 +281,19 @@ impl Gateway {
         let Some(entry) = table.get(&digest) else {
             self.metrics.refusal_without_plan(ErrorCode::InvalidApiKey);
             self.count_invalid_key(client);
+            self.note_refusal(parts, None, ErrorCode::InvalidApiKey, client);
             return Err(refuse_auth(
                 ErrorCode::InvalidApiKey,
                 "This API key is not valid. Check it for typos, or create a new key.",
             ));
         };
         if let Some(answer) = self.key_ban(&entry, parts.uri.path()) {
+            self.note_refusal(parts, Some(&entry), ErrorCode::TemporarilyBlocked, client);
             return Err(answer);
         }
         if entry.suspended {
             entry.metrics.refusal(ErrorCode::KeySuspended);
+            self.note_refusal(parts, Some(&entry), ErrorCode::KeySuspended, client);
             return Err(refuse_auth(
                 ErrorCode::KeySuspended,
                 "This API key is suspended. Contact the API provider to re-enable it.",
@@ -301,6 +305,7 @@ impl Gateway {
                 .map_or(0, |d| d.as_secs() as i64);
             if now >= at {
                 entry.metrics.refusal(ErrorCode::KeyExpired);
+                self.note_refusal(parts, Some(&entry), ErrorCode::KeyExpired, client);
                 return Err(refuse_auth(
                     ErrorCode::KeyExpired,
                     "This API key has expired. Create a new key or extend this one.",
@@ -322,7 +327,7 @@ impl Gateway {
             None => table::admit(&entry, path, self.nanos(at), self.cap.as_ref(), 1),
             Some(s) => self.fallback(&entry, path, s.replicas()),
         };
-        self.hold(&entry, result, at, client)
+        self.hold(parts, &entry, result, at, client)
     }
 
     /// Authenticates and admits through the shared limiter (Redis).
@@ -340,7 +345,7 @@ impl Gateway {
             Ok(result) => result,
             Err(_) => self.fallback(&entry, path, shared.replicas()),
         };
-        self.hold(&entry, result, Instant::now(), client)
+        self.hold(parts, &entry, result, Instant::now(), client)
     }
 
     /// Rewrites an admitted request for the upstream and encodes it.
@@ -377,16 +382,30 @@ impl Gateway {
     async fn forward(&self, forward: Forward) -> Answer {
         let Forward {
             request,
-            hold,
+            mut hold,
             slots,
             rate,
         } = forward;
         let sent = hold.started;
         let deadline = tokio::time::Instant::from_std(sent + self.options.upstream_timeout);
         let result = tokio::time::timeout_at(deadline, self.pool.send(request)).await;
-        self.metrics
-            .upstream_latency
-            .observe(sent.elapsed().as_secs_f64());
+        let waited = sent.elapsed();
+        self.metrics.upstream_latency.observe(waited.as_secs_f64());
+        if let Some(log) = hold.log.as_mut() {
+            log.record.upstream_ms = Some(super::visibility::millis(waited));
+            match &result {
+                Ok(Ok(res)) => log.record.status = res.status().as_u16(),
+                Ok(Err(SendError::RequestBody(_))) => {
+                    log.record.code = Some(ErrorCode::InvalidRequest.as_str())
+                }
+                Ok(Err(_)) => log.record.code = Some(ErrorCode::UpstreamUnavailable.as_str()),
+                Err(_) => log.record.code = Some(ErrorCode::UpstreamTimeout.as_str()),
+            }
+            if log.record.status == 0 {
+                log.record.status =
+                    ErrorCode::from_str_code(log.record.code).map_or(502, |c| c.status().as_u16());
+            }
+        }
         // A failure after admission still tells the client its limits.
         let fail = |code: ErrorCode, message: &str| failed(code, message, slots, rate);
         match result {
@@ -470,6 +489,7 @@ impl Gateway {
     /// Counts a refusal, or turns an admission into what the request holds while in flight.
     fn hold(
         &self,
+        parts: &Parts,
         entry: &table::KeyView<'_>,
         result: Result<table::Admitted, Refusal>,
         started: Instant,
@@ -480,6 +500,7 @@ impl Gateway {
             if r.is_the_clients() {
                 self.count_refusal(entry, client);
             }
+            self.note_refusal(parts, Some(entry), r.code(), client);
             (Some(r.code()), refused(r))
         })?;
         let (slots, rate) = (admitted.slots, admitted.rate);
@@ -493,6 +514,7 @@ impl Gateway {
                 admitted,
                 started,
                 gauge,
+                log: self.note_admitted(parts, entry, client),
             },
             slots,
             rate,

@@ -261,7 +261,12 @@ impl std::ops::Deref for KeyView<'_> {
     }
 }
 
-impl KeyView<'_> {
+impl<'t> KeyView<'t> {
+    /// `namespace/name` of the key, for as long as its table.
+    pub fn entry_id(&self) -> &'t Arc<str> {
+        &self.entry.id
+    }
+
     /// Whether the key overrides some of its plan's limits.
     pub fn overridden(&self) -> bool {
         self.entry.own_limits.is_some()

@@ -56,9 +56,11 @@ impl Gateway {
             Err(refusal) => {
                 entry.metrics.refusal(refusal.code());
                 self.count_refusal(&entry, client);
+                self.note_refusal(&parts, Some(&entry), refusal.code(), client);
                 return self.count((Some(refusal.code()), refused(refusal)));
             }
         };
+        let pending = self.note_admitted(&parts, &entry, client);
         let caller = Caller {
             key_id: &entry.id,
             digest: entry.digest(),
@@ -68,6 +70,10 @@ impl Gateway {
         let reply = tasks
             .handle(caller, &parts.method, parts.uri.path(), parts.uri.query(), body)
             .await;
+        if let Some(mut log) = pending {
+            log.record.status = reply.status.as_u16();
+            log.finish(std::time::Instant::now(), false);
+        }
         let mut res = Response::new(full(reply.body));
         *res.status_mut() = reply.status;
         let h = res.headers_mut();
