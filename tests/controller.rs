@@ -570,3 +570,76 @@ fn controller_logs_piped_into_a_file_carry_no_colour_codes() {
         String::from_utf8_lossy(&all)
     );
 }
+
+/// A key-level ban and the key's usage reach its status through the gateway's report: a Warning
+/// event when the ban starts, `Banned=True` while it lasts (gone after), and the last minute's
+/// requests and refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_key_gets_an_event_and_a_banned_condition_and_its_usage_shows_in_its_status() {
+    let api = FakeApi::start().await;
+    let stub = Stub::start().await;
+    let mut p = plan("startup", 1);
+    p["spec"]["abuse"] = json!({"refusals": 3, "window": "10s", "banDuration": "3s", "by": "Key"});
+    api.apply("apiplans", p);
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("the configuration index", || config_version(&api) > 0).await;
+    let gw = api.start_gateway(NS, "gw-0", &stub.url());
+    wait_for("the gateway's report", || {
+        api.reported_version(NS, "gw-0") >= config_version(&api)
+    })
+    .await;
+
+    let held = {
+        let url = gw.url("/v1/slow?delay_ms=1500");
+        tokio::spawn(async move { get(&url, &[("x-api-key", "tok-acme")]).await })
+    };
+    stub.wait_in_flight(1).await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(get(&gw.url("/v1/a"), &[("x-api-key", "tok-acme")]).await.code());
+    }
+    assert_eq!(
+        codes,
+        [
+            "concurrency_limit_exceeded",
+            "concurrency_limit_exceeded",
+            "concurrency_limit_exceeded",
+            "temporarily_blocked"
+        ]
+    );
+    wait_for("the Banned condition", || {
+        condition(&api.get("apikeys", "default", "acme"), "Banned").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    let (_, reason, message) = condition(&api.get("apikeys", "default", "acme"), "Banned").unwrap();
+    assert_eq!(reason, "TemporarilyBlocked");
+    assert!(message.contains("temporarily_blocked until"), "{message}");
+    let events = events_about(&api, "ApiKey", "acme");
+    assert!(
+        events.iter().any(|(r, _)| r == "TemporarilyBlocked"),
+        "{events:?}"
+    );
+    wait_for("the usage summary", || {
+        api.get("apikeys", "default", "acme")
+            .is_some_and(|k| k["status"]["usage"]["requestsLastMinute"].as_u64() >= Some(4))
+    })
+    .await;
+    // A snapshot taken when the ban started (the report goes at once) holds the 4 requests
+    // before it, or all 5; the next comes at most 30 s later.
+    let usage = api.get("apikeys", "default", "acme").unwrap()["status"]["usage"].clone();
+    let (req, refused) = (
+        usage["requestsLastMinute"].as_u64().unwrap(),
+        usage["refusedLastMinute"].as_u64().unwrap(),
+    );
+    assert!((4..=5).contains(&req) && refused == req - 1, "{usage}");
+    assert_eq!(held.await.unwrap().status, http::StatusCode::OK);
+
+    // The ban ends: the condition goes.
+    wait_for("the Banned condition to go", || {
+        condition(&api.get("apikeys", "default", "acme"), "Banned").is_none()
+    })
+    .await;
+    assert_calls_declared(&api);
+}

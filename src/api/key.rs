@@ -27,6 +27,8 @@ use super::BucketScope;
     printcolumn = r#"{"name":"Suspended", "type":"boolean", "priority":1, "jsonPath":".spec.suspended"}"#,
     printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason", "type":"string", "priority":1, "jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Banned", "type":"string", "description":"Refused with temporarily_blocked after repeated excess", "jsonPath":".status.conditions[?(@.type==\"Banned\")].status"}"#,
+    printcolumn = r#"{"name":"Req/min", "type":"integer", "priority":1, "description":"Requests in the last minute, as the gateways last reported", "jsonPath":".status.usage.requestsLastMinute"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -121,10 +123,25 @@ pub struct ApiKeyStatus {
     /// Limits in force for this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective: Option<EffectiveLimits>,
-    /// `PlanResolved`, `TokenReady`, `Enforced`, `Ready`.
+    /// `PlanResolved`, `TokenReady`, `Enforced`, `Ready`, and `Banned` while the gateways
+    /// refuse the key for repeated excess.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// What the key did in the last minute, as the gateways last reported (refreshed at most every
+    /// 30 s, while the key sends requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<KeyUsageStatus>,
+}
+
+/// A key's recent usage, summed over the gateway replicas.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyUsageStatus {
+    /// Requests in the last minute.
+    pub requests_last_minute: u64,
+    /// Of them, refused by the gateways (limits, bans).
+    pub refused_last_minute: u64,
 }
 
 impl ApiKey {

@@ -12,7 +12,9 @@ mod task_type;
 pub mod validate;
 
 pub use conditions::{ConditionSpec, merge_conditions};
-pub use key::{ApiKey, ApiKeySpec, ApiKeyStatus, EffectiveLimits, LimitOverrides, SecretKeyRef};
+pub use key::{
+    ApiKey, ApiKeySpec, ApiKeyStatus, EffectiveLimits, KeyUsageStatus, LimitOverrides, SecretKeyRef,
+};
 pub use plan::{
     AbuseSpec, ApiPlan, ApiPlanSpec, ApiPlanStatus, BanScope, BucketScope, ConcurrencySpec, RateLimitSpec,
     TasksSpec, default_paths,

@@ -21,6 +21,21 @@ pub const CONFIG_LABEL: &str = "slotgate.dev/config";
 pub const REPORT_LABEL: &str = "slotgate.dev/gateway-report";
 /// Annotation of a report: the configuration version enforced.
 pub const VERSION_ANNOTATION: &str = "slotgate.dev/version";
+/// Annotation of a gateway's report: what keys did (the last minute's requests and refusals of the
+/// most active keys, refreshed at most every 30 s) and the key bans in force, as JSON
+/// ([`crate::config::pieces::Activity`]).
+pub const ACTIVITY_ANNOTATION: &str = "slotgate.dev/activity";
+
+/// What one gateway replica reports keys did, in its report's [`ACTIVITY_ANNOTATION`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Activity {
+    /// Key id to `[requests, refused]` in the last minute (keys that sent something).
+    #[serde(default)]
+    pub usage: std::collections::BTreeMap<String, [u64; 2]>,
+    /// Key id to `[ends (Unix seconds), strike]` of the key bans in force.
+    #[serde(default)]
+    pub bans: std::collections::BTreeMap<String, [u64; 2]>,
+}
 /// Annotation of a report: the content hash enforced.
 pub const HASH_ANNOTATION: &str = "slotgate.dev/hash";
 /// Field manager of the gateways' writes.

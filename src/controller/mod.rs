@@ -181,6 +181,7 @@ pub async fn run(
         status: book,
         last_admitted: HashMap::new(),
         last_reports: Vec::new(),
+        activity: Default::default(),
     };
     let work = async {
         loop {
@@ -228,6 +229,7 @@ pub async fn run(
                 } else {
                     // Only the gateways' reports moved: statuses, no compile, no writes.
                     shell.refresh_enforced();
+                    shell.refresh_activity().await;
                     shell.metrics.reconciled("report", "ok", started.elapsed());
                 }
                 let catching_up;

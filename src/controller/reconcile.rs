@@ -30,7 +30,11 @@ use super::{
 };
 use crate::{
     api::{ApiKey, ApiPlan, ConditionSpec},
-    config::{CompiledPlan, TokenState, incremental::Incremental, pieces::VERSION_ANNOTATION},
+    config::{
+        CompiledPlan, TokenState,
+        incremental::Incremental,
+        pieces::{ACTIVITY_ANNOTATION, Activity, VERSION_ANNOTATION},
+    },
 };
 
 /// Keys whose statuses one step of a plan change's catch-up decides again.
@@ -55,6 +59,8 @@ pub(super) struct Shell {
     pub(super) last_admitted: HashMap<String, bool>,
     /// What the reports said at the last status decision: (replica, version, live).
     pub(super) last_reports: Vec<(String, Option<u64>, bool)>,
+    /// What the gateways last reported keys did.
+    pub(super) activity: KeyActivity,
 }
 
 impl Shell {
@@ -200,6 +206,7 @@ impl Shell {
         // Before anything that can fail: the next pass decides none of these keys again.
         self.last_reports.clear();
         self.refresh_enforced();
+        self.refresh_activity().await;
         self.desire_keys(self.index.decided(), status::Priority::First);
 
         if self.accounted.as_ref() != Some(self.index.plans()) {
@@ -223,6 +230,83 @@ impl Shell {
             "pass phases"
         );
         Ok(())
+    }
+
+    /// Reads what the live gateways report keys did (usage, key bans): a key whose ban starts
+    /// gets a Warning event and its `Banned` condition first; a key whose usage moved gets its
+    /// summary with the statuses catching up. Costs nothing when no report changed it.
+    pub(super) async fn refresh_activity(&mut self) {
+        let now = Timestamp::now();
+        let mut next = KeyActivity::default();
+        for lease in self.stores.reports.state() {
+            let spec = lease.spec.clone().unwrap_or_default();
+            let live = spec.renew_time.as_ref().is_some_and(|t| {
+                now.as_second() - t.0.as_second() <= i64::from(spec.lease_duration_seconds.unwrap_or(15))
+            });
+            let Some(text) = lease.annotations().get(ACTIVITY_ANNOTATION).filter(|_| live) else {
+                continue;
+            };
+            let Ok(a) = serde_json::from_str::<Activity>(text) else {
+                continue;
+            };
+            for (id, [req, refused]) in a.usage {
+                let u = next.usage.entry(id).or_default();
+                u.requests_last_minute += req;
+                u.refused_last_minute += refused;
+            }
+            for (id, [until, strike]) in a.bans {
+                let b = next.bans.entry(id).or_insert([0, 0]);
+                *b = [b[0].max(until), b[1].max(strike)];
+            }
+        }
+        let unix = now.as_second().max(0) as u64;
+        next.bans.retain(|_, b| b[0] > unix);
+        if next == self.activity {
+            return;
+        }
+        let started: Vec<String> = next
+            .bans
+            .iter()
+            .filter(|(id, b)| self.activity.bans.get(*id).is_none_or(|old| old[1] < b[1]))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let ended: Vec<String> = self
+            .activity
+            .bans
+            .keys()
+            .filter(|id| !next.bans.contains_key(*id))
+            .cloned()
+            .collect();
+        let moved: Vec<String> = next
+            .usage
+            .iter()
+            .filter(|(id, u)| self.activity.usage.get(*id) != Some(u))
+            .map(|(id, _)| id.clone())
+            .chain(
+                self.activity
+                    .usage
+                    .keys()
+                    .filter(|id| !next.usage.contains_key(*id))
+                    .cloned(),
+            )
+            .filter(|id| !started.contains(id) && !ended.contains(id))
+            .collect();
+        self.activity = next;
+        for id in &started {
+            let Some((ns, name)) = id.split_once('/') else {
+                continue;
+            };
+            if let (Some(key), Some(c)) = (
+                self.stores.keys.get(&ObjectRef::new(name).within(ns)),
+                self.activity.banned_condition(id),
+            ) {
+                self.event(&*key, EventType::Warning, "TemporarilyBlocked", c.message)
+                    .await;
+            }
+        }
+        let first: Vec<String> = started.into_iter().chain(ended).collect();
+        self.desire_keys(&first, status::Priority::First);
+        self.desire_keys(&moved, status::Priority::Rest);
     }
 
     /// Decides the `Enforced` conditions and the plans' statuses again from the current
@@ -414,9 +498,40 @@ impl Shell {
                     generation: key.meta().generation,
                     report: std::sync::Arc::clone(report),
                     since: report.admitted.then(|| self.index.since(id).unwrap_or(version)),
+                    usage: self.activity.usage_of(id),
+                    banned: self.activity.banned_condition(id),
                 })
             });
             self.status.set_key(id, want, priority);
         }
+    }
+}
+
+/// What the gateways report keys did, summed over the live replicas.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct KeyActivity {
+    usage: HashMap<String, crate::api::KeyUsageStatus>,
+    /// Key id to `[ends (Unix seconds), strike]`.
+    bans: HashMap<String, [u64; 2]>,
+}
+
+impl KeyActivity {
+    /// `None` once the key went quiet: the summary leaves the status rather than show its last
+    /// busy minute forever.
+    fn usage_of(&self, id: &str) -> Option<crate::api::KeyUsageStatus> {
+        self.usage.get(id).copied()
+    }
+
+    fn banned_condition(&self, id: &str) -> Option<ConditionSpec> {
+        let [until, strike] = *self.bans.get(id)?;
+        let until =
+            Timestamp::from_second(until as i64).map_or_else(|_| until.to_string(), |t| t.to_string());
+        Some(ConditionSpec::ok(
+            "Banned",
+            "TemporarilyBlocked",
+            format!(
+                "The gateways refuse this key with 429 temporarily_blocked until {until} after repeated requests over its plan's limits (ban {strike} in a row; repeats last longer)."
+            ),
+        ))
     }
 }

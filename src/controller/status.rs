@@ -56,6 +56,10 @@ pub struct KeyStatus {
     /// The configuration version since which the gateways' entry for this key is unchanged
     /// (`None`: not admitted, so no `Enforced` condition).
     pub since: Option<u64>,
+    /// The last minute's usage the gateways report.
+    pub usage: Option<crate::api::KeyUsageStatus>,
+    /// The `Banned` condition while the gateways ban the key.
+    pub banned: Option<ConditionSpec>,
 }
 
 /// Which queue an object waits in.
@@ -323,19 +327,29 @@ pub(super) async fn run(
                 };
                 let mut desired = want.report.conditions.clone();
                 desired.extend(enforced);
+                desired.extend(want.banned.clone());
                 let cur = current.status.clone().unwrap_or_default();
                 let conditions = merge_conditions(&cur.conditions, &desired, want.generation, &now);
                 if cur.observed_generation == want.generation
                     && cur.effective == want.report.effective
                     && cur.conditions == conditions
+                    && cur.usage == want.usage
                 {
                     continue;
                 }
                 pace.tick().await;
+                let mut status = serde_json::json!({
+                    "observedGeneration": want.generation,
+                    "effective": want.report.effective,
+                    "conditions": conditions,
+                });
+                if let Some(u) = want.usage {
+                    status["usage"] = serde_json::to_value(u).unwrap_or_default();
+                }
                 let body = serde_json::json!({
                     "apiVersion": "slotgate.dev/v1alpha1",
                     "kind": "ApiKey",
-                    "status": { "observedGeneration": want.generation, "effective": want.report.effective, "conditions": conditions },
+                    "status": status,
                 });
                 let keys: Api<ApiKey> = Api::namespaced(client.clone(), ns);
                 let result = keys.patch_status(name, &params, &Patch::Apply(body)).await;

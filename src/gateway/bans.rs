@@ -215,6 +215,10 @@ impl Gateway {
     /// What follows a ban's start, whichever replica started it.
     fn ban_started(&self, subject: &Subject, ban: &Ban, key: Option<&str>) {
         self.metrics.abuse.started(ban.reason, by(subject));
+        if matches!(subject, Subject::Key(_)) {
+            // The controller shows it on the ApiKey: report now rather than at the next tick.
+            self.report_soon.notify_one();
+        }
         self.metrics.abuse.active.inc();
         tracing::warn!(
             subject = %subject,

@@ -21,10 +21,11 @@ use kube::{
 };
 
 use super::{Gateway, ReloadReport};
-use crate::config::pieces::{AssembleError, Assembled, INDEX_ENTRY, SHARD_ENTRY, assemble_from};
 pub use crate::config::pieces::{
-    CONFIG_LABEL, GATEWAY_MANAGER, HASH_ANNOTATION, REPORT_LABEL, REPORT_TTL_SECONDS, VERSION_ANNOTATION,
+    ACTIVITY_ANNOTATION, CONFIG_LABEL, GATEWAY_MANAGER, HASH_ANNOTATION, REPORT_LABEL, REPORT_TTL_SECONDS,
+    VERSION_ANNOTATION,
 };
+use crate::config::pieces::{AssembleError, Assembled, INDEX_ENTRY, SHARD_ENTRY, assemble_from};
 use crate::{ApiCall, Reach};
 
 /// Every API call the gateway makes: it reads its configuration objects and writes its own report
@@ -204,6 +205,7 @@ async fn report_once(gateway: &Gateway, leases: &Api<Lease>, opts: &KubeSourceOp
             "annotations": {
                 VERSION_ANNOTATION: if ready { table.config.version.to_string() } else { String::new() },
                 HASH_ANNOTATION: if ready { table.config.hash.clone() } else { String::new() },
+                ACTIVITY_ANNOTATION: serde_json::to_string(&gateway.activity(ACTIVITY_KEYS)).unwrap_or_default(),
             },
         },
         "spec": {
@@ -222,6 +224,10 @@ async fn report_once(gateway: &Gateway, leases: &Api<Lease>, opts: &KubeSourceOp
         .map(|_| ())
 }
 
+/// Keys a report names at most (the most active; about 40 bytes each): an annotation must stay
+/// well within the API server's 256 KiB for all of an object's annotations.
+const ACTIVITY_KEYS: usize = 2_000;
+
 /// Name of a replica's report Lease.
 pub fn report_name(replica: &str) -> String {
     format!("slotgate-gateway-{replica}")
@@ -232,7 +238,10 @@ async fn report_loop(gateway: Arc<Gateway>, leases: Api<Lease>, opts: KubeSource
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = gateway.report_soon.notified() => {}
+        }
         match report_once(&gateway, &leases, &opts).await {
             Ok(()) => failing = false,
             Err(e) if !failing => {

@@ -163,6 +163,10 @@ pub struct Gateway {
     tasks: std::sync::OnceLock<Arc<crate::tasks::Tasks>>,
     guard: crate::abuse::Guard,
     usage: crate::usage::Usage,
+    /// Wakes the report to the controller before its next tick (a key ban started).
+    report_soon: tokio::sync::Notify,
+    /// The last usage snapshot reported, and when it was taken.
+    usage_report: std::sync::Mutex<visibility::UsageSnapshot>,
     access_log: Option<Arc<crate::usage::AccessLog>>,
 }
 
@@ -210,6 +214,8 @@ impl Gateway {
                 .expect("an authority is a valid header value"),
             guard: crate::abuse::Guard::new(options.abuse.tracked),
             usage: crate::usage::Usage::default(),
+            usage_report: Default::default(),
+            report_soon: tokio::sync::Notify::new(),
             access_log: match &options.access_log {
                 Some(target) => Some(Arc::new(crate::usage::AccessLog::start(target).map_err(
                     |source| GatewayError::AccessLog {

@@ -14,6 +14,10 @@ use crate::{
 
 use super::{Gateway, metrics::ErrorCode, table::KeyView};
 
+/// The usage last reported to the controller (key id to the last minute's requests and
+/// refusals), and when it was taken.
+pub(super) type UsageSnapshot = (Option<Instant>, std::collections::BTreeMap<String, [u64; 2]>);
+
 /// The access-log line of an admitted request, finished when its hold ends.
 #[derive(Debug)]
 pub(super) struct PendingLog {
@@ -98,6 +102,51 @@ impl Gateway {
     /// Every key that sent something, with what it did.
     pub fn all_usage(&self) -> Vec<(Arc<str>, KeyUsage)> {
         self.usage.all(self.abuse_now())
+    }
+
+    /// What keys did, for the report the controller reads: the last minute's usage of the
+    /// `limit` most active keys (snapshotted at most every 30 s, so that statuses are not
+    /// rewritten on every heartbeat) and the key bans in force now.
+    pub fn activity(&self, limit: usize) -> crate::config::pieces::Activity {
+        let now = self.abuse_now();
+        let mut snapshot = self.usage_report.lock().unwrap_or_else(|e| e.into_inner());
+        // Every 30 s at most; but the first activity after a quiet spell goes out at once.
+        let stale = snapshot
+            .0
+            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(30));
+        if stale || snapshot.1.is_empty() {
+            let mut active: Vec<(Arc<str>, KeyUsage)> = self
+                .usage
+                .all(now)
+                .into_iter()
+                .filter(|(_, u)| u.last_minute.requests > 0)
+                .collect();
+            active.sort_by_key(|(_, u)| std::cmp::Reverse(u.last_minute.requests));
+            active.truncate(limit);
+            snapshot.1 = active
+                .into_iter()
+                .map(|(id, u)| (id.to_string(), [u.last_minute.requests, u.last_minute.refused]))
+                .collect();
+            snapshot.0 = Some(Instant::now());
+        }
+        let unix = unix_ms() / 1_000;
+        let bans = self
+            .guard
+            .active(now)
+            .into_iter()
+            .filter_map(|(s, b)| match s {
+                crate::abuse::Subject::Key(id) => Some((
+                    id.to_string(),
+                    [unix + b.remaining_ms(now).div_ceil(1_000), u64::from(b.strike)],
+                )),
+                crate::abuse::Subject::Ip(_) => None,
+            })
+            .take(limit)
+            .collect();
+        crate::config::pieces::Activity {
+            usage: snapshot.1.clone(),
+            bans,
+        }
     }
 
     /// Access-log lines dropped because the writer was behind.
