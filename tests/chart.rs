@@ -212,6 +212,9 @@ fn default_values_install_a_locked_down_controller_and_gateway() {
         "--config-name=slotgate-config",
         "--upstream=http://slotgate-demo-upstream.slotgate-system.svc:8000",
         "--shutdown-delay=5s",
+        // The chart turns the access log on (`slotgate up` leaves it off).
+        "--access-log=stdout",
+        "--invalid-key-limit=20",
     ] {
         assert!(gargs.contains(&want.to_string()), "{want} missing from {gargs:?}");
     }
