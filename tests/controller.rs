@@ -379,9 +379,14 @@ async fn missing_plans_duplicate_tokens_and_rotation_are_reported_and_enforced()
 /// Key `acme` (token `tok-acme`) on a 2-slot plan, a controller, and a gateway in front of a
 /// stub that enforces what the controller published.
 async fn acme_on_two_slots_behind_a_gateway() -> (FakeApi, Stub, Controller, Proc) {
+    acme_behind_a_gateway(plan("startup", 2)).await
+}
+
+/// Key `acme` (token `tok-acme`) on `startup`, the controller, and a gateway enforcing it.
+async fn acme_behind_a_gateway(startup: Value) -> (FakeApi, Stub, Controller, Proc) {
     let api = FakeApi::start().await;
     let stub = Stub::start().await;
-    api.apply("apiplans", plan("startup", 2));
+    api.apply("apiplans", startup);
     api.apply("secrets", secret("acme-token", "tok-acme"));
     api.apply("apikeys", key("acme", "startup", Some("acme-token")));
     let ctl = start_controller(&api, "ctl-0");
@@ -576,20 +581,9 @@ fn controller_logs_piped_into_a_file_carry_no_colour_codes() {
 /// requests and refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_banned_key_gets_an_event_and_a_banned_condition_and_its_usage_shows_in_its_status() {
-    let api = FakeApi::start().await;
-    let stub = Stub::start().await;
     let mut p = plan("startup", 1);
     p["spec"]["abuse"] = json!({"refusals": 3, "window": "10s", "banDuration": "3s", "by": "Key"});
-    api.apply("apiplans", p);
-    api.apply("secrets", secret("acme-token", "tok-acme"));
-    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
-    let _ctl = start_controller(&api, "ctl-0");
-    wait_for("the configuration index", || config_version(&api) > 0).await;
-    let gw = api.start_gateway(NS, "gw-0", &stub.url());
-    wait_for("the gateway's report", || {
-        api.reported_version(NS, "gw-0") >= config_version(&api)
-    })
-    .await;
+    let (api, stub, _ctl, gw) = acme_behind_a_gateway(p).await;
 
     let held = {
         let url = gw.url("/v1/slow?delay_ms=1500");
