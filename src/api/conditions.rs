@@ -37,7 +37,8 @@ impl ConditionSpec {
         }
     }
 
-    fn status_str(&self) -> &'static str {
+    /// `True` or `False`, as a Condition's `status` is written.
+    pub fn status_str(&self) -> &'static str {
         if self.status { "True" } else { "False" }
     }
 }

@@ -37,7 +37,8 @@ use crate::{
 #[derive(Clone)]
 pub(super) struct Stores {
     pub(super) plans: Store<crate::api::ApiPlan>,
-    pub(super) keys: Store<ApiKey>,
+    /// What events, token generation and the status writer read of each key (not the objects).
+    pub(super) keys: super::keys::KeyStore,
     pub(super) reports: Store<Lease>,
     /// The configuration objects as they are, to repair one that was edited or deleted.
     pub(super) configs: Store<ConfigMap>,
@@ -107,47 +108,43 @@ pub(super) fn reflect(
 ) -> (Stores, mpsc::UnboundedReceiver<Change>) {
     let (feed, changes) = mpsc::unbounded_channel();
     let key_feed = feed.clone();
+    let (keys, mut key_writer) = super::keys::key_store();
     let stores = Stores {
-        plans: spawn(
+        plans: reflected(
             tasks,
             Api::all(client.clone()),
             watcher::Config::default(),
             vec![Arc::clone(&notify)],
             Some(|p: &crate::api::ApiPlan| spec_fingerprint(p.meta(), &p.spec)),
-            strip,
-            None,
         ),
-        keys: spawn(
-            tasks,
-            Api::all(client.clone()),
-            watcher::Config::default(),
-            vec![Arc::clone(&notify)],
-            Some(|k: &ApiKey| spec_fingerprint(k.meta(), &k.spec)),
-            strip,
-            Some(Box::new(KeyFeed {
-                feed: key_feed,
-                listing: None,
-            })),
-        ),
-        reports: spawn(
+        keys,
+        reports: reflected(
             tasks,
             Api::namespaced(client.clone(), ns),
             watcher::Config::default().labels(&format!("{REPORT_LABEL}={name}")),
             vec![reports_changed],
             None,
-            strip,
-            None,
         ),
-        configs: spawn(
+        configs: reflected(
             tasks,
             Api::namespaced(client.clone(), ns),
             watcher::Config::default().labels(&format!("{CONFIG_LABEL}={name}")),
             vec![Arc::clone(&notify)],
             None,
-            strip,
-            None,
         ),
     };
+    spawn(
+        tasks,
+        Api::<ApiKey>::all(client.clone()),
+        watcher::Config::default(),
+        vec![Arc::clone(&notify)],
+        Some(|k: &ApiKey| spec_fingerprint(k.meta(), &k.spec)),
+        move |ev| key_writer.apply(ev),
+        Some(Box::new(KeyFeed {
+            feed: key_feed,
+            listing: None,
+        })),
+    );
     tasks.0.push(tokio::spawn(watch_secrets(
         Api::all(client.clone()),
         feed,
@@ -197,14 +194,13 @@ impl Forward<ApiKey> for KeyFeed {
 /// by this controller, a heartbeat) wakes nobody. `None`: every change matters.
 type Relevant<K> = Option<fn(&K) -> u64>;
 
-fn spawn<K>(
+/// [`spawn`] into a reflector store of the objects (managed fields and kubectl's copy stripped).
+fn reflected<K>(
     tasks: &mut Tasks,
     api: Api<K>,
     cfg: watcher::Config,
     wake: Vec<Arc<Notify>>,
     relevant: Relevant<K>,
-    keep: fn(&mut K),
-    mut forward: Option<Box<dyn Forward<K>>>,
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()>
@@ -215,8 +211,39 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, cfg).modify(keep)).backoff(crate::watch_backoff());
+    let (reader, mut writer) = reflector::store();
+    spawn(
+        tasks,
+        api,
+        cfg,
+        wake,
+        relevant,
+        move |ev| writer.apply_watcher_event(ev),
+        None,
+    );
+    reader
+}
+
+/// Watches `api` (with the shared bounded backoff), hands every event to `store`, then to
+/// `forward`, and wakes `wake` when what `relevant` reads changed.
+fn spawn<K>(
+    tasks: &mut Tasks,
+    api: Api<K>,
+    cfg: watcher::Config,
+    wake: Vec<Arc<Notify>>,
+    relevant: Relevant<K>,
+    mut store: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    mut forward: Option<Box<dyn Forward<K>>>,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let stream = watcher(api, cfg).modify(strip).backoff(crate::watch_backoff());
     tasks.0.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut down = false;
@@ -225,6 +252,7 @@ where
             match ev {
                 Ok(ev) => {
                     down = false;
+                    store(&ev);
                     let changed = match (&ev, relevant) {
                         (watcher::Event::Apply(o) | watcher::Event::InitApply(o), Some(f)) => {
                             let uid = o.meta().uid.clone().unwrap_or_default();
@@ -254,7 +282,6 @@ where
             }
         }
     }));
-    reader
 }
 
 /// Watches the token Secrets into the feed, as digests: the raw tokens are read from the watch,

@@ -10,6 +10,7 @@
 
 pub mod enforced;
 mod index;
+mod keys;
 pub mod leader;
 mod metrics;
 mod publish;

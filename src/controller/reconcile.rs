@@ -13,10 +13,7 @@ use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
-    runtime::{
-        events::{Event, EventType, Recorder},
-        reflector::ObjectRef,
-    },
+    runtime::events::{Event, EventType, Recorder},
 };
 use tokio::sync::{Notify, mpsc};
 
@@ -25,11 +22,12 @@ use super::{
     enforced::{Enforcement, Report},
     generate_token,
     index::{self, Change, Stores},
+    keys::KeyMeta,
     publish::Publisher,
     status,
 };
 use crate::{
-    api::{ApiKey, ApiPlan, ConditionSpec},
+    api::{ApiPlan, ConditionSpec},
     config::{
         CompiledPlan, TokenState,
         incremental::Incremental,
@@ -95,14 +93,15 @@ impl Shell {
 
     /// Creates a token Secret for each key that has no Secret reference and no Secret yet. An
     /// existing Secret is never overwritten (create fails with a conflict instead).
-    async fn generate_tokens(&mut self, keys: &[Arc<ApiKey>]) -> kube::Result<()> {
-        for key in keys {
-            if key.spec.secret_ref.is_some() || key.meta().deletion_timestamp.is_some() {
+    async fn generate_tokens(&mut self, keys: &[(String, Arc<KeyMeta>)]) -> kube::Result<()> {
+        for (id, key) in keys {
+            let (Some(r), false) = (&key.generate, key.deleting) else {
                 continue;
-            }
-            let ns = key.namespace().unwrap_or_default();
-            let r = key.token_ref();
-            if self.index.token(&ns, &r.name, &r.key) != TokenState::SecretNotFound {
+            };
+            let Some((ns, name)) = id.split_once('/') else {
+                continue;
+            };
+            if self.index.token(ns, &r.name, &r.key) != TokenState::SecretNotFound {
                 continue;
             }
             let token = generate_token();
@@ -113,20 +112,20 @@ impl Shell {
                     "name": r.name,
                     "namespace": ns,
                     "labels": { TOKEN_LABEL: "generated" },
-                    "ownerReferences": [key.controller_owner_ref(&()).expect("an ApiKey read from the API has a uid")],
+                    "ownerReferences": [key.owner_ref(name)],
                 },
                 "type": "Opaque",
                 "stringData": { r.key.clone(): token },
             }))
             .expect("a Secret");
-            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
             match api.create(&PostParams::default(), &secret).await {
                 Ok(_) => {
                     // Known at once, not when the watch shows it: the next compile admits the key.
                     self.index
-                        .apply_secret(&ns, &r.name, index::token_digests(&secret));
-                    self.event(
-                        &**key,
+                        .apply_secret(ns, &r.name, index::token_digests(&secret));
+                    self.event_on(
+                        &key.object_ref(ns, name),
                         EventType::Normal,
                         "TokenGenerated",
                         format!("Generated a token in Secret {}/{} (entry {}).", ns, r.name, r.key),
@@ -148,6 +147,16 @@ impl Shell {
         reason: &str,
         note: String,
     ) {
+        self.event_on(&obj.object_ref(&()), type_, reason, note).await;
+    }
+
+    async fn event_on(
+        &self,
+        regarding: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         let ev = Event {
             type_,
             reason: reason.into(),
@@ -155,7 +164,7 @@ impl Shell {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&ev, regarding).await {
             tracing::debug!(error = %e, "could not publish an event");
         }
     }
@@ -184,13 +193,10 @@ impl Shell {
         let plans = self.stores.plans.state();
         self.index.set_plans(&plans);
         // Only keys an event touched can have lost their token Secret (or never had one).
-        let keys: Vec<Arc<ApiKey>> = self
+        let keys: Vec<(String, Arc<KeyMeta>)> = self
             .index
             .dirty()
-            .filter_map(|id| {
-                let (ns, name) = id.split_once('/')?;
-                self.stores.keys.get(&ObjectRef::new(name).within(ns))
-            })
+            .filter_map(|id| Some((id.to_string(), self.stores.keys.get_id(id)?)))
             .collect();
         self.generate_tokens(&keys).await?;
         let t_tokens = t0.elapsed();
@@ -296,12 +302,15 @@ impl Shell {
             let Some((ns, name)) = id.split_once('/') else {
                 continue;
             };
-            if let (Some(key), Some(c)) = (
-                self.stores.keys.get(&ObjectRef::new(name).within(ns)),
-                self.activity.banned_condition(id),
-            ) {
-                self.event(&*key, EventType::Warning, "TemporarilyBlocked", c.message)
-                    .await;
+            if let (Some(key), Some(c)) = (self.stores.keys.get(ns, name), self.activity.banned_condition(id))
+            {
+                self.event_on(
+                    &key.object_ref(ns, name),
+                    EventType::Warning,
+                    "TemporarilyBlocked",
+                    c.message,
+                )
+                .await;
             }
         }
         let first: Vec<String> = started.into_iter().chain(ended).collect();
@@ -385,8 +394,9 @@ impl Shell {
             let Some((ns, name)) = id.split_once('/') else {
                 continue;
             };
-            if let Some(key) = self.stores.keys.get(&ObjectRef::new(name).within(ns)) {
-                self.event(&*key, EventType::Warning, c.reason, c.message).await;
+            if let Some(key) = self.stores.keys.get(ns, name) {
+                self.event_on(&key.object_ref(ns, name), EventType::Warning, c.reason, c.message)
+                    .await;
             }
         }
     }
@@ -493,9 +503,9 @@ impl Shell {
         for id in ids {
             let want = self.index.key_report(id).and_then(|report| {
                 let (ns, name) = id.split_once('/')?;
-                let key = self.stores.keys.get(&ObjectRef::new(name).within(ns))?;
+                let key = self.stores.keys.get(ns, name)?;
                 Some(status::KeyStatus {
-                    generation: key.meta().generation,
+                    generation: key.generation,
                     report: std::sync::Arc::clone(report),
                     since: report.admitted.then(|| self.index.since(id).unwrap_or(version)),
                     usage: self.activity.usage_of(id),

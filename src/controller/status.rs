@@ -322,19 +322,15 @@ pub(super) async fn run(
                 let Some((ns, name)) = id.split_once('/') else {
                     continue;
                 };
-                let Some(current) = stores.keys.get(&ObjectRef::new(name).within(ns)) else {
+                let Some(current) = stores.keys.get(ns, name) else {
                     continue;
                 };
                 let mut desired = want.report.conditions.clone();
                 desired.extend(enforced);
                 desired.extend(want.banned.clone());
-                let cur = current.status.clone().unwrap_or_default();
-                let conditions = merge_conditions(&cur.conditions, &desired, want.generation, &now);
-                if cur.observed_generation == want.generation
-                    && cur.effective == want.report.effective
-                    && cur.conditions == conditions
-                    && cur.usage == want.usage
-                {
+                let cur = &current.status;
+                let conditions = merge_slim(cur, &desired, want.generation, &now);
+                if cur.shows(want.generation, &want.report.effective, &want.usage, &conditions) {
                     continue;
                 }
                 pace.tick().await;
@@ -361,4 +357,28 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// [`merge_conditions`] against the slim status the key cache holds: a condition keeps its
+/// transition time while its status does not flip.
+fn merge_slim(
+    existing: &super::keys::SlimStatus,
+    desired: &[ConditionSpec],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    desired
+        .iter()
+        .map(|d| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: d.type_.to_string(),
+            status: d.status_str().to_string(),
+            reason: d.reason.to_string(),
+            message: d.message.clone(),
+            observed_generation: generation,
+            last_transition_time: existing
+                .kept_time(d.type_, d.status)
+                .cloned()
+                .unwrap_or_else(|| now.clone()),
+        })
+        .collect()
 }
