@@ -281,23 +281,25 @@ pub(super) fn plan_state<'a, R>(
 }
 
 /// One key's outcome: admitted (token digest and entry) or not, and its status.
-pub(super) struct Decided {
-    pub(super) admitted: Option<(String, CompiledKey)>,
+pub(super) struct Decided<E = CompiledKey> {
+    pub(super) admitted: Option<(String, E)>,
     pub(super) report: KeyReport,
 }
 
 /// Decides one key from its spec, its token, its plan and the entry it was last compiled with
 /// (`last`). `plan_of` finds the plan a kept entry is on (a defined one, or the one last
 /// published). `key` is the entry its spec gives.
-pub(super) fn decide_key<'p>(
-    key: CompiledKey,
+/// The entry type `E` is a `CompiledKey`, or an `Arc` of one that the incremental index shares
+/// between its key, its output and its shard.
+pub(super) fn decide_key<'p, E: Borrow<CompiledKey> + Clone>(
+    key: E,
     namespace: &str,
     secret: &crate::api::SecretKeyRef,
     token: Token<'_>,
     plan: PlanState<'_>,
-    last: Option<&CompiledKey>,
+    last: Option<&E>,
     plan_of: &dyn Fn(&str) -> Option<&'p CompiledPlan>,
-) -> Decided {
+) -> Decided<E> {
     use reason::*;
     let token = match token {
         Token::SecretNotFound => Err(ConditionSpec::fail(
@@ -334,7 +336,7 @@ pub(super) fn decide_key<'p>(
         Err(c) => c.clone(),
     };
 
-    let plan_name = key.plan.clone();
+    let plan_name = key.borrow().plan.clone();
     let plan_condition = match plan {
         PlanState::Valid(_) => ConditionSpec::ok(PLAN_RESOLVED, RESOLVED, format!("on plan {plan_name}")),
         PlanState::Invalid => ConditionSpec::fail(
@@ -355,7 +357,7 @@ pub(super) fn decide_key<'p>(
             ConditionSpec::fail(READY, c.reason, format!("not admitted: {}", c.message)),
         ),
         (Ok(hash), PlanState::Valid(p)) => {
-            let ready = key_ready(&key, p);
+            let ready = key_ready(key.borrow(), p);
             (Some((hash, key)), ready)
         }
         (Ok(hash), _) => match last {
@@ -363,7 +365,8 @@ pub(super) fn decide_key<'p>(
             Some(last) => {
                 let message = format!(
                     "{}; still admitted with the limits of plan {} it was last compiled with",
-                    plan_condition.message, last.plan
+                    plan_condition.message,
+                    last.borrow().plan
                 );
                 (
                     Some((hash, last.clone())),
@@ -383,7 +386,8 @@ pub(super) fn decide_key<'p>(
 
     let effective = admitted
         .as_ref()
-        .and_then(|(_, k)| plan_of(&k.plan).map(|p| KeyLimits::resolve(p, k.overrides.as_ref()).effective()));
+        .map(|(_, k)| k.borrow())
+        .and_then(|k| plan_of(&k.plan).map(|p| KeyLimits::resolve(p, k.overrides.as_ref()).effective()));
     Decided {
         report: KeyReport {
             admitted: admitted.is_some(),

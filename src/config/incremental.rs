@@ -12,7 +12,10 @@
 //! for the same objects with the last output as `previous` (a property test holds it to that).
 //! Pure, like `compile`: no clock, no I/O.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -30,8 +33,9 @@ use crate::api::{ApiKey, ApiPlan, ConditionSpec, SecretKeyRef};
 struct KeyIn {
     namespace: String,
     secret: SecretKeyRef,
-    /// The entry its spec gives (id, plan, overrides, suspension, expiry).
-    entry: CompiledKey,
+    /// The entry its spec gives (id, plan, overrides, suspension, expiry), shared with the
+    /// output and the shard while it is the one admitted: one copy per key, not three.
+    entry: Arc<CompiledKey>,
     /// Creation time: of two keys with one token, the older keeps it.
     created: Option<Timestamp>,
 }
@@ -41,13 +45,13 @@ impl KeyIn {
         Self {
             namespace: key.namespace().unwrap_or_default(),
             secret: key.token_ref(),
-            entry: CompiledKey {
+            entry: Arc::new(CompiledKey {
                 id: key.id(),
                 plan: key.spec.plan.clone(),
                 overrides: key.spec.overrides.clone(),
                 suspended: key.spec.suspended,
                 expires_at: key.spec.expires_at.as_ref().map(|t| t.0.as_second()),
-            },
+            }),
             created: key.metadata.creation_timestamp.as_ref().map(|t| t.0),
         }
     }
@@ -58,7 +62,7 @@ impl KeyIn {
 }
 
 /// An admitted key: its token digest and its entry.
-type Admitted = (String, CompiledKey);
+type Admitted = (String, Arc<CompiledKey>);
 
 /// One key as last decided.
 #[derive(Clone, Debug)]
@@ -71,7 +75,7 @@ struct Out {
 /// One shard: its keys by token digest and, once serialised, its JSON and digest.
 #[derive(Clone, Debug, Default)]
 struct Shard {
-    keys: BTreeMap<String, CompiledKey>,
+    keys: BTreeMap<String, Arc<CompiledKey>>,
     json: String,
     digest: String,
 }
@@ -122,7 +126,7 @@ pub struct Incremental {
     head: Option<Head>,
     /// Entries of a configuration published before this index existed (an earlier leader's):
     /// `previous` for the first compile.
-    seed: HashMap<String, CompiledKey>,
+    seed: HashMap<String, Arc<CompiledKey>>,
     /// Per admitted key: the version since which its entry and its plan's limits are unchanged
     /// (what a gateway reporting that version or later enforces for it).
     since: HashMap<String, u64>,
@@ -142,7 +146,11 @@ impl Incremental {
     pub fn new(previous: Option<&GatewayConfig>) -> Self {
         let mut s = Self::default();
         if let Some(p) = previous {
-            s.seed = p.keys.values().map(|k| (k.id.clone(), k.clone())).collect();
+            s.seed = p
+                .keys
+                .values()
+                .map(|k| (k.id.clone(), Arc::new(k.clone())))
+                .collect();
             s.head = Some(Head {
                 version: p.version,
                 hash: p.hash.clone(),
@@ -442,7 +450,7 @@ impl Incremental {
 
         let count = pieces::shard_count(self.admitted);
         if count != self.shards.len() {
-            let all: Vec<(String, CompiledKey)> = self.shards.drain(..).flat_map(|s| s.keys).collect();
+            let all: Vec<(String, Arc<CompiledKey>)> = self.shards.drain(..).flat_map(|s| s.keys).collect();
             self.shards = vec![Shard::default(); count];
             for (hash, entry) in all {
                 self.shards[pieces::shard_of(&hash, count)]
@@ -515,7 +523,7 @@ impl Incremental {
         previous.is_none_or(|p| p.version != version)
     }
 
-    fn insert_entry(&mut self, hash: String, entry: CompiledKey) {
+    fn insert_entry(&mut self, hash: String, entry: Arc<CompiledKey>) {
         let count = self.shards.len().max(1);
         if self.shards.is_empty() {
             self.shards.push(Shard::default());
@@ -721,7 +729,9 @@ impl Incremental {
 
     /// The admitted entry of one key.
     pub fn entry(&self, id: &str) -> Option<&CompiledKey> {
-        self.out.get(id).and_then(|o| o.admitted.as_ref().map(|(_, k)| k))
+        self.out
+            .get(id)
+            .and_then(|o| o.admitted.as_ref().map(|(_, k)| &**k))
     }
 
     /// The objects to write, as [`pieces::split`] cuts the same configuration: shards, then the
@@ -767,7 +777,12 @@ impl Incremental {
             version: self.version(),
             hash: self.hash().to_string(),
             plans: head.map(|h| h.plans.clone()).unwrap_or_default(),
-            keys: std::sync::Arc::new(self.shards.iter().flat_map(|s| s.keys.clone()).collect()),
+            keys: Arc::new(
+                self.shards
+                    .iter()
+                    .flat_map(|s| s.keys.iter().map(|(h, k)| (h.clone(), CompiledKey::clone(k))))
+                    .collect(),
+            ),
             task_types: self.task_types.clone(),
         }
     }
