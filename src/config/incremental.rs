@@ -28,9 +28,14 @@ use super::{
 };
 use crate::api::{ApiKey, ApiPlan, ConditionSpec, SecretKeyRef};
 
+/// A key's `namespace/name`, allocated once and shared by every map of the index that names the
+/// key (a dozen of them: at 100,000 keys a copy per map cost about half a kilobyte a key).
+pub type KeyId = Arc<str>;
+
 /// What compile reads of one ApiKey.
 #[derive(Clone, Debug)]
 struct KeyIn {
+    id: KeyId,
     namespace: String,
     secret: SecretKeyRef,
     /// The entry its spec gives (id, plan, overrides, suspension, expiry), shared with the
@@ -43,6 +48,7 @@ struct KeyIn {
 impl KeyIn {
     fn of(key: &ApiKey) -> Self {
         Self {
+            id: key.id().into(),
             namespace: key.namespace().unwrap_or_default(),
             secret: key.token_ref(),
             entry: Arc::new(CompiledKey {
@@ -94,33 +100,33 @@ struct Head {
 pub struct Incremental {
     plans: BTreeMap<String, Result<CompiledPlan, String>>,
     task_types: BTreeMap<String, CompiledTaskType>,
-    keys: HashMap<String, KeyIn>,
+    keys: HashMap<KeyId, KeyIn>,
     tokens: TokenHashes,
     /// Key ids by the Secret they read, `(namespace, name)`.
-    by_secret: HashMap<(String, String), Few<String>>,
+    by_secret: HashMap<(String, String), Few<KeyId>>,
     /// Key ids by the plan their spec names.
-    by_plan: HashMap<String, BTreeSet<String>>,
+    by_plan: HashMap<String, BTreeSet<KeyId>>,
     /// Keys by token digest, oldest first: the first owns the token.
-    claims: HashMap<String, Few<(Option<Timestamp>, String)>>,
+    claims: HashMap<String, Few<(Option<Timestamp>, KeyId)>>,
     /// The digest each key claims, to withdraw the claim when its Secret or the key changes.
-    claim_of: HashMap<String, (Option<Timestamp>, String)>,
+    claim_of: HashMap<KeyId, (Option<Timestamp>, String)>,
     /// Keys kept as last known good on a plan other than the one their spec names, by that plan:
     /// their reports read it.
-    kept_on: HashMap<String, BTreeSet<String>>,
+    kept_on: HashMap<String, BTreeSet<KeyId>>,
     /// Each key as last decided (also a removed key until the next compile, as `previous` has it).
-    out: HashMap<String, Out>,
+    out: HashMap<KeyId, Out>,
     /// Admitted entries per plan: plans only kept for keys are in the output while this is > 0.
     entry_plans: HashMap<String, usize>,
     shards: Vec<Shard>,
     dirty_shards: BTreeSet<usize>,
     admitted: usize,
     /// Keys to decide again at the next compile.
-    dirty: HashSet<String>,
+    dirty: HashSet<KeyId>,
     /// Plans whose limits changed (valid before and after) since the key reports were last
     /// brought up to date ([`Incremental::refresh_reports`]).
     stale_reports: BTreeSet<String>,
     /// Keys of those plans still to decide again, for [`Incremental::refresh_reports_upto`].
-    refresh_queue: BTreeSet<String>,
+    refresh_queue: BTreeSet<KeyId>,
     /// Plan reports, rebuilt at each compile (a few plans).
     plan_reports: BTreeMap<String, PlanReport>,
     head: Option<Head>,
@@ -129,15 +135,15 @@ pub struct Incremental {
     seed: HashMap<String, Arc<CompiledKey>>,
     /// Per admitted key: the version since which its entry and its plan's limits are unchanged
     /// (what a gateway reporting that version or later enforces for it).
-    since: HashMap<String, u64>,
+    since: HashMap<KeyId, u64>,
     /// Per plan: the version since which its limits are unchanged. A key's enforcement is
     /// unchanged since the later of its own entry's and its plan's, so a plan upgrade writes one
     /// number instead of one per key of the plan.
     plan_since: HashMap<String, u64>,
     /// Keys the last compile decided (their status may have changed).
-    decided: Vec<String>,
+    decided: Vec<KeyId>,
     /// Keys the last [`Incremental::refresh_reports`] decided.
-    refreshed: Vec<String>,
+    refreshed: Vec<KeyId>,
 }
 
 impl Incremental {
@@ -181,7 +187,7 @@ impl Incremental {
 
     /// Ids of every key the index holds.
     pub fn key_ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
+        self.keys.keys().map(|k| &**k)
     }
 
     /// A plan added or changed.
@@ -237,7 +243,7 @@ impl Incremental {
     /// A key added or changed.
     pub fn apply_key(&mut self, key: &ApiKey) {
         let new = KeyIn::of(key);
-        let id = new.entry.id.clone();
+        let id = new.id.clone();
         if let Some(old) = self.keys.get(&id)
             && old.entry == new.entry
             && old.created == new.created
@@ -251,7 +257,7 @@ impl Incremental {
     }
 
     fn insert_key(&mut self, new: KeyIn) {
-        let id = new.entry.id.clone();
+        let id = new.id.clone();
         self.by_secret
             .entry(new.secret_id())
             .or_default()
@@ -269,7 +275,7 @@ impl Incremental {
     pub fn remove_key(&mut self, id: &str) {
         if self.keys.contains_key(id) {
             self.forget_key(id);
-            self.dirty.insert(id.to_string());
+            self.dirty.insert(id.into());
         }
     }
 
@@ -304,7 +310,7 @@ impl Incremental {
     }
 
     fn secret_changed(&mut self, namespace: &str, name: &str) {
-        let readers: Vec<String> = self
+        let readers: Vec<KeyId> = self
             .by_secret
             .get(&(namespace.to_string(), name.to_string()))
             .into_iter()
@@ -320,23 +326,25 @@ impl Incremental {
 
     /// Records the token digest key `id` reads, if any; every key sharing it is decided again.
     fn claim(&mut self, id: &str) {
-        let Some(k) = self.keys.get(id) else { return };
+        let Some((key_id, k)) = self.keys.get_key_value(id) else {
+            return;
+        };
         let TokenState::Hash(hash) = self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) else {
             return;
         };
         let hash = hash.to_string();
         let set = self.claims.entry(hash.clone()).or_default();
-        set.insert((k.created, id.to_string()));
+        set.insert((k.created, key_id.clone()));
         self.dirty.extend(set.iter().map(|(_, id)| id.clone()));
-        self.claim_of.insert(id.to_string(), (k.created, hash));
+        self.claim_of.insert(key_id.clone(), (k.created, hash));
     }
 
     fn unclaim(&mut self, id: &str) {
-        let Some((created, hash)) = self.claim_of.remove(id) else {
+        let Some((key_id, (created, hash))) = self.claim_of.remove_entry(id) else {
             return;
         };
         if let Some(set) = self.claims.get_mut(&hash) {
-            set.remove(&(created, id.to_string()));
+            set.remove(&(created, key_id));
             self.dirty.extend(set.iter().map(|(_, id)| id.clone()));
             if set.is_empty() {
                 self.claims.remove(&hash);
@@ -375,7 +383,7 @@ impl Incremental {
         };
 
         // (id, entry before, entry after) of each key whose entry moved.
-        let mut changed: Vec<(String, Option<Admitted>, Option<Admitted>)> = Vec::new();
+        let mut changed: Vec<(KeyId, Option<Admitted>, Option<Admitted>)> = Vec::new();
         let seed = std::mem::take(&mut self.seed);
         self.decided.clear();
         for id in std::mem::take(&mut self.dirty) {
@@ -383,7 +391,7 @@ impl Incremental {
             let last_out = self.out.get(&id);
             let last = last_out
                 .and_then(|o| o.admitted.as_ref().map(|(_, k)| k))
-                .or_else(|| seed.get(&id));
+                .or_else(|| seed.get(&*id));
             let Some(k) = self.keys.get(&id) else {
                 if let Some(old) = self.out.remove(&id) {
                     if let Some((_, b)) = &old.admitted {
@@ -426,7 +434,7 @@ impl Incremental {
                 changed.push((id, before, after));
             }
         }
-        let moved_entries: Vec<(String, bool)> = changed
+        let moved_entries: Vec<(KeyId, bool)> = changed
             .iter()
             .map(|(id, _, after)| (id.clone(), after.is_some()))
             .collect();
@@ -561,7 +569,7 @@ impl Incremental {
         let plans = std::mem::take(&mut self.stale_reports);
         for p in &plans {
             let on = self.by_plan.get(p).into_iter().flatten();
-            let ids: Vec<String> = on
+            let ids: Vec<KeyId> = on
                 .chain(self.kept_on.get(p).into_iter().flatten())
                 .cloned()
                 .collect();
@@ -622,17 +630,17 @@ impl Incremental {
 
     /// The keys the next compile decides again (an event touched them).
     pub fn dirty(&self) -> impl Iterator<Item = &str> {
-        self.dirty.iter().map(String::as_str)
+        self.dirty.iter().map(|k| &**k)
     }
 
     /// The keys the last [`Incremental::refresh_reports`] decided.
-    pub fn refreshed(&self) -> &[String] {
+    pub fn refreshed(&self) -> &[KeyId] {
         &self.refreshed
     }
 
     /// Ids of the keys whose spec names `plan`, in order.
     pub fn keys_on(&self, plan: &str) -> impl Iterator<Item = &str> {
-        self.by_plan.get(plan).into_iter().flatten().map(String::as_str)
+        self.by_plan.get(plan).into_iter().flatten().map(|k| &**k)
     }
 
     fn valid_plans(&self) -> BTreeMap<String, CompiledPlan> {
@@ -650,11 +658,7 @@ impl Incremental {
                 _ => Token::Empty,
             },
             Some((_, hash)) => {
-                let owner = self
-                    .claims
-                    .get(hash)
-                    .and_then(|s| s.first())
-                    .map(|(_, o)| o.as_str());
+                let owner = self.claims.get(hash).and_then(|s| s.first()).map(|(_, o)| &**o);
                 match owner {
                     Some(o) if o != id => Token::Duplicate(o),
                     _ => Token::Owner(hash),
@@ -681,7 +685,7 @@ impl Incremental {
     }
 
     /// The keys the last compile decided: their statuses and events may have changed.
-    pub fn decided(&self) -> &[String] {
+    pub fn decided(&self) -> &[KeyId] {
         &self.decided
     }
 
@@ -724,7 +728,7 @@ impl Incremental {
     /// Status of every key, in id order (what [`super::Compiled::keys`] holds). Keys on a plan
     /// whose limits changed read the new limits once [`Incremental::refresh_reports`] ran.
     pub fn key_reports(&self) -> BTreeMap<&str, &KeyReport> {
-        self.out.iter().map(|(id, o)| (id.as_str(), &*o.report)).collect()
+        self.out.iter().map(|(id, o)| (&**id, &*o.report)).collect()
     }
 
     /// The admitted entry of one key.
@@ -847,7 +851,7 @@ impl<'a, T> IntoIterator for &'a Few<T> {
     }
 }
 
-fn remove_from<K, Q>(map: &mut HashMap<K, BTreeSet<String>>, k: &Q, id: &str)
+fn remove_from<K, Q>(map: &mut HashMap<K, BTreeSet<KeyId>>, k: &Q, id: &str)
 where
     K: std::hash::Hash + Eq + std::borrow::Borrow<Q>,
     Q: std::hash::Hash + Eq + ?Sized,

@@ -54,7 +54,7 @@ pub(super) struct Shell {
     pub(super) metrics: Arc<ControllerMetrics>,
     pub(super) status: Arc<status::StatusBook>,
     /// Per key id: whether it was admitted at the last pass (for transition events).
-    pub(super) last_admitted: HashMap<String, bool>,
+    pub(super) last_admitted: HashMap<crate::config::incremental::KeyId, bool>,
     /// What the reports said at the last status decision: (replica, version, live).
     pub(super) last_reports: Vec<(String, Option<u64>, bool)>,
     /// What the gateways last reported keys did.
@@ -220,7 +220,7 @@ impl Shell {
             self.accounted = Some(self.index.plans().clone());
         }
         self.finalizers(&plans).await?;
-        let decided: Vec<String> = self.index.decided().to_vec();
+        let decided: Vec<crate::config::incremental::KeyId> = self.index.decided().to_vec();
         self.key_events(&decided).await;
         // A plan's keys' statuses, one chunk per pass: a change that arrives meanwhile goes
         // first (the run loop comes back at once while some are pending).
@@ -377,14 +377,15 @@ impl Shell {
     }
 
     /// A Warning event for each key that stopped being admitted (of the keys just decided).
-    async fn key_events(&mut self, decided: &[String]) {
-        for id in decided {
+    async fn key_events(&mut self, decided: &[crate::config::incremental::KeyId]) {
+        for key_id in decided {
+            let id: &str = key_id;
             let Some(report) = self.index.key_report(id) else {
                 self.last_admitted.remove(id);
                 continue;
             };
             let admitted = report.admitted;
-            let before = self.last_admitted.insert(id.clone(), admitted);
+            let before = self.last_admitted.insert(key_id.clone(), admitted);
             if before == Some(admitted) || admitted {
                 continue;
             }
@@ -498,9 +499,10 @@ impl Shell {
     }
 
     /// Hands the statuses of keys `ids` (as the index now decides them) to the writer.
-    fn desire_keys(&self, ids: &[String], priority: status::Priority) {
+    fn desire_keys<S: AsRef<str>>(&self, ids: &[S], priority: status::Priority) {
         let version = self.index.version();
         for id in ids {
+            let id = id.as_ref();
             let want = self.index.key_report(id).and_then(|report| {
                 let (ns, name) = id.split_once('/')?;
                 let key = self.stores.keys.get(ns, name)?;
