@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use super::{ControllerMetrics, MANAGER, index::Stores};
 use crate::{
     api::{ApiKey, ApiPlan, ConditionSpec, merge_conditions},
-    config::KeyReport,
+    config::{KeyReport, incremental::KeyId},
 };
 
 /// How often every status is compared again with what the objects show, so that a write lost
@@ -74,7 +74,7 @@ pub enum Priority {
 /// What the writer does next.
 enum Job {
     Plan(String, PlanStatus),
-    Key(String, KeyStatus, Option<ConditionSpec>),
+    Key(KeyId, KeyStatus, Option<ConditionSpec>),
 }
 
 /// Every status decided, and the queue of those the writer has still to compare and write.
@@ -83,17 +83,18 @@ struct Book {
     plans: BTreeMap<String, PlanStatus>,
     /// Plans to compare and write, before any key.
     plans_queue: VecDeque<String>,
-    keys: HashMap<String, KeyStatus>,
+    /// By key id, one allocation per key shared by the maps and queues below.
+    keys: HashMap<KeyId, KeyStatus>,
     /// Admitted keys by `since`.
-    by_since: BTreeMap<u64, BTreeSet<String>>,
+    by_since: BTreeMap<u64, BTreeSet<KeyId>>,
     /// The `Enforced` condition of each version in `by_since`.
     enforced: BTreeMap<u64, ConditionSpec>,
     /// How to decide the condition of a version not seen yet (set with the reports).
     enforcement: Option<Enforcing>,
-    first: VecDeque<String>,
-    rest: VecDeque<String>,
+    first: VecDeque<KeyId>,
+    rest: VecDeque<KeyId>,
     /// The queue each queued key is in; a key moved to `first` leaves a stale copy in `rest`.
-    queued: HashMap<String, Priority>,
+    queued: HashMap<KeyId, Priority>,
 }
 
 /// Decides the `Enforced` condition of a configuration version from the reports at hand.
@@ -107,16 +108,16 @@ impl std::fmt::Debug for Enforcing {
 }
 
 impl Book {
-    fn queue(&mut self, id: &str, priority: Priority) {
+    fn queue(&mut self, id: &KeyId, priority: Priority) {
         match self.queued.get(id) {
             Some(Priority::First) => return,
             Some(Priority::Rest) if priority == Priority::Rest => return,
             _ => {}
         }
-        self.queued.insert(id.to_string(), priority);
+        self.queued.insert(Arc::clone(id), priority);
         match priority {
-            Priority::First => self.first.push_back(id.to_string()),
-            Priority::Rest => self.rest.push_back(id.to_string()),
+            Priority::First => self.first.push_back(Arc::clone(id)),
+            Priority::Rest => self.rest.push_back(Arc::clone(id)),
         }
     }
 
@@ -188,21 +189,24 @@ impl StatusBook {
     /// Sets a key's status and queues it; `None` forgets the key (it is gone).
     pub fn set_key(&self, id: &str, want: Option<KeyStatus>, priority: Priority) {
         let mut b = self.lock();
-        let old = b.keys.remove(id);
-        b.unlink(id, old.as_ref().and_then(|o| o.since));
+        let (id, old) = match b.keys.remove_entry(id) {
+            Some((id, old)) => (id, Some(old)),
+            None => (KeyId::from(id), None),
+        };
+        b.unlink(&id, old.as_ref().and_then(|o| o.since));
         let Some(want) = want else {
-            b.queued.remove(id);
+            b.queued.remove(&id);
             return;
         };
         if let Some(v) = want.since {
-            b.by_since.entry(v).or_default().insert(id.to_string());
+            b.by_since.entry(v).or_default().insert(Arc::clone(&id));
         }
         let same = old.as_ref() == Some(&want);
-        b.keys.insert(id.to_string(), want);
+        b.keys.insert(Arc::clone(&id), want);
         // A change's own keys are compared again even when the decision reads the same: the
         // object may show something else.
         if !same || priority == Priority::First {
-            b.queue(id, priority);
+            b.queue(&id, priority);
         }
         drop(b);
         self.wake.notify_one();
@@ -234,7 +238,7 @@ impl StatusBook {
         }
         b.enforcement = Some(condition);
         for v in moved {
-            let ids: Vec<String> = b.by_since.get(&v).into_iter().flatten().cloned().collect();
+            let ids: Vec<KeyId> = b.by_since.get(&v).into_iter().flatten().cloned().collect();
             for id in ids {
                 b.queue(&id, Priority::Rest);
             }
@@ -257,7 +261,7 @@ impl StatusBook {
     fn recheck_all(&self) {
         let mut b = self.lock();
         b.queue_plans();
-        let ids: Vec<String> = b.keys.keys().cloned().collect();
+        let ids: Vec<KeyId> = b.keys.keys().cloned().collect();
         for id in ids {
             b.queue(&id, Priority::Rest);
         }
@@ -351,7 +355,7 @@ pub(super) async fn run(
                 let result = keys.patch_status(name, &params, &Patch::Apply(body)).await;
                 metrics.status_write("ApiKey", result.is_ok());
                 if let Err(e) = result {
-                    tracing::debug!(key = id, error = %e, "status write failed; retried later");
+                    tracing::debug!(key = &*id, error = %e, "status write failed; retried later");
                     book.lock().queue(&id, Priority::Rest);
                 }
             }
