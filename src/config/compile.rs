@@ -177,7 +177,7 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         let token = match tokens.lookup(&namespace, &secret.name, &secret.key) {
             TokenState::SecretNotFound => Token::SecretNotFound,
             TokenState::Empty => Token::Empty,
-            TokenState::Hash(hash) => match token_owner.get(hash) {
+            TokenState::Hash(hash) => match token_owner.get(&**hash) {
                 Some(owner) => Token::Duplicate(owner),
                 None => {
                     token_owner.insert(hash.to_string(), id.clone());
@@ -214,7 +214,7 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
                     },
                 );
             }
-            out_keys.insert(hash, k);
+            out_keys.insert(hash.to_string(), k);
         }
         key_reports.insert(id, decided.report);
     }
@@ -257,7 +257,7 @@ pub(super) enum Token<'a> {
     /// An older key (this id) has the same token.
     Duplicate(&'a str),
     /// The key's token digest, which no older key has.
-    Owner(&'a str),
+    Owner(&'a crate::config::TokenDigest),
 }
 
 /// The plan a key names, as compile sees it.
@@ -282,7 +282,7 @@ pub(super) fn plan_state<'a, R>(
 
 /// One key's outcome: admitted (token digest and entry) or not, and its status.
 pub(super) struct Decided<E = CompiledKey> {
-    pub(super) admitted: Option<(String, E)>,
+    pub(super) admitted: Option<(crate::config::TokenDigest, E)>,
     pub(super) report: KeyReport,
 }
 
@@ -325,7 +325,7 @@ pub(super) fn decide_key<'p, E: Borrow<CompiledKey> + Clone>(
                 "the token is already used by ApiKey {owner}, which is older; give this key its own token"
             ),
         )),
-        Token::Owner(hash) => Ok(hash.to_string()),
+        Token::Owner(hash) => Ok(std::sync::Arc::clone(hash)),
     };
     let token_condition = match &token {
         Ok(_) => ConditionSpec::ok(

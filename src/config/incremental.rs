@@ -22,7 +22,7 @@ use kube::ResourceExt;
 
 use super::{
     CompiledKey, CompiledPlan, CompiledTaskType, GatewayConfig, KeyReport, PlanReport, SCHEMA_VERSION,
-    TokenHashes, TokenState,
+    TokenDigest, TokenHashes, TokenState,
     compile::{Token, compile_plan, decide_key, plan_ready, plan_state, reason},
     pieces::{self, INDEX_ENTRY, Index, Piece, SHARD_ENTRY},
 };
@@ -68,7 +68,7 @@ impl KeyIn {
 }
 
 /// An admitted key: its token digest and its entry.
-type Admitted = (String, Arc<CompiledKey>);
+type Admitted = (TokenDigest, Arc<CompiledKey>);
 
 /// One key as last decided.
 #[derive(Clone, Debug)]
@@ -81,7 +81,7 @@ struct Out {
 /// One shard: its keys by token digest and, once serialised, its JSON and digest.
 #[derive(Clone, Debug, Default)]
 struct Shard {
-    keys: BTreeMap<String, Arc<CompiledKey>>,
+    keys: BTreeMap<TokenDigest, Arc<CompiledKey>>,
     json: String,
     digest: String,
 }
@@ -107,9 +107,9 @@ pub struct Incremental {
     /// Key ids by the plan their spec names.
     by_plan: HashMap<String, BTreeSet<KeyId>>,
     /// Keys by token digest, oldest first: the first owns the token.
-    claims: HashMap<String, Few<(Option<Timestamp>, KeyId)>>,
+    claims: HashMap<TokenDigest, Few<(Option<Timestamp>, KeyId)>>,
     /// The digest each key claims, to withdraw the claim when its Secret or the key changes.
-    claim_of: HashMap<KeyId, (Option<Timestamp>, String)>,
+    claim_of: HashMap<KeyId, (Option<Timestamp>, TokenDigest)>,
     /// Keys kept as last known good on a plan other than the one their spec names, by that plan:
     /// their reports read it.
     kept_on: HashMap<String, BTreeSet<KeyId>>,
@@ -332,8 +332,8 @@ impl Incremental {
         let TokenState::Hash(hash) = self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) else {
             return;
         };
-        let hash = hash.to_string();
-        let set = self.claims.entry(hash.clone()).or_default();
+        let hash = Arc::clone(hash);
+        let set = self.claims.entry(Arc::clone(&hash)).or_default();
         set.insert((k.created, key_id.clone()));
         self.dirty.extend(set.iter().map(|(_, id)| id.clone()));
         self.claim_of.insert(key_id.clone(), (k.created, hash));
@@ -458,7 +458,7 @@ impl Incremental {
 
         let count = pieces::shard_count(self.admitted);
         if count != self.shards.len() {
-            let all: Vec<(String, Arc<CompiledKey>)> = self.shards.drain(..).flat_map(|s| s.keys).collect();
+            let all: Vec<Admitted> = self.shards.drain(..).flat_map(|s| s.keys).collect();
             self.shards = vec![Shard::default(); count];
             for (hash, entry) in all {
                 self.shards[pieces::shard_of(&hash, count)]
@@ -531,7 +531,7 @@ impl Incremental {
         previous.is_none_or(|p| p.version != version)
     }
 
-    fn insert_entry(&mut self, hash: String, entry: Arc<CompiledKey>) {
+    fn insert_entry(&mut self, hash: TokenDigest, entry: Arc<CompiledKey>) {
         let count = self.shards.len().max(1);
         if self.shards.is_empty() {
             self.shards.push(Shard::default());
@@ -784,7 +784,7 @@ impl Incremental {
             keys: Arc::new(
                 self.shards
                     .iter()
-                    .flat_map(|s| s.keys.iter().map(|(h, k)| (h.clone(), CompiledKey::clone(k))))
+                    .flat_map(|s| s.keys.iter().map(|(h, k)| (h.to_string(), CompiledKey::clone(k))))
                     .collect(),
             ),
             task_types: self.task_types.clone(),

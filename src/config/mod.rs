@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 pub use compile::{Compiled, KeyReport, PlanReport, compile, compile_plans_only, compile_with_tasks};
 pub use tasks::{CompiledTaskType, TaskPolicy};
-pub use tokens::{TokenHashes, TokenState, hash_token};
+pub use tokens::{TokenDigest, TokenHashes, TokenState, hash_token};
 
 use crate::api::{BanScope, BucketScope, EffectiveLimits, LimitOverrides};
 

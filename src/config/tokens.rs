@@ -1,7 +1,7 @@
 //! Token hashes: what `compile` knows of tokens. Raw tokens are hashed as they are read and never
 //! kept.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use sha2::{Digest, Sha256};
 
@@ -11,6 +11,10 @@ pub fn hash_token(raw: &[u8]) -> String {
     hex::encode(Sha256::digest(raw.trim_ascii()))
 }
 
+/// A token's SHA-256 (hex), allocated once and shared by whoever names it (the token's Secret,
+/// the key that claims it, its configuration entry).
+pub type TokenDigest = Arc<str>;
+
 /// What a key's Secret holds, as far as `compile` may know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenState<'a> {
@@ -19,14 +23,19 @@ pub enum TokenState<'a> {
     /// The Secret exists but the entry is absent or blank.
     Empty,
     /// The token's SHA-256 (hex).
-    Hash(&'a str),
+    Hash(&'a TokenDigest),
 }
 
 /// Token hashes of the Secrets keys refer to, by namespace, Secret name and data entry.
 #[derive(Clone, Debug, Default)]
 pub struct TokenHashes {
-    secrets: HashMap<String, HashMap<String, HashMap<String, Option<String>>>>,
+    /// By namespace and name; each Secret's entries in a small vector (a Secret has one or two,
+    /// and a map of its own cost a few hundred bytes per Secret at 100,000 of them).
+    secrets: HashMap<String, HashMap<String, Entries>>,
 }
+
+/// One Secret's entries: the entry name and its token digest (`None`: blank).
+type Entries = Vec<(String, Option<TokenDigest>)>;
 
 impl TokenHashes {
     /// Records one Secret, hashing each entry at once; blank entries are remembered as empty.
@@ -36,9 +45,12 @@ impl TokenHashes {
         name: &str,
         entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) {
-        let hashed: HashMap<String, Option<String>> = entries
+        let hashed: Entries = entries
             .into_iter()
-            .map(|(k, v)| (k.to_string(), (!v.trim_ascii().is_empty()).then(|| hash_token(v))))
+            .map(|(k, v)| {
+                let digest = (!v.trim_ascii().is_empty()).then(|| hash_token(v).into());
+                (k.to_string(), digest)
+            })
             .collect();
         *self.entries_mut(namespace, name) = hashed;
     }
@@ -46,14 +58,16 @@ impl TokenHashes {
     /// Records a Secret whose entries are already hashed (hex SHA-256), as a test or a cache has
     /// them.
     pub fn insert_hash(&mut self, namespace: &str, name: &str, entry: &str, hash: &str) {
-        self.entries_mut(namespace, name)
-            .insert(entry.to_string(), Some(hash.to_string()));
+        let entries = self.entries_mut(namespace, name);
+        entries.retain(|(e, _)| e != entry);
+        entries.push((entry.to_string(), Some(hash.into())));
     }
 
     /// Replaces one Secret's entries with hashes already made (`None`: a blank entry), as an
     /// index fed by watch events keeps them.
     pub fn set_hashes(&mut self, namespace: &str, name: &str, entries: HashMap<String, Option<String>>) {
-        *self.entries_mut(namespace, name) = entries;
+        *self.entries_mut(namespace, name) =
+            entries.into_iter().map(|(k, v)| (k, v.map(Into::into))).collect();
     }
 
     /// Every Secret recorded, as `(namespace, name)`.
@@ -74,7 +88,7 @@ impl TokenHashes {
         }
     }
 
-    fn entries_mut(&mut self, namespace: &str, name: &str) -> &mut HashMap<String, Option<String>> {
+    fn entries_mut(&mut self, namespace: &str, name: &str) -> &mut Entries {
         self.secrets
             .entry(namespace.to_string())
             .or_default()
@@ -86,8 +100,8 @@ impl TokenHashes {
     pub fn lookup(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
         match self.secrets.get(namespace).and_then(|names| names.get(name)) {
             None => TokenState::SecretNotFound,
-            Some(entries) => match entries.get(entry) {
-                Some(Some(hash)) => TokenState::Hash(hash),
+            Some(entries) => match entries.iter().find(|(e, _)| e == entry) {
+                Some((_, Some(hash))) => TokenState::Hash(hash),
                 _ => TokenState::Empty,
             },
         }
