@@ -497,10 +497,12 @@ impl Gateway {
     ) -> Result<Admission, Answer> {
         let admitted = result.map_err(|r| {
             entry.metrics.refusal(r.code());
+            // Counted in the key's usage first: a ban this refusal starts reports the usage at
+            // once, and it includes this request.
+            self.note_refusal(parts, Some(entry), r.code(), client);
             if r.is_the_clients() {
                 self.count_refusal(entry, client);
             }
-            self.note_refusal(parts, Some(entry), r.code(), client);
             (Some(r.code()), refused(r))
         })?;
         let (slots, rate) = (admitted.slots, admitted.rate);

@@ -55,8 +55,8 @@ impl Gateway {
             Ok(rate) => rate,
             Err(refusal) => {
                 entry.metrics.refusal(refusal.code());
-                self.count_refusal(&entry, client);
                 self.note_refusal(&parts, Some(&entry), refusal.code(), client);
+                self.count_refusal(&entry, client);
                 return self.count((Some(refusal.code()), refused(refusal)));
             }
         };
