@@ -618,10 +618,11 @@ async fn a_banned_key_gets_an_event_and_a_banned_condition_and_its_usage_shows_i
     // A periodic report may have snapshotted the usage just before the refusals; the next
     // snapshot is at most 30 s after it.
     let deadline = Instant::now() + Duration::from_secs(45);
-    while !api
-        .get("apikeys", "default", "acme")
-        .is_some_and(|k| k["status"]["usage"]["requestsLastMinute"].as_u64() >= Some(4))
-    {
+    let reported = || {
+        api.get("apikeys", "default", "acme")
+            .is_some_and(|k| k["status"]["usage"]["requestsLastMinute"].as_u64() >= Some(4))
+    };
+    while !reported() {
         assert!(
             Instant::now() < deadline,
             "timed out waiting for the usage summary"
