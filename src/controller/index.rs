@@ -194,6 +194,23 @@ impl Forward<ApiKey> for KeyFeed {
 /// by this controller, a heartbeat) wakes nobody. `None`: every change matters.
 type Relevant<K> = Option<fn(&K) -> u64>;
 
+/// What a watched kind is.
+trait Watched:
+    Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// [`spawn`] into a reflector store of the objects (managed fields and kubectl's copy stripped).
 fn reflected<K>(
     tasks: &mut Tasks,
@@ -203,13 +220,7 @@ fn reflected<K>(
     relevant: Relevant<K>,
 ) -> Store<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (reader, mut writer) = reflector::store();
     spawn(
@@ -235,13 +246,7 @@ fn spawn<K>(
     mut store: impl FnMut(&watcher::Event<K>) + Send + 'static,
     mut forward: Option<Box<dyn Forward<K>>>,
 ) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let stream = watcher(api, cfg).modify(strip).backoff(crate::watch_backoff());
     tasks.0.push(tokio::spawn(async move {

@@ -191,14 +191,8 @@ pub fn key_store() -> (KeyStore, KeyStoreWriter) {
 }
 
 impl KeyStore {
-    /// The key `namespace/name`, if it exists.
-    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<KeyMeta>> {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&format!("{namespace}/{name}")).cloned()
-    }
-
-    /// The key of id `namespace/name`.
-    pub fn get_id(&self, id: &str) -> Option<Arc<KeyMeta>> {
+    /// The key of id `namespace/name`, if it exists.
+    pub fn get(&self, id: &str) -> Option<Arc<KeyMeta>> {
         self.map
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -196,7 +196,7 @@ impl Shell {
         let keys: Vec<(String, Arc<KeyMeta>)> = self
             .index
             .dirty()
-            .filter_map(|id| Some((id.to_string(), self.stores.keys.get_id(id)?)))
+            .filter_map(|id| Some((id.to_string(), self.stores.keys.get(id)?)))
             .collect();
         self.generate_tokens(&keys).await?;
         let t_tokens = t0.elapsed();
@@ -302,8 +302,7 @@ impl Shell {
             let Some((ns, name)) = id.split_once('/') else {
                 continue;
             };
-            if let (Some(key), Some(c)) = (self.stores.keys.get(ns, name), self.activity.banned_condition(id))
-            {
+            if let (Some(key), Some(c)) = (self.stores.keys.get(id), self.activity.banned_condition(id)) {
                 self.event_on(
                     &key.object_ref(ns, name),
                     EventType::Warning,
@@ -395,7 +394,7 @@ impl Shell {
             let Some((ns, name)) = id.split_once('/') else {
                 continue;
             };
-            if let Some(key) = self.stores.keys.get(ns, name) {
+            if let Some(key) = self.stores.keys.get(id) {
                 self.event_on(&key.object_ref(ns, name), EventType::Warning, c.reason, c.message)
                     .await;
             }
@@ -504,8 +503,7 @@ impl Shell {
         for id in ids {
             let id = id.as_ref();
             let want = self.index.key_report(id).and_then(|report| {
-                let (ns, name) = id.split_once('/')?;
-                let key = self.stores.keys.get(ns, name)?;
+                let key = self.stores.keys.get(id)?;
                 Some(status::KeyStatus {
                     generation: key.generation,
                     report: std::sync::Arc::clone(report),

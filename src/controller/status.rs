@@ -326,7 +326,7 @@ pub(super) async fn run(
                 let Some((ns, name)) = id.split_once('/') else {
                     continue;
                 };
-                let Some(current) = stores.keys.get(ns, name) else {
+                let Some(current) = stores.keys.get(&id) else {
                     continue;
                 };
                 let mut desired = want.report.conditions.clone();

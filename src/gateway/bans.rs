@@ -65,17 +65,20 @@ pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &Cidrs) -> IpA
         return peer;
     }
     let xff = headers.get_all("x-forwarded-for");
-    let forwarded = headers.get_all(http::header::FORWARDED);
     let from_xff = xff.iter().next().is_some();
-    let values = if from_xff { xff } else { forwarded };
+    let values = if from_xff {
+        xff
+    } else {
+        headers.get_all(http::header::FORWARDED)
+    };
     let mut client = peer;
-    // Header lines in the order proxies added them; within a line, left to right.
-    let items: Vec<&str> = values
+    // From the last address added: the last header line, each line from its end.
+    let items = values
         .iter()
+        .rev()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .collect();
-    for item in items.into_iter().rev() {
+        .flat_map(|v| v.rsplit(','));
+    for item in items {
         let addr = if from_xff {
             parse_node(item)
         } else {
@@ -317,9 +320,8 @@ pub(super) async fn share_bans(gateway: std::sync::Weak<Gateway>) {
             };
             // The escalation window of the policy that started it is the other replica's to
             // know; an hour, the default, keeps repeats escalating here too.
-            if gw.guard.impose(&subject, ban, until + 3_600_000, now)
-                && gw.guard.check(&subject, now) == Some(ban)
-            {
+            let banned_here = gw.guard.check(&subject, now).is_some();
+            if gw.guard.impose(&subject, ban, until + 3_600_000, now) && !banned_here {
                 gw.metrics.abuse.active.inc();
                 tracing::info!(subject = %subject, reason = reason.as_str(), strike, "ban started on another replica");
             }

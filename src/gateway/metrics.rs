@@ -68,26 +68,6 @@ impl ErrorCode {
         }
     }
 
-    /// The code named `code` (as [`ErrorCode::as_str`] gives it).
-    pub fn from_str_code(code: Option<&str>) -> Option<Self> {
-        const ALL: [ErrorCode; ErrorCode::COUNT] = [
-            ErrorCode::MissingApiKey,
-            ErrorCode::InvalidApiKey,
-            ErrorCode::KeySuspended,
-            ErrorCode::KeyExpired,
-            ErrorCode::ConcurrencyLimitExceeded,
-            ErrorCode::RateLimit,
-            ErrorCode::UpstreamConcurrencyLimitExceeded,
-            ErrorCode::UpstreamUnavailable,
-            ErrorCode::UpstreamTimeout,
-            ErrorCode::InvalidRequest,
-            ErrorCode::LimiterUnavailable,
-            ErrorCode::TemporarilyBlocked,
-        ];
-        let code = code?;
-        ALL.into_iter().find(|c| c.as_str() == code)
-    }
-
     /// The HTTP status this code is answered with.
     pub fn status(self) -> http::StatusCode {
         use http::StatusCode as S;

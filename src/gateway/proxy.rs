@@ -393,28 +393,19 @@ impl Gateway {
         self.metrics.upstream_latency.observe(waited.as_secs_f64());
         if let Some(log) = hold.log.as_mut() {
             log.record.upstream_ms = Some(super::visibility::millis(waited));
-            match &result {
-                Ok(Ok(res)) => log.record.status = res.status().as_u16(),
-                Ok(Err(SendError::RequestBody(_))) => {
-                    log.record.code = Some(ErrorCode::InvalidRequest.as_str())
-                }
-                Ok(Err(_)) => log.record.code = Some(ErrorCode::UpstreamUnavailable.as_str()),
-                Err(_) => log.record.code = Some(ErrorCode::UpstreamTimeout.as_str()),
-            }
-            if log.record.status == 0 {
-                log.record.status =
-                    ErrorCode::from_str_code(log.record.code).map_or(502, |c| c.status().as_u16());
-            }
         }
         // A failure after admission still tells the client its limits.
         let fail = |code: ErrorCode, message: &str| failed(code, message, slots, rate);
-        match result {
+        let answer = match result {
             Ok(Ok(res)) => {
+                if let Some(log) = hold.log.as_mut() {
+                    log.record.status = res.status().as_u16();
+                }
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 limit_headers(&mut parts.headers, slots, rate);
                 let body = Held::new(body.map_err(|e| Box::new(e) as BoxError), hold).boxed_unsync();
-                (None, Response::from_parts(parts, body))
+                return (None, Response::from_parts(parts, body));
             }
             Ok(Err(SendError::RequestBody(e))) => {
                 tracing::debug!(error = %e, "request body failed while it was forwarded");
@@ -447,7 +438,13 @@ impl Gateway {
                     ),
                 )
             }
+        };
+        // The hold ends with this function: its log line carries the answer's code.
+        if let (Some(code), Some(log)) = (answer.0, hold.log.as_mut()) {
+            log.record.status = code.status().as_u16();
+            log.record.code = Some(code.as_str());
         }
+        answer
     }
 }
 
