@@ -147,10 +147,18 @@ pub struct KeyUsageStatus {
 impl ApiKey {
     /// Where this key's token is read from: the declared Secret, or `<name>-token`/`token`.
     pub fn token_ref(&self) -> SecretKeyRef {
-        self.spec.secret_ref.clone().unwrap_or_else(|| SecretKeyRef {
-            name: format!("{}-token", self.name_any()),
+        self.spec
+            .secret_ref
+            .clone()
+            .unwrap_or_else(|| Self::default_token_ref(&self.name_any()))
+    }
+
+    /// The token Secret of a key named `name` that declares none: `<name>-token`, entry `token`.
+    pub fn default_token_ref(name: &str) -> SecretKeyRef {
+        SecretKeyRef {
+            name: format!("{name}-token"),
             key: default_secret_key(),
-        })
+        }
     }
 
     /// `namespace/name`, the key's identity in logs and conditions (never its token).

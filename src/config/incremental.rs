@@ -82,7 +82,7 @@ struct Out {
 #[derive(Clone, Debug, Default)]
 struct Shard {
     keys: BTreeMap<TokenDigest, Arc<CompiledKey>>,
-    json: String,
+    json: Arc<str>,
     digest: String,
 }
 
@@ -469,7 +469,7 @@ impl Incremental {
         }
         for i in std::mem::take(&mut self.dirty_shards) {
             let shard = &mut self.shards[i];
-            shard.json = pieces::shard_json(&shard.keys);
+            shard.json = pieces::shard_json(&shard.keys).into();
             shard.digest = pieces::shard_digest(&shard.json);
         }
 
@@ -749,7 +749,7 @@ impl Incremental {
             .map(|(i, s)| Piece {
                 name: pieces::shard_name(base, i, count),
                 entry: SHARD_ENTRY,
-                data: s.json.clone(),
+                data: Arc::clone(&s.json),
             })
             .collect();
         let index = Index {
@@ -767,7 +767,7 @@ impl Incremental {
         out.push(Piece {
             name: base.to_string(),
             entry: INDEX_ENTRY,
-            data: serde_json::to_string(&index).expect("index serialises"),
+            data: serde_json::to_string(&index).expect("index serialises").into(),
         });
         out
     }
@@ -792,15 +792,16 @@ impl Incremental {
     }
 }
 
-/// A small set as a sorted vector. Nearly every token is claimed by one key and nearly every
-/// Secret read by one key; a one-element `BTreeSet` allocates a node for eleven (about 500 bytes
-/// per key at 100,000 keys, twice over).
+/// A small set as a sorted vector, its first element inline. Nearly every token is claimed by one
+/// key and nearly every Secret read by one key; a one-element `BTreeSet` allocates a node for
+/// eleven (about 500 bytes per key at 100,000 keys, twice over), a one-element `Vec` an
+/// allocation per key.
 #[derive(Clone, Debug)]
-struct Few<T>(Vec<T>);
+struct Few<T>(smallvec::SmallVec<[T; 1]>);
 
 impl<T> Default for Few<T> {
     fn default() -> Self {
-        Self(Vec::new())
+        Self(smallvec::SmallVec::new())
     }
 }
 

@@ -76,8 +76,9 @@ pub struct Piece {
     pub name: String,
     /// Data entry ([`INDEX_ENTRY`] or [`SHARD_ENTRY`]).
     pub entry: &'static str,
-    /// The entry's content (JSON).
-    pub data: String,
+    /// The entry's content (JSON), shared with whoever keeps it (the incremental index keeps
+    /// each shard's text once for every publish).
+    pub data: Arc<str>,
 }
 
 /// Why pieces do not make a configuration (yet).
@@ -120,7 +121,7 @@ pub fn shards(config: &GatewayConfig, base: &str) -> Vec<Piece> {
         .map(|(i, data)| Piece {
             name: shard_name(base, i, count),
             entry: SHARD_ENTRY,
-            data,
+            data: data.into(),
         })
         .collect()
 }
@@ -193,7 +194,7 @@ pub fn index(config: &GatewayConfig, base: &str, shards: &[Piece]) -> Piece {
     Piece {
         name: base.to_string(),
         entry: INDEX_ENTRY,
-        data: serde_json::to_string(&index).expect("index serialises"),
+        data: serde_json::to_string(&index).expect("index serialises").into(),
     }
 }
 
@@ -445,7 +446,10 @@ mod tests {
     }
 
     fn by_name(pieces: &[Piece]) -> HashMap<String, String> {
-        pieces.iter().map(|p| (p.name.clone(), p.data.clone())).collect()
+        pieces
+            .iter()
+            .map(|p| (p.name.clone(), p.data.to_string()))
+            .collect()
     }
 
     #[test]

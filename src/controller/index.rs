@@ -41,7 +41,7 @@ pub(super) struct Stores {
     pub(super) keys: super::keys::KeyStore,
     pub(super) reports: Store<Lease>,
     /// The configuration objects as they are, to repair one that was edited or deleted.
-    pub(super) configs: Store<ConfigMap>,
+    pub(super) configs: super::publish::ConfigSeen,
 }
 
 /// One event of the keys or token Secrets, as the incremental compile takes it.
@@ -50,7 +50,8 @@ pub(super) enum Change {
     Key(Box<ApiKey>),
     KeyGone(String),
     /// A (re)list of the keys ended: no other key exists.
-    KeysListed(HashSet<String>),
+    /// Keys by [`id_hash`] of their id: a relist of 100,000 keys holds no second copy of the ids.
+    KeysListed(HashSet<u64>),
     Secret {
         namespace: String,
         name: String,
@@ -62,7 +63,8 @@ pub(super) enum Change {
         name: String,
     },
     /// A (re)list of the token Secrets ended: no other one exists.
-    SecretsListed(HashSet<(String, String)>),
+    /// By [`id_hash`] of `(namespace, name)`.
+    SecretsListed(HashSet<u64>),
 }
 
 /// Applies one event to the index.
@@ -73,7 +75,7 @@ pub(super) fn apply(index: &mut Incremental, change: Change) {
         Change::KeysListed(ids) => {
             let gone: Vec<String> = index
                 .key_ids()
-                .filter(|id| !ids.contains(*id))
+                .filter(|id| !ids.contains(&id_hash(*id)))
                 .map(str::to_string)
                 .collect();
             for id in gone {
@@ -88,7 +90,7 @@ pub(super) fn apply(index: &mut Incremental, change: Change) {
         Change::SecretGone { namespace, name } => index.remove_secret(&namespace, &name),
         Change::SecretsListed(ids) => {
             for (ns, name) in index.secret_ids() {
-                if !ids.contains(&(ns.clone(), name.clone())) {
+                if !ids.contains(&id_hash(&(&ns, &name))) {
                     index.remove_secret(&ns, &name);
                 }
             }
@@ -109,6 +111,7 @@ pub(super) fn reflect(
     let (feed, changes) = mpsc::unbounded_channel();
     let key_feed = feed.clone();
     let (keys, mut key_writer) = super::keys::key_store();
+    let mut configs = super::publish::ConfigSeen::default();
     let stores = Stores {
         plans: reflected(
             tasks,
@@ -125,14 +128,17 @@ pub(super) fn reflect(
             vec![reports_changed],
             None,
         ),
-        configs: reflected(
-            tasks,
-            Api::namespaced(client.clone(), ns),
-            watcher::Config::default().labels(&format!("{CONFIG_LABEL}={name}")),
-            vec![Arc::clone(&notify)],
-            None,
-        ),
+        configs: configs.clone(),
     };
+    spawn(
+        tasks,
+        Api::<ConfigMap>::namespaced(client.clone(), ns),
+        watcher::Config::default().labels(&format!("{CONFIG_LABEL}={name}")),
+        vec![Arc::clone(&notify)],
+        None,
+        move |ev| configs.apply(ev),
+        None,
+    );
     spawn(
         tasks,
         Api::<ApiKey>::all(client.clone()),
@@ -162,7 +168,7 @@ trait Forward<K>: Send {
 struct KeyFeed {
     feed: mpsc::UnboundedSender<Change>,
     /// Ids seen since a relist began.
-    listing: Option<HashSet<String>>,
+    listing: Option<HashSet<u64>>,
 }
 
 impl Forward<ApiKey> for KeyFeed {
@@ -174,7 +180,7 @@ impl Forward<ApiKey> for KeyFeed {
             }
             watcher::Event::InitApply(k) => {
                 if let Some(l) = self.listing.as_mut() {
-                    l.insert(k.id());
+                    l.insert(id_hash(k.id().as_str()));
                 }
                 if !changed {
                     return;
@@ -252,7 +258,8 @@ fn spawn<K>(
     tasks.0.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut down = false;
-        let mut seen: HashMap<String, u64> = HashMap::new();
+        // By a hash of the uid, not the uid: 16 bytes a key instead of about 90.
+        let mut seen: HashMap<u64, u64> = HashMap::new();
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(ev) => {
@@ -260,11 +267,11 @@ fn spawn<K>(
                     store(&ev);
                     let changed = match (&ev, relevant) {
                         (watcher::Event::Apply(o) | watcher::Event::InitApply(o), Some(f)) => {
-                            let uid = o.meta().uid.clone().unwrap_or_default();
+                            let uid = id_hash(o.meta().uid.as_deref().unwrap_or_default());
                             seen.insert(uid, f(o)) != Some(f(o))
                         }
                         (watcher::Event::Delete(o), Some(_)) => {
-                            seen.remove(o.meta().uid.as_deref().unwrap_or_default());
+                            seen.remove(&id_hash(o.meta().uid.as_deref().unwrap_or_default()));
                             true
                         }
                         (watcher::Event::Init | watcher::Event::InitApply(_), None) => false,
@@ -294,9 +301,10 @@ fn spawn<K>(
 async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, notify: Arc<Notify>) {
     let cfg = watcher::Config::default().labels(TOKEN_LABEL);
     let mut stream = std::pin::pin!(watcher(api, cfg).backoff(crate::watch_backoff()));
-    let mut listing: Option<HashSet<(String, String)>> = None;
+    let mut listing: Option<HashSet<u64>> = None;
     // The digests last sent per Secret: a relist or a metadata change sends nothing new.
-    let mut sent: HashMap<(String, String), u64> = HashMap::new();
+    // Keyed by a hash of namespace and name, like `seen` in `spawn`.
+    let mut sent: HashMap<u64, u64> = HashMap::new();
     let mut down = false;
     while let Some(ev) = stream.next().await {
         let ev = match ev {
@@ -318,8 +326,9 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
             watcher::Event::InitDone => Change::SecretsListed(listing.take().unwrap_or_default()),
             watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
                 let id = (s.namespace().unwrap_or_default(), s.name_any());
+                let hashed = id_hash(&(&id.0, &id.1));
                 if let Some(l) = listing.as_mut() {
-                    l.insert(id.clone());
+                    l.insert(hashed);
                 }
                 let entries = token_digests(&s);
                 let fingerprint = {
@@ -330,7 +339,7 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
                     sorted.hash(&mut h);
                     h.finish()
                 };
-                if sent.insert(id.clone(), fingerprint) == Some(fingerprint) {
+                if sent.insert(hashed, fingerprint) == Some(fingerprint) {
                     continue;
                 }
                 Change::Secret {
@@ -341,7 +350,7 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
             }
             watcher::Event::Delete(s) => {
                 let (namespace, name) = (s.namespace().unwrap_or_default(), s.name_any());
-                sent.remove(&(namespace.clone(), name.clone()));
+                sent.remove(&id_hash(&(&namespace, &name)));
                 Change::SecretGone { namespace, name }
             }
         };
@@ -350,6 +359,15 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
         }
         notify.notify_one();
     }
+}
+
+/// A 64-bit digest of an object's identity for the watches' per-object memory: two of 100,000
+/// objects share one with a probability of about 10^-9.
+fn id_hash<T: std::hash::Hash + ?Sized>(id: &T) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// The SHA-256 of each entry of a token Secret (`None`: blank), from `data` and, for an object

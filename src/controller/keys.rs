@@ -16,22 +16,22 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, 
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 
-use crate::api::{ApiKey, EffectiveLimits, KeyUsageStatus, SecretKeyRef};
+use crate::api::{ApiKey, EffectiveLimits, KeyUsageStatus};
 
 /// What the controller keeps of one ApiKey.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeyMeta {
     /// `metadata.uid`.
-    pub uid: String,
+    pub uid: Box<str>,
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// `metadata.resourceVersion`.
-    pub resource_version: Option<String>,
+    pub resource_version: Option<Box<str>>,
     /// Being deleted.
     pub deleting: bool,
-    /// The token Secret and entry to generate when none exists; `None`: the key names its own
-    /// Secret (`spec.secretRef`), which is never generated.
-    pub generate: Option<SecretKeyRef>,
+    /// Whether a token Secret is generated when none exists ([`ApiKey::default_token_ref`]);
+    /// `false`: the key names its own Secret (`spec.secretRef`), which is never generated.
+    pub generates: bool,
     /// The status as the object shows it.
     pub status: SlimStatus,
 }
@@ -52,14 +52,30 @@ pub struct SlimStatus {
 /// A condition as the writer compares it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlimCondition {
-    /// Type.
-    pub type_: String,
+    /// Type, one allocation per type shared by every key ([`condition_type`]).
+    pub type_: Arc<str>,
     /// `True` or `False`.
     pub status: bool,
     /// When the status last flipped.
     pub last_transition_time: Time,
     /// [`condition_digest`] of reason, message and observed generation.
     pub digest: u64,
+}
+
+/// `type_` as one shared allocation: there are a handful of condition types and 100,000 keys
+/// with four conditions each.
+pub fn condition_type(type_: &str) -> Arc<str> {
+    static TYPES: std::sync::Mutex<Vec<Arc<str>>> = std::sync::Mutex::new(Vec::new());
+    let mut types = TYPES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = types.iter().find(|t| &***t == type_) {
+        return Arc::clone(t);
+    }
+    let t: Arc<str> = type_.into();
+    // Bounded: a status someone else wrote could carry any number of types.
+    if types.len() < 64 {
+        types.push(Arc::clone(&t));
+    }
+    t
 }
 
 /// A digest of what a condition says besides its type, status and time.
@@ -83,7 +99,7 @@ impl SlimStatus {
             && self.usage == *usage
             && self.conditions.len() == conditions.len()
             && self.conditions.iter().zip(conditions).all(|(s, c)| {
-                s.type_ == c.type_
+                *s.type_ == *c.type_
                     && s.status == (c.status == "True")
                     && s.last_transition_time == c.last_transition_time
                     && s.digest == condition_digest(c)
@@ -95,7 +111,7 @@ impl SlimStatus {
     pub fn kept_time(&self, type_: &str, status: bool) -> Option<&Time> {
         self.conditions
             .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
+            .find(|c| &*c.type_ == type_ && c.status == status)
             .map(|c| &c.last_transition_time)
     }
 }
@@ -114,7 +130,7 @@ impl KeyMeta {
                     .conditions
                     .iter()
                     .map(|c| SlimCondition {
-                        type_: c.type_.clone(),
+                        type_: condition_type(&c.type_),
                         status: c.status == "True",
                         last_transition_time: c.last_transition_time.clone(),
                         digest: condition_digest(c),
@@ -122,11 +138,11 @@ impl KeyMeta {
                     .collect(),
             });
         Self {
-            uid: key.uid().unwrap_or_default(),
+            uid: key.uid().unwrap_or_default().into(),
             generation: key.meta().generation,
-            resource_version: key.resource_version(),
+            resource_version: key.resource_version().map(Into::into),
             deleting: key.meta().deletion_timestamp.is_some(),
-            generate: key.spec.secret_ref.is_none().then(|| key.token_ref()),
+            generates: key.spec.secret_ref.is_none(),
             status,
         }
     }
@@ -138,8 +154,8 @@ impl KeyMeta {
             kind: Some(ApiKey::kind(&()).into_owned()),
             name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
-            uid: Some(self.uid.clone()),
-            resource_version: self.resource_version.clone(),
+            uid: Some(self.uid.to_string()),
+            resource_version: self.resource_version.as_deref().map(str::to_string),
             ..Default::default()
         }
     }
@@ -150,7 +166,7 @@ impl KeyMeta {
             api_version: ApiKey::api_version(&()).into_owned(),
             kind: ApiKey::kind(&()).into_owned(),
             name: name.to_string(),
-            uid: self.uid.clone(),
+            uid: self.uid.to_string(),
             controller: Some(true),
             block_owner_deletion: None,
         }
@@ -160,17 +176,17 @@ impl KeyMeta {
 /// The cache, shared by the reconciler and the status writer; filled by the keys' watch.
 #[derive(Clone, Debug)]
 pub struct KeyStore {
-    map: Arc<RwLock<HashMap<String, Arc<KeyMeta>>>>,
+    map: Arc<RwLock<HashMap<Box<str>, Arc<KeyMeta>>>>,
     ready: watch::Receiver<bool>,
 }
 
 /// The watch's side of a [`KeyStore`].
 #[derive(Debug)]
 pub struct KeyStoreWriter {
-    map: Arc<RwLock<HashMap<String, Arc<KeyMeta>>>>,
+    map: Arc<RwLock<HashMap<Box<str>, Arc<KeyMeta>>>>,
     ready: watch::Sender<bool>,
     /// Keys seen since a relist began: the store keeps serving the old set until it ends.
-    listing: Option<HashMap<String, Arc<KeyMeta>>>,
+    listing: Option<HashMap<Box<str>, Arc<KeyMeta>>>,
 }
 
 /// An empty store and its writer.
@@ -218,10 +234,10 @@ impl KeyStoreWriter {
                 let meta = Arc::new(KeyMeta::of(k));
                 match self.listing.as_mut() {
                     Some(l) => {
-                        l.insert(k.id(), meta);
+                        l.insert(k.id().into(), meta);
                     }
                     None => {
-                        map().insert(k.id(), meta);
+                        map().insert(k.id().into(), meta);
                     }
                 }
             }
@@ -232,10 +248,10 @@ impl KeyStoreWriter {
                 self.ready.send_replace(true);
             }
             Event::Apply(k) => {
-                map().insert(k.id(), Arc::new(KeyMeta::of(k)));
+                map().insert(k.id().into(), Arc::new(KeyMeta::of(k)));
             }
             Event::Delete(k) => {
-                map().remove(&k.id());
+                map().remove(k.id().as_str());
             }
         }
     }

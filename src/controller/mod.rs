@@ -163,7 +163,6 @@ pub async fn run(
     );
     let publisher = publish::Publisher::new(
         Api::namespaced(client.clone(), &opts.namespace),
-        opts.namespace.clone(),
         opts.config_name.clone(),
         stores.configs.clone(),
         Arc::clone(&metrics),

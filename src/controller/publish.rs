@@ -4,8 +4,9 @@
 //! has. An object someone else edited or deleted is written again.
 
 use std::{
-    collections::BTreeMap,
-    sync::Arc,
+    collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -13,7 +14,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
-    runtime::reflector::{self, Store},
+    runtime::watcher,
 };
 
 use super::{ControllerMetrics, MANAGER};
@@ -22,9 +23,18 @@ use crate::config::{
     pieces::{self, CONFIG_LABEL, Piece},
 };
 
+/// A digest of an object's data: what this replica compares, so that it holds no copy of the
+/// configuration text beside the index's (at 100,000 keys each copy is about 12 MB).
+fn data_digest(data: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
+
 /// What this replica last wrote to one configuration object.
 struct Written {
-    data: String,
+    /// [`data_digest`] of its data.
+    digest: u64,
     /// Resource versions its own writes produced: a watch that lags still shows one of them, so
     /// only a version not in here is someone else's edit.
     versions: Vec<String>,
@@ -32,21 +42,75 @@ struct Written {
 }
 
 impl Written {
-    fn new(data: String, version: String) -> Self {
+    fn new(data: &str, version: String) -> Self {
         Self {
-            data,
+            digest: data_digest(data),
             versions: vec![version],
             at: Instant::now(),
         }
     }
 }
 
+/// The configuration objects as the watch shows them: resource version and [`data_digest`] of
+/// each by name, to repair one someone else edited or deleted. Not a reflector store, which would
+/// keep a third copy of every shard's text.
+#[derive(Clone, Default)]
+pub(super) struct ConfigSeen {
+    objects: Arc<RwLock<HashMap<String, (String, u64)>>>,
+    /// Objects of a relist under way, swapped in when it ends.
+    listing: Option<HashMap<String, (String, u64)>>,
+}
+
+impl ConfigSeen {
+    fn seen(cm: &ConfigMap) -> (String, (String, u64)) {
+        let data = cm.data.as_ref().and_then(|d| d.values().next());
+        (
+            cm.name_any(),
+            (
+                cm.resource_version().unwrap_or_default(),
+                data.map_or(0, |d| data_digest(d)),
+            ),
+        )
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, (String, u64)>> {
+        // Plain data: a panic elsewhere cannot leave it half-updated.
+        self.objects.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one event of the configuration objects' watch.
+    pub(super) fn apply(&mut self, ev: &watcher::Event<ConfigMap>) {
+        match ev {
+            watcher::Event::Init => self.listing = Some(HashMap::new()),
+            watcher::Event::InitApply(cm) => {
+                let (name, seen) = Self::seen(cm);
+                self.listing.get_or_insert_default().insert(name, seen);
+            }
+            watcher::Event::InitDone => *self.write() = self.listing.take().unwrap_or_default(),
+            watcher::Event::Apply(cm) => {
+                let (name, seen) = Self::seen(cm);
+                self.write().insert(name, seen);
+            }
+            watcher::Event::Delete(cm) => {
+                self.write().remove(&cm.name_any());
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<(String, u64)> {
+        self.objects
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
 /// Writes configurations and remembers what it wrote.
 pub(super) struct Publisher {
     pub(super) api: Api<ConfigMap>,
-    pub(super) namespace: String,
     pub(super) config_name: String,
-    pub(super) configs: Store<ConfigMap>,
+    pub(super) configs: ConfigSeen,
     pub(super) metrics: Arc<ControllerMetrics>,
     /// Each configuration object as last written (or found), to write only what changed.
     written: BTreeMap<String, Written>,
@@ -55,14 +119,12 @@ pub(super) struct Publisher {
 impl Publisher {
     pub(super) fn new(
         api: Api<ConfigMap>,
-        namespace: String,
         config_name: String,
-        configs: Store<ConfigMap>,
+        configs: ConfigSeen,
         metrics: Arc<ControllerMetrics>,
     ) -> Self {
         Self {
             api,
-            namespace,
             config_name,
             configs,
             metrics,
@@ -79,16 +141,17 @@ impl Publisher {
             .await
             .ok()?;
         self.written.clear();
-        for cm in list {
-            if let Some(d) = cm.data.as_ref().and_then(|d| d.values().next()) {
-                self.written.insert(
-                    cm.name_any(),
-                    Written::new(d.clone(), cm.resource_version().unwrap_or_default()),
-                );
+        let mut found: HashMap<String, String> = HashMap::new();
+        for mut cm in list {
+            let name = cm.name_any();
+            let version = cm.resource_version().unwrap_or_default();
+            if let Some(d) = cm.data.take().and_then(|d| d.into_values().next()) {
+                self.written.insert(name.clone(), Written::new(&d, version));
+                found.insert(name, d);
             }
         }
-        let index = self.written.get(&self.config_name)?;
-        pieces::assemble(&index.data, |n| self.written.get(n).map(|w| w.data.as_str())).ok()
+        let index = found.get(&self.config_name)?;
+        pieces::assemble(index, |n| found.get(n).map(String::as_str)).ok()
     }
 
     /// Remembers a write of ours. Versions of earlier data are kept: until the watch catches up
@@ -96,7 +159,7 @@ impl Publisher {
     fn record(&mut self, piece: &Piece, version: String) {
         match self.written.get_mut(&piece.name) {
             Some(w) => {
-                w.data.clone_from(&piece.data);
+                w.digest = data_digest(&piece.data);
                 w.versions.push(version);
                 w.at = Instant::now();
                 if w.versions.len() > 16 {
@@ -105,7 +168,7 @@ impl Publisher {
             }
             None => {
                 self.written
-                    .insert(piece.name.clone(), Written::new(piece.data.clone(), version));
+                    .insert(piece.name.clone(), Written::new(&piece.data, version));
             }
         }
     }
@@ -194,18 +257,12 @@ impl Publisher {
         let Some(ours) = self.written.get(name) else {
             return true;
         };
-        if ours.data != data {
+        let digest = data_digest(data);
+        if ours.digest != digest {
             return true;
         }
-        let seen = self
-            .configs
-            .get(&reflector::ObjectRef::new(name).within(&self.namespace));
-        match seen {
-            Some(cm) => {
-                let version = cm.resource_version().unwrap_or_default();
-                let theirs = cm.data.as_ref().and_then(|d| d.values().next());
-                !ours.versions.contains(&version) && theirs.map(String::as_str) != Some(data)
-            }
+        match self.configs.get(name) {
+            Some((version, theirs)) => !ours.versions.contains(&version) && theirs != digest,
             // Gone from a watch that has had time to see it: deleted by someone.
             None => ours.at.elapsed() > Duration::from_secs(2),
         }

@@ -95,12 +95,13 @@ impl Shell {
     /// existing Secret is never overwritten (create fails with a conflict instead).
     async fn generate_tokens(&mut self, keys: &[(String, Arc<KeyMeta>)]) -> kube::Result<()> {
         for (id, key) in keys {
-            let (Some(r), false) = (&key.generate, key.deleting) else {
+            if !key.generates || key.deleting {
                 continue;
-            };
+            }
             let Some((ns, name)) = id.split_once('/') else {
                 continue;
             };
+            let r = &crate::api::ApiKey::default_token_ref(name);
             if self.index.token(ns, &r.name, &r.key) != TokenState::SecretNotFound {
                 continue;
             }
@@ -508,8 +509,8 @@ impl Shell {
                     generation: key.generation,
                     report: std::sync::Arc::clone(report),
                     since: report.admitted.then(|| self.index.since(id).unwrap_or(version)),
-                    usage: self.activity.usage_of(id),
-                    banned: self.activity.banned_condition(id),
+                    usage: self.activity.usage_of(id).map(Box::new),
+                    banned: self.activity.banned_condition(id).map(Box::new),
                 })
             });
             self.status.set_key(id, want, priority);

@@ -56,10 +56,11 @@ pub struct KeyStatus {
     /// The configuration version since which the gateways' entry for this key is unchanged
     /// (`None`: not admitted, so no `Enforced` condition).
     pub since: Option<u64>,
-    /// The last minute's usage the gateways report.
-    pub usage: Option<crate::api::KeyUsageStatus>,
+    /// The last minute's usage the gateways report. Boxed, as `banned`: only the active keys
+    /// have one, and the book's map holds the struct inline for each of 100,000 keys.
+    pub usage: Option<Box<crate::api::KeyUsageStatus>>,
     /// The `Banned` condition while the gateways ban the key.
-    pub banned: Option<ConditionSpec>,
+    pub banned: Option<Box<ConditionSpec>>,
 }
 
 /// Which queue an object waits in.
@@ -331,10 +332,11 @@ pub(super) async fn run(
                 };
                 let mut desired = want.report.conditions.clone();
                 desired.extend(enforced);
-                desired.extend(want.banned.clone());
+                desired.extend(want.banned.as_deref().cloned());
                 let cur = &current.status;
                 let conditions = merge_slim(cur, &desired, want.generation, &now);
-                if cur.shows(want.generation, &want.report.effective, &want.usage, &conditions) {
+                let usage = want.usage.as_deref().copied();
+                if cur.shows(want.generation, &want.report.effective, &usage, &conditions) {
                     continue;
                 }
                 pace.tick().await;
@@ -343,7 +345,7 @@ pub(super) async fn run(
                     "effective": want.report.effective,
                     "conditions": conditions,
                 });
-                if let Some(u) = want.usage {
+                if let Some(u) = usage {
                     status["usage"] = serde_json::to_value(u).unwrap_or_default();
                 }
                 let body = serde_json::json!({
