@@ -56,7 +56,8 @@ fn config(keys: usize) -> GatewayConfig {
 /// The objects a controller publishes for `c`, by name.
 fn published(c: &GatewayConfig) -> (String, BTreeMap<String, String>) {
     let pieces = pieces::split(c, "cfg");
-    let mut map: BTreeMap<String, String> = pieces.into_iter().map(|p| (p.name, p.data.to_string())).collect();
+    let mut map: BTreeMap<String, String> =
+        pieces.into_iter().map(|p| (p.name, p.data.to_string())).collect();
     let index = map.remove("cfg").expect("the index is published");
     (index, map)
 }

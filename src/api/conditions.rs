@@ -12,13 +12,14 @@ pub struct ConditionSpec {
     pub status: bool,
     /// One CamelCase word a person (or an alert) can act on, such as `PlanNotFound`.
     pub reason: &'static str,
-    /// A sentence that says what is wrong and what to do.
-    pub message: String,
+    /// A sentence that says what is wrong and what to do. Shared: 100,000 keys on one plan say
+    /// the same about it.
+    pub message: std::sync::Arc<str>,
 }
 
 impl ConditionSpec {
     /// A condition that holds.
-    pub fn ok(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn ok(type_: &'static str, reason: &'static str, message: impl Into<std::sync::Arc<str>>) -> Self {
         Self {
             type_,
             status: true,
@@ -28,7 +29,7 @@ impl ConditionSpec {
     }
 
     /// A condition that does not hold.
-    pub fn fail(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn fail(type_: &'static str, reason: &'static str, message: impl Into<std::sync::Arc<str>>) -> Self {
         Self {
             type_,
             status: false,
@@ -64,7 +65,7 @@ pub fn merge_conditions(
                 type_: d.type_.to_string(),
                 status: d.status_str().to_string(),
                 reason: d.reason.to_string(),
-                message: d.message.clone(),
+                message: d.message.to_string(),
                 observed_generation: generation,
                 last_transition_time,
             }

@@ -36,8 +36,10 @@ pub type KeyId = Arc<str>;
 #[derive(Clone, Debug)]
 struct KeyIn {
     id: KeyId,
-    namespace: String,
-    secret: SecretKeyRef,
+    /// `spec.secretRef`; `None`: the default one ([`ApiKey::default_token_ref`]), built when
+    /// read. Nearly every key has the default, and a copy of it and of the namespace (which the
+    /// id holds) cost about 150 bytes a key.
+    secret: Option<Box<SecretKeyRef>>,
     /// The entry its spec gives (id, plan, overrides, suspension, expiry), shared with the
     /// output and the shard while it is the one admitted: one copy per key, not three.
     entry: Arc<CompiledKey>,
@@ -49,8 +51,7 @@ impl KeyIn {
     fn of(key: &ApiKey) -> Self {
         Self {
             id: key.id().into(),
-            namespace: key.namespace().unwrap_or_default(),
-            secret: key.token_ref(),
+            secret: key.spec.secret_ref.clone().map(Box::new),
             entry: Arc::new(CompiledKey {
                 id: key.id(),
                 plan: key.spec.plan.clone(),
@@ -62,9 +63,29 @@ impl KeyIn {
         }
     }
 
-    fn secret_id(&self) -> (String, String) {
-        (self.namespace.clone(), self.secret.name.clone())
+    fn namespace(&self) -> &str {
+        self.id.split_once('/').map_or("", |(ns, _)| ns)
     }
+
+    fn secret(&self) -> std::borrow::Cow<'_, SecretKeyRef> {
+        match &self.secret {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => {
+                let name = self.id.split_once('/').map_or(&*self.id, |(_, n)| n);
+                std::borrow::Cow::Owned(ApiKey::default_token_ref(name))
+            }
+        }
+    }
+
+    /// `namespace/name` of the Secret it reads.
+    fn secret_id(&self) -> Box<str> {
+        secret_id(self.namespace(), &self.secret().name)
+    }
+}
+
+/// A Secret's `namespace/name`: one allocation, where a pair of strings is two.
+fn secret_id(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into()
 }
 
 /// An admitted key: its token digest and its entry.
@@ -103,7 +124,7 @@ pub struct Incremental {
     keys: HashMap<KeyId, KeyIn>,
     tokens: TokenHashes,
     /// Key ids by the Secret they read, `(namespace, name)`.
-    by_secret: HashMap<(String, String), Few<KeyId>>,
+    by_secret: HashMap<Box<str>, Few<KeyId>>,
     /// Key ids by the plan their spec names.
     by_plan: HashMap<String, BTreeSet<KeyId>>,
     /// Keys by token digest, oldest first: the first owns the token.
@@ -144,6 +165,40 @@ pub struct Incremental {
     decided: Vec<KeyId>,
     /// Keys the last [`Incremental::refresh_reports`] decided.
     refreshed: Vec<KeyId>,
+    /// The sentences of the key reports, shared.
+    messages: Messages,
+}
+
+/// The condition messages of the key reports, one allocation per distinct sentence: `PlanResolved`
+/// and `Ready` say the same for every key of a plan ("admitted on plan startup: ..."), and a copy
+/// per key cost about 100 bytes at 100,000 keys. `TokenReady` names each key's own Secret and is
+/// left as it is.
+#[derive(Debug, Default)]
+struct Messages {
+    set: HashSet<Arc<str>>,
+    /// Sentences no report uses any more are dropped when the set reaches this size.
+    purge_at: usize,
+}
+
+impl Messages {
+    fn share(&mut self, mut report: KeyReport) -> Arc<KeyReport> {
+        for c in &mut report.conditions {
+            if c.type_ == reason::TOKEN_READY {
+                continue;
+            }
+            match self.set.get(&c.message) {
+                Some(m) => c.message = Arc::clone(m),
+                None => {
+                    if self.set.len() >= self.purge_at {
+                        self.set.retain(|m| Arc::strong_count(m) > 1);
+                        self.purge_at = (self.set.len() * 2).max(1024);
+                    }
+                    self.set.insert(Arc::clone(&c.message));
+                }
+            }
+        }
+        Arc::new(report)
+    }
 }
 
 impl Incremental {
@@ -170,15 +225,18 @@ impl Incremental {
     /// The same objects, compiled next as the continuation of `previous` (a configuration another
     /// leader published meanwhile): its version sequence and its entries as last known good.
     /// Costs one pass over every key; a new leader does it once.
-    pub fn restart(self, previous: Option<&GatewayConfig>) -> Self {
+    pub fn restart(mut self, previous: Option<&GatewayConfig>) -> Self {
         let mut next = Self::new(previous);
-        next.tokens = self.tokens;
-        next.task_types = self.task_types;
-        for (name, plan) in self.plans {
+        next.tokens = std::mem::take(&mut self.tokens);
+        next.task_types = std::mem::take(&mut self.task_types);
+        let plans = std::mem::take(&mut self.plans);
+        let keys: Vec<KeyIn> = std::mem::take(&mut self.keys).into_values().collect();
+        // The rest of the old index goes before the new one is built, not beside it.
+        drop(self);
+        for (name, plan) in plans {
             next.plan_changed(&name);
             next.plans.insert(name, plan);
         }
-        let keys: Vec<KeyIn> = self.keys.into_values().collect();
         for k in keys {
             next.insert_key(k);
         }
@@ -247,7 +305,6 @@ impl Incremental {
         if let Some(old) = self.keys.get(&id)
             && old.entry == new.entry
             && old.created == new.created
-            && old.namespace == new.namespace
             && old.secret == new.secret
         {
             return;
@@ -312,7 +369,7 @@ impl Incremental {
     fn secret_changed(&mut self, namespace: &str, name: &str) {
         let readers: Vec<KeyId> = self
             .by_secret
-            .get(&(namespace.to_string(), name.to_string()))
+            .get(&secret_id(namespace, name))
             .into_iter()
             .flatten()
             .cloned()
@@ -329,7 +386,8 @@ impl Incremental {
         let Some((key_id, k)) = self.keys.get_key_value(id) else {
             return;
         };
-        let TokenState::Hash(hash) = self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) else {
+        let secret = k.secret();
+        let TokenState::Hash(hash) = self.tokens.lookup(k.namespace(), &secret.name, &secret.key) else {
             return;
         };
         let hash = Arc::clone(hash);
@@ -405,8 +463,8 @@ impl Incremental {
             let plan = plan_state(&valid, &self.plans, &k.entry.plan);
             let decided = decide_key(
                 k.entry.clone(),
-                &k.namespace,
-                &k.secret,
+                k.namespace(),
+                &k.secret(),
                 token,
                 plan,
                 last,
@@ -427,7 +485,7 @@ impl Incremental {
                 id.clone(),
                 Out {
                     admitted: decided.admitted,
-                    report: std::sync::Arc::new(decided.report),
+                    report: self.messages.share(decided.report),
                 },
             );
             if before != after {
@@ -599,8 +657,8 @@ impl Incremental {
             let last = out.admitted.as_ref().map(|(_, k)| k);
             let decided = decide_key(
                 k.entry.clone(),
-                &k.namespace,
-                &k.secret,
+                k.namespace(),
+                &k.secret(),
                 token,
                 plan,
                 last,
@@ -616,7 +674,7 @@ impl Incremental {
         self.refreshed.clear();
         for (id, report) in decided_now {
             if let Some(out) = self.out.get_mut(&id) {
-                out.report = std::sync::Arc::new(report);
+                out.report = self.messages.share(report);
             }
             self.refreshed.push(id);
         }
@@ -653,7 +711,10 @@ impl Incremental {
     /// A key's token as compile sees it: duplicates resolved by the claims.
     fn token_of<'a>(&'a self, id: &str, k: &KeyIn) -> Token<'a> {
         match self.claim_of.get(id) {
-            None => match self.tokens.lookup(&k.namespace, &k.secret.name, &k.secret.key) {
+            None => match self
+                .tokens
+                .lookup(k.namespace(), &k.secret().name, &k.secret().key)
+            {
                 TokenState::SecretNotFound => Token::SecretNotFound,
                 _ => Token::Empty,
             },

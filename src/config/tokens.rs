@@ -31,11 +31,27 @@ pub enum TokenState<'a> {
 pub struct TokenHashes {
     /// By namespace and name; each Secret's entries in a small vector (a Secret has one or two,
     /// and a map of its own cost a few hundred bytes per Secret at 100,000 of them).
-    secrets: HashMap<String, HashMap<String, Entries>>,
+    secrets: HashMap<Box<str>, HashMap<Box<str>, Entries>>,
 }
 
-/// One Secret's entries: the entry name and its token digest (`None`: blank).
-type Entries = Vec<(String, Option<TokenDigest>)>;
+/// One Secret's entries: the entry name and its token digest (`None`: blank), the first inline.
+type Entries = smallvec::SmallVec<[(Arc<str>, Option<TokenDigest>); 1]>;
+
+/// An entry name as one allocation shared by every Secret: nearly all of them name theirs
+/// `token`.
+fn entry_name(entry: &str) -> Arc<str> {
+    static NAMES: std::sync::Mutex<Vec<Arc<str>>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.iter().find(|n| &***n == entry) {
+        return Arc::clone(n);
+    }
+    let n: Arc<str> = entry.into();
+    // Bounded: entry names are whatever the Secrets' authors chose.
+    if names.len() < 64 {
+        names.push(Arc::clone(&n));
+    }
+    n
+}
 
 impl TokenHashes {
     /// Records one Secret, hashing each entry at once; blank entries are remembered as empty.
@@ -49,7 +65,7 @@ impl TokenHashes {
             .into_iter()
             .map(|(k, v)| {
                 let digest = (!v.trim_ascii().is_empty()).then(|| hash_token(v).into());
-                (k.to_string(), digest)
+                (entry_name(k), digest)
             })
             .collect();
         *self.entries_mut(namespace, name) = hashed;
@@ -59,22 +75,24 @@ impl TokenHashes {
     /// them.
     pub fn insert_hash(&mut self, namespace: &str, name: &str, entry: &str, hash: &str) {
         let entries = self.entries_mut(namespace, name);
-        entries.retain(|(e, _)| e != entry);
-        entries.push((entry.to_string(), Some(hash.into())));
+        entries.retain(|(e, _)| &**e != entry);
+        entries.push((entry_name(entry), Some(hash.into())));
     }
 
     /// Replaces one Secret's entries with hashes already made (`None`: a blank entry), as an
     /// index fed by watch events keeps them.
     pub fn set_hashes(&mut self, namespace: &str, name: &str, entries: HashMap<String, Option<String>>) {
-        *self.entries_mut(namespace, name) =
-            entries.into_iter().map(|(k, v)| (k, v.map(Into::into))).collect();
+        *self.entries_mut(namespace, name) = entries
+            .into_iter()
+            .map(|(k, v)| (entry_name(&k), v.map(Into::into)))
+            .collect();
     }
 
     /// Every Secret recorded, as `(namespace, name)`.
     pub fn names(&self) -> Vec<(String, String)> {
         self.secrets
             .iter()
-            .flat_map(|(ns, names)| names.keys().map(move |n| (ns.clone(), n.clone())))
+            .flat_map(|(ns, names)| names.keys().map(move |n| (ns.to_string(), n.to_string())))
             .collect()
     }
 
@@ -90,9 +108,9 @@ impl TokenHashes {
 
     fn entries_mut(&mut self, namespace: &str, name: &str) -> &mut Entries {
         self.secrets
-            .entry(namespace.to_string())
+            .entry(namespace.into())
             .or_default()
-            .entry(name.to_string())
+            .entry(name.into())
             .or_default()
     }
 
@@ -100,7 +118,7 @@ impl TokenHashes {
     pub fn lookup(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
         match self.secrets.get(namespace).and_then(|names| names.get(name)) {
             None => TokenState::SecretNotFound,
-            Some(entries) => match entries.iter().find(|(e, _)| e == entry) {
+            Some(entries) => match entries.iter().find(|(e, _)| &**e == entry) {
                 Some((_, Some(hash))) => TokenState::Hash(hash),
                 _ => TokenState::Empty,
             },

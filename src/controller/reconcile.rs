@@ -308,7 +308,7 @@ impl Shell {
                     &key.object_ref(ns, name),
                     EventType::Warning,
                     "TemporarilyBlocked",
-                    c.message,
+                    c.message.to_string(),
                 )
                 .await;
             }
@@ -396,8 +396,13 @@ impl Shell {
                 continue;
             };
             if let Some(key) = self.stores.keys.get(id) {
-                self.event_on(&key.object_ref(ns, name), EventType::Warning, c.reason, c.message)
-                    .await;
+                self.event_on(
+                    &key.object_ref(ns, name),
+                    EventType::Warning,
+                    c.reason,
+                    c.message.to_string(),
+                )
+                .await;
             }
         }
     }

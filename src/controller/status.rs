@@ -379,7 +379,7 @@ fn merge_slim(
             type_: d.type_.to_string(),
             status: d.status_str().to_string(),
             reason: d.reason.to_string(),
-            message: d.message.clone(),
+            message: d.message.to_string(),
             observed_generation: generation,
             last_transition_time: existing
                 .kept_time(d.type_, d.status)
