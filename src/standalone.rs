@@ -288,7 +288,7 @@ pub fn describe_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<String>
         lines.push(format!("plan {name}: removed"));
     }
     let ids = |c: &GatewayConfig| -> std::collections::BTreeMap<String, crate::config::CompiledKey> {
-        c.keys.values().map(|k| (k.id.clone(), k.clone())).collect()
+        c.keys.values().map(|k| (k.id.to_string(), k.clone())).collect()
     };
     let (before, after) = (ids(old), ids(new));
     for (id, key) in &after {

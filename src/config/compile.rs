@@ -157,7 +157,7 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     });
 
     let previous_by_id: HashMap<&str, &CompiledKey> = previous
-        .map(|p| p.keys.values().map(|k| (k.id.as_str(), k)).collect())
+        .map(|p| p.keys.values().map(|k| (&*k.id, k)).collect())
         .unwrap_or_default();
     let mut token_owner: HashMap<String, String> = HashMap::new();
     let mut out_keys = BTreeMap::new();
@@ -189,7 +189,7 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
         let last = previous_by_id.get(id.as_str()).copied();
         let decided = decide_key(
             CompiledKey {
-                id: id.clone(),
+                id: id.as_str().into(),
                 plan: key.spec.plan.clone(),
                 overrides: key.spec.overrides.clone(),
                 suspended: key.spec.suspended,

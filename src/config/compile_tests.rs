@@ -177,7 +177,7 @@ fn duplicate_token_goes_to_the_older_key_whatever_the_order() {
         let c = condition(newer, TOKEN_READY);
         assert_eq!(c.reason, DUPLICATE_TOKEN);
         assert!(c.message.contains("acme/old"), "{}", c.message);
-        assert_eq!(out.config.keys[&hash_token(b"same")].id, "acme/old");
+        assert_eq!(out.config.keys[&hash_token(b"same")].id.as_ref(), "acme/old");
     }
 }
 

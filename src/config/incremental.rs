@@ -49,11 +49,12 @@ struct KeyIn {
 
 impl KeyIn {
     fn of(key: &ApiKey) -> Self {
+        let id: KeyId = key.id().into();
         Self {
-            id: key.id().into(),
+            id: Arc::clone(&id),
             secret: key.spec.secret_ref.clone().map(Box::new),
             entry: Arc::new(CompiledKey {
-                id: key.id(),
+                id,
                 plan: key.spec.plan.clone(),
                 overrides: key.spec.overrides.clone(),
                 suspended: key.spec.suspended,
@@ -210,7 +211,7 @@ impl Incremental {
             s.seed = p
                 .keys
                 .values()
-                .map(|k| (k.id.clone(), Arc::new(k.clone())))
+                .map(|k| (k.id.to_string(), Arc::new(k.clone())))
                 .collect();
             s.head = Some(Head {
                 version: p.version,
@@ -606,7 +607,7 @@ impl Incremental {
         }
         let i = pieces::shard_of(hash, count);
         // Another key may have taken the digest over in the same compile.
-        if self.shards[i].keys.get(hash).is_some_and(|k| k.id == id) {
+        if self.shards[i].keys.get(hash).is_some_and(|k| &*k.id == id) {
             self.shards[i].keys.remove(hash);
             self.dirty_shards.insert(i);
         }

@@ -128,8 +128,9 @@ pub struct RateLimit {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompiledKey {
-    /// `namespace/name` of the ApiKey: what logs and metrics may name.
-    pub id: String,
+    /// `namespace/name` of the ApiKey: what logs and metrics may name. Shared with the
+    /// controller's index, which names the key by the same allocation.
+    pub id: std::sync::Arc<str>,
     /// Name of the plan in [`GatewayConfig::plans`].
     pub plan: String,
     /// Per-key replacements of plan limits.
@@ -145,7 +146,7 @@ pub struct CompiledKey {
 
 impl CompiledKey {
     /// A key on `plan` as the plan defines it: no overrides, not suspended, never expiring.
-    pub fn on_plan(id: impl Into<String>, plan: impl Into<String>) -> Self {
+    pub fn on_plan(id: impl Into<std::sync::Arc<str>>, plan: impl Into<String>) -> Self {
         Self {
             id: id.into(),
             plan: plan.into(),

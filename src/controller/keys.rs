@@ -36,52 +36,69 @@ pub struct KeyMeta {
     pub status: SlimStatus,
 }
 
-/// An ApiKey's status as the writer compares it.
+/// An ApiKey's status as the writer compares it: 24 bytes a condition and 8 for the rest, where
+/// the fields themselves (and a shared type name per condition) took about 250 bytes a key.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SlimStatus {
-    /// `observedGeneration`.
-    pub observed_generation: Option<i64>,
-    /// `effective`.
-    pub effective: Option<EffectiveLimits>,
-    /// `usage`.
-    pub usage: Option<KeyUsageStatus>,
+    /// [`rest_digest`] of `observedGeneration`, `effective` and `usage`.
+    rest: u64,
     /// `conditions`, in order.
-    pub conditions: Vec<SlimCondition>,
+    conditions: Box<[SlimCondition]>,
 }
 
 /// A condition as the writer compares it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SlimCondition {
-    /// Type, one allocation per type shared by every key ([`condition_type`]).
-    pub type_: Arc<str>,
+struct SlimCondition {
+    /// [`condition_type`] of its type.
+    type_: u8,
     /// `True` or `False`.
-    pub status: bool,
-    /// When the status last flipped.
-    pub last_transition_time: Time,
+    status: bool,
+    /// When the status last flipped, in Unix seconds (what a condition's time says).
+    last_transition: i64,
     /// [`condition_digest`] of reason, message and observed generation.
-    pub digest: u64,
+    digest: u64,
 }
 
-/// `type_` as one shared allocation: there are a handful of condition types and 100,000 keys
-/// with four conditions each.
-pub fn condition_type(type_: &str) -> Arc<str> {
-    static TYPES: std::sync::Mutex<Vec<Arc<str>>> = std::sync::Mutex::new(Vec::new());
+/// Condition types seen, by number: a handful of them for 100,000 keys with four conditions
+/// each. Past 254 types (written by someone else) a type is [`OTHER_TYPE`], which matches none.
+fn condition_type(type_: &str) -> u8 {
+    static TYPES: std::sync::Mutex<Vec<Box<str>>> = std::sync::Mutex::new(Vec::new());
     let mut types = TYPES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = types.iter().find(|t| &***t == type_) {
-        return Arc::clone(t);
+    if let Some(i) = types.iter().position(|t| &**t == type_) {
+        return i as u8;
     }
-    let t: Arc<str> = type_.into();
-    // Bounded: a status someone else wrote could carry any number of types.
-    if types.len() < 64 {
-        types.push(Arc::clone(&t));
+    if types.len() >= OTHER_TYPE as usize {
+        return OTHER_TYPE;
     }
-    t
+    types.push(type_.into());
+    (types.len() - 1) as u8
 }
+
+/// The number of a condition type beyond the bound of [`condition_type`].
+const OTHER_TYPE: u8 = u8::MAX;
 
 /// A digest of what a condition says besides its type, status and time.
 pub fn condition_digest(c: &Condition) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (&c.reason, &c.message, c.observed_generation).hash(&mut h);
+    h.finish()
+}
+
+/// A digest of the status fields beside the conditions.
+fn rest_digest(
+    generation: Option<i64>,
+    effective: &Option<EffectiveLimits>,
+    usage: &Option<KeyUsageStatus>,
+) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    generation.hash(&mut h);
+    effective
+        .as_ref()
+        .map(|e| (e.max_concurrent_requests, e.requests_per_second, e.burst, e.per))
+        .hash(&mut h);
+    usage
+        .map(|u| (u.requests_last_minute, u.refused_last_minute))
+        .hash(&mut h);
     h.finish()
 }
 
@@ -94,25 +111,26 @@ impl SlimStatus {
         usage: &Option<KeyUsageStatus>,
         conditions: &[Condition],
     ) -> bool {
-        self.observed_generation == generation
-            && self.effective == *effective
-            && self.usage == *usage
+        self.rest == rest_digest(generation, effective, usage)
             && self.conditions.len() == conditions.len()
             && self.conditions.iter().zip(conditions).all(|(s, c)| {
-                *s.type_ == *c.type_
+                s.type_ != OTHER_TYPE
+                    && s.type_ == condition_type(&c.type_)
                     && s.status == (c.status == "True")
-                    && s.last_transition_time == c.last_transition_time
+                    && s.last_transition == c.last_transition_time.0.as_second()
                     && s.digest == condition_digest(c)
             })
     }
 
     /// The transition time of the condition `type_` if its status is `status`: the time a
     /// condition keeps while its status does not flip.
-    pub fn kept_time(&self, type_: &str, status: bool) -> Option<&Time> {
+    pub fn kept_time(&self, type_: &str, status: bool) -> Option<Time> {
+        let t = condition_type(type_);
         self.conditions
             .iter()
-            .find(|c| &*c.type_ == type_ && c.status == status)
-            .map(|c| &c.last_transition_time)
+            .find(|c| c.type_ != OTHER_TYPE && c.type_ == t && c.status == status)
+            .and_then(|c| k8s_openapi::jiff::Timestamp::from_second(c.last_transition).ok())
+            .map(Time)
     }
 }
 
@@ -123,16 +141,14 @@ impl KeyMeta {
             .status
             .as_ref()
             .map_or_else(SlimStatus::default, |s| SlimStatus {
-                observed_generation: s.observed_generation,
-                effective: s.effective.clone(),
-                usage: s.usage,
+                rest: rest_digest(s.observed_generation, &s.effective, &s.usage),
                 conditions: s
                     .conditions
                     .iter()
                     .map(|c| SlimCondition {
                         type_: condition_type(&c.type_),
                         status: c.status == "True",
-                        last_transition_time: c.last_transition_time.clone(),
+                        last_transition: c.last_transition_time.0.as_second(),
                         digest: condition_digest(c),
                     })
                     .collect(),

@@ -383,7 +383,6 @@ fn merge_slim(
             observed_generation: generation,
             last_transition_time: existing
                 .kept_time(d.type_, d.status)
-                .cloned()
                 .unwrap_or_else(|| now.clone()),
         })
         .collect()

@@ -497,7 +497,7 @@ impl Plans {
         let state = state.unwrap_or_else(|| Arc::new(KeyState::new(rate_params(limits))));
         Some(KeyEntry {
             digest,
-            id: key.id.as_str().into(),
+            id: Arc::clone(&key.id),
             plan_ix,
             own_limits,
             suspended: key.suspended,
@@ -575,7 +575,7 @@ impl KeyTable {
         let mut counts = vec![0; plans.slots.len()];
         let mut overridden = std::collections::HashSet::new();
         for (hex_digest, key) in config.keys.iter() {
-            let state = old.get(key.id.as_str()).map(|s| Arc::clone(s));
+            let state = old.get(&*key.id).map(|s| Arc::clone(s));
             if let Some(entry) = plans.entry(&config, hex_digest, key, state) {
                 counts[entry.plan_ix as usize] += 1;
                 if entry.own_limits.is_some() {
@@ -643,7 +643,7 @@ impl KeyTable {
             let Some(key) = config.keys.get(hex_digest) else {
                 continue;
             };
-            let state = states.remove(key.id.as_str());
+            let state = states.remove(&*key.id);
             if let Some(entry) = plans.entry(&config, hex_digest, key, state) {
                 counts[entry.plan_ix as usize] += 1;
                 if entry.own_limits.is_some() {
