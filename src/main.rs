@@ -13,6 +13,19 @@ use tokio::net::TcpListener;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` (the same number in its v2 and v3 headers).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// The controller returns freed pages to the OS at once instead of after mimalloc's 10 ms delay:
+/// its cold start and each relist free a lot at a time, and with the delay the pages freed in one
+/// burst outlive it (at 100,000 keys, 280 MiB peak and 262 steady before, 264 and 247 after). The
+/// gateway keeps the default: it frees little, and purging costs a system call on the request path.
+fn purge_freed_memory_at_once() {
+    // SAFETY: sets an integer option before this process starts any other thread; mimalloc
+    // reads options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 /// slotgate: sell API plans by concurrency slots and rate limits, enforced in front of any upstream.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -644,6 +657,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Controller(args) => {
+            purge_freed_memory_at_once();
             init_tracing();
             runtime(None)?.block_on(run_controller(args))?;
         }

@@ -89,6 +89,17 @@ fn secret_id(namespace: &str, name: &str) -> Box<str> {
     format!("{namespace}/{name}").into()
 }
 
+/// What compile reads of one ApiKey, read off the object.
+#[derive(Clone, Debug)]
+pub struct KeyInput(KeyIn);
+
+impl KeyInput {
+    /// Reads `key`.
+    pub fn of(key: &ApiKey) -> Self {
+        Self(KeyIn::of(key))
+    }
+}
+
 /// An admitted key: its token digest and its entry.
 type Admitted = (TokenDigest, Arc<CompiledKey>);
 
@@ -301,7 +312,12 @@ impl Incremental {
 
     /// A key added or changed.
     pub fn apply_key(&mut self, key: &ApiKey) {
-        let new = KeyIn::of(key);
+        self.apply_key_input(KeyInput::of(key));
+    }
+
+    /// A key added or changed, as [`KeyInput::of`] read it (where the watch event is, so that a
+    /// backlog of events holds what compile reads, not whole objects).
+    pub fn apply_key_input(&mut self, KeyInput(new): KeyInput) {
         let id = new.id.clone();
         if let Some(old) = self.keys.get(&id)
             && old.entry == new.entry

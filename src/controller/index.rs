@@ -28,7 +28,7 @@ use super::{TOKEN_LABEL, Tasks};
 use crate::{
     api::ApiKey,
     config::{
-        incremental::Incremental,
+        incremental::{Incremental, KeyInput},
         pieces::{CONFIG_LABEL, REPORT_LABEL},
     },
 };
@@ -47,7 +47,7 @@ pub(super) struct Stores {
 /// One event of the keys or token Secrets, as the incremental compile takes it.
 #[derive(Debug)]
 pub(super) enum Change {
-    Key(Box<ApiKey>),
+    Key(crate::config::incremental::KeyInput),
     KeyGone(String),
     /// A (re)list of the keys ended: no other key exists.
     /// Keys by [`id_hash`] of their id: a relist of 100,000 keys holds no second copy of the ids.
@@ -70,7 +70,7 @@ pub(super) enum Change {
 /// Applies one event to the index.
 pub(super) fn apply(index: &mut Incremental, change: Change) {
     match change {
-        Change::Key(k) => index.apply_key(&k),
+        Change::Key(k) => index.apply_key_input(k),
         Change::KeyGone(id) => index.remove_key(&id),
         Change::KeysListed(ids) => {
             let gone: Vec<String> = index
@@ -185,10 +185,10 @@ impl Forward<ApiKey> for KeyFeed {
                 if !changed {
                     return;
                 }
-                Change::Key(Box::new(k.clone()))
+                Change::Key(KeyInput::of(k))
             }
             watcher::Event::InitDone => Change::KeysListed(self.listing.take().unwrap_or_default()),
-            watcher::Event::Apply(k) if changed => Change::Key(Box::new(k.clone())),
+            watcher::Event::Apply(k) if changed => Change::Key(KeyInput::of(k)),
             watcher::Event::Apply(_) => return,
             watcher::Event::Delete(k) => Change::KeyGone(k.id()),
         };
