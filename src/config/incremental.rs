@@ -357,10 +357,11 @@ impl Incremental {
     fn forget_key(&mut self, id: &str) {
         let Some(old) = self.keys.remove(id) else { return };
         self.unclaim(id);
-        if let Some(set) = self.by_secret.get_mut(&old.secret_id()) {
+        let secret = old.secret_id();
+        if let Some(set) = self.by_secret.get_mut(&secret) {
             set.remove(id);
             if set.is_empty() {
-                self.by_secret.remove(&old.secret_id());
+                self.by_secret.remove(&secret);
             }
         }
         remove_from(&mut self.by_plan, &old.entry.plan, id);
@@ -728,13 +729,13 @@ impl Incremental {
     /// A key's token as compile sees it: duplicates resolved by the claims.
     fn token_of<'a>(&'a self, id: &str, k: &KeyIn) -> Token<'a> {
         match self.claim_of.get(id) {
-            None => match self
-                .tokens
-                .lookup(k.namespace(), &k.secret().name, &k.secret().key)
-            {
-                TokenState::SecretNotFound => Token::SecretNotFound,
-                _ => Token::Empty,
-            },
+            None => {
+                let secret = k.secret();
+                match self.tokens.lookup(k.namespace(), &secret.name, &secret.key) {
+                    TokenState::SecretNotFound => Token::SecretNotFound,
+                    _ => Token::Empty,
+                }
+            }
             Some((_, hash)) => {
                 let owner = self.claims.get(hash).and_then(|s| s.first()).map(|(_, o)| &**o);
                 match owner {

@@ -332,12 +332,9 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
                 }
                 let entries = token_digests(&s);
                 let fingerprint = {
-                    use std::hash::{Hash, Hasher};
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
                     let mut sorted: Vec<_> = entries.iter().collect();
                     sorted.sort();
-                    sorted.hash(&mut h);
-                    h.finish()
+                    super::digest64(&sorted)
                 };
                 if sent.insert(hashed, fingerprint) == Some(fingerprint) {
                     continue;
@@ -361,15 +358,6 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
     }
 }
 
-/// A 64-bit digest of an object's identity for the watches' per-object memory: two of 100,000
-/// objects share one with a probability of about 10^-9.
-fn id_hash<T: std::hash::Hash + ?Sized>(id: &T) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    id.hash(&mut h);
-    h.finish()
-}
-
 /// The SHA-256 of each entry of a token Secret (`None`: blank), from `data` and, for an object
 /// that was never read back, `stringData`.
 pub(super) fn token_digests(s: &Secret) -> HashMap<String, Option<String>> {
@@ -389,17 +377,16 @@ fn spec_fingerprint<S: serde::Serialize>(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     spec: &S,
 ) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(spec).unwrap_or_default().hash(&mut h);
-    meta.creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_second())
-        .hash(&mut h);
-    meta.deletion_timestamp.is_some().hash(&mut h);
-    meta.finalizers.hash(&mut h);
-    h.finish()
+    super::digest64(&(
+        serde_json::to_string(spec).unwrap_or_default(),
+        meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+        meta.deletion_timestamp.is_some(),
+        &meta.finalizers,
+    ))
 }
+
+/// An object's identity as the watches' per-object memory keeps it.
+use super::digest64 as id_hash;
 
 /// Drops what the controller never reads from a watched object before the store keeps it:
 /// managed fields and `kubectl apply`'s copy of the object (at 100,000 keys, hundreds of MiB).

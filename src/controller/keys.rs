@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashMap,
-    hash::{Hash, Hasher},
     sync::{Arc, RwLock},
 };
 
@@ -79,9 +78,7 @@ const OTHER_TYPE: u8 = u8::MAX;
 
 /// A digest of what a condition says besides its type, status and time.
 pub fn condition_digest(c: &Condition) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&c.reason, &c.message, c.observed_generation).hash(&mut h);
-    h.finish()
+    super::digest64(&(&c.reason, &c.message, c.observed_generation))
 }
 
 /// A digest of the status fields beside the conditions.
@@ -90,16 +87,13 @@ fn rest_digest(
     effective: &Option<EffectiveLimits>,
     usage: &Option<KeyUsageStatus>,
 ) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    generation.hash(&mut h);
-    effective
-        .as_ref()
-        .map(|e| (e.max_concurrent_requests, e.requests_per_second, e.burst, e.per))
-        .hash(&mut h);
-    usage
-        .map(|u| (u.requests_last_minute, u.refused_last_minute))
-        .hash(&mut h);
-    h.finish()
+    super::digest64(&(
+        generation,
+        effective
+            .as_ref()
+            .map(|e| (e.max_concurrent_requests, e.requests_per_second, e.burst, e.per)),
+        usage.map(|u| (u.requests_last_minute, u.refused_last_minute)),
+    ))
 }
 
 impl SlimStatus {

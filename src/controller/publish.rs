@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    hash::{Hash, Hasher},
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -26,9 +25,7 @@ use crate::config::{
 /// A digest of an object's data: what this replica compares, so that it holds no copy of the
 /// configuration text beside the index's (at 100,000 keys each copy is about 12 MB).
 fn data_digest(data: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    data.hash(&mut h);
-    h.finish()
+    super::digest64(data)
 }
 
 /// What this replica last wrote to one configuration object.
