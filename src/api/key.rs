@@ -74,7 +74,7 @@ fn default_secret_key() -> String {
 }
 
 /// Per-key replacements of plan limits; every absent field keeps the plan's value.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.burst) || !has(self.requestsPerSecond) || self.burst <= self.requestsPerSecond * 3600").message("burst cannot exceed one hour of requestsPerSecond"))]
 pub struct LimitOverrides {

@@ -125,7 +125,7 @@ pub struct RateLimit {
 }
 
 /// An admitted key.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompiledKey {
     /// `namespace/name` of the ApiKey: what logs and metrics may name. Shared with the
@@ -227,6 +227,19 @@ pub fn keys_digest(keys: &KeyMap) -> String {
 }
 
 impl GatewayConfig {
+    /// This configuration without its keys: what a holder of them elsewhere (the gateway's key
+    /// table) keeps of it. Its hash still names the whole content.
+    pub fn without_keys(&self) -> Self {
+        Self {
+            schema: self.schema,
+            version: self.version,
+            hash: self.hash.clone(),
+            plans: self.plans.clone(),
+            keys: Arc::default(),
+            task_types: self.task_types.clone(),
+        }
+    }
+
     /// An empty configuration: no plans, no keys, version 0.
     pub fn empty() -> Self {
         let mut config = Self {
@@ -336,6 +349,16 @@ impl GatewayConfig {
             return Err(ConfigError::Invalid(format!(
                 "key {}: plan {} is not defined",
                 key.id, key.plan
+            )));
+        }
+        // The gateway writes both into the upstream's request head as they are.
+        if let Some(bad) = [&*key.id, &key.plan]
+            .into_iter()
+            .find(|s| s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "key {:?}: {bad:?} is not a name (printable ASCII without spaces)",
+                key.id
             )));
         }
         Ok(())

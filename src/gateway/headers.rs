@@ -80,8 +80,9 @@ pub(super) struct Added<'a> {
     pub authority: Option<&'a str>,
     /// The client's address, appended to `X-Forwarded-For`.
     pub client_ip: Option<&'a HeaderValue>,
-    /// The key's id and plan ([`KEY_ID`], [`PLAN`]).
-    pub key: Option<&'a (HeaderValue, HeaderValue)>,
+    /// The key's id and plan ([`KEY_ID`], [`PLAN`]): printable ASCII, which
+    /// [`crate::config::GatewayConfig::check`] holds them to.
+    pub key: Option<(&'a str, &'a str)>,
 }
 
 /// Writes the client's fields for the upstream, less the hop-by-hop ones (RFC 9110 §7.6.1, and
@@ -396,7 +397,7 @@ mod tests {
         );
     }
 
-    fn forwarded(headers: &[(&str, &str)], key: Option<&(HeaderValue, HeaderValue)>) -> String {
+    fn forwarded(headers: &[(&str, &str)], key: Option<(&str, &str)>) -> String {
         let p = parts("/", headers);
         let mut head = RequestHead::new(&http::Method::GET, &["/v1"]);
         let host = HeaderValue::from_static("upstream:8000");
@@ -413,10 +414,7 @@ mod tests {
 
     #[test]
     fn carriers_hop_by_hop_and_forged_headers_are_stripped_in_any_order() {
-        let key = (
-            HeaderValue::from_static("default/acme"),
-            HeaderValue::from_static("startup"),
-        );
+        let key = ("default/acme", "startup");
         let head = forwarded(
             &[
                 ("connection", "x-secret"),
@@ -435,7 +433,7 @@ mod tests {
                 ("cookie", "a=1"),
                 ("cookie", "b=2"),
             ],
-            Some(&key),
+            Some(key),
         );
         assert_eq!(
             head,

@@ -181,15 +181,14 @@ fn load(
     data: &HashMap<String, String>,
     last: &mut Option<Assembled>,
 ) -> Result<Option<ReloadReport>, AssembleError> {
-    let mut assembled = assemble_from(index, |name| data.get(name).map(String::as_str), last.as_ref())?;
-    // Kept apart from `last`, which would otherwise hold the keys before this change as well.
-    let delta = assembled.delta.take();
-    let config = assembled.config.clone();
-    *last = Some(assembled);
-    if config.hash == gateway.table().config.hash && gateway.is_ready() {
+    let assembly = assemble_from(index, |name| data.get(name).map(String::as_str), last.as_ref())?;
+    *last = Some(assembly.next);
+    if assembly.config.hash == gateway.table().config.hash && gateway.is_ready() {
         return Ok(None);
     }
-    Ok(Some(gateway.apply_delta(config, delta.as_ref())))
+    Ok(Some(
+        gateway.apply_delta(assembly.config, assembly.delta.as_ref()),
+    ))
 }
 
 /// Writes this replica's report: the version and hash enforced, and a fresh renew time.

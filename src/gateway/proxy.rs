@@ -291,7 +291,7 @@ impl Gateway {
             self.note_refusal(parts, Some(&entry), ErrorCode::TemporarilyBlocked, client);
             return Err(answer);
         }
-        if entry.suspended {
+        if entry.suspended() {
             entry.metrics.refusal(ErrorCode::KeySuspended);
             self.note_refusal(parts, Some(&entry), ErrorCode::KeySuspended, client);
             return Err(refuse_auth(
@@ -299,7 +299,7 @@ impl Gateway {
                 "This API key is suspended. Contact the API provider to re-enable it.",
             ));
         }
-        if let Some(at) = entry.expires_at {
+        if let Some(at) = entry.expires_at() {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
@@ -360,14 +360,14 @@ impl Gateway {
             hold,
             slots,
             rate,
-            upstream_headers,
+            key,
         } = admission;
         let mut head = self.options.upstream.request_head(&parts.method, &parts.uri);
         let added = Added {
             host: &self.upstream_host,
             authority: parts.uri.authority().map(|a| a.as_str()),
             client_ip: client_ip.as_ref(),
-            key: upstream_headers.as_deref(),
+            key: Some((&key.0, &key.1)),
         };
         forward_fields(&parts.headers, &mut head, added);
         Forward {
@@ -465,7 +465,8 @@ struct Admission {
     hold: Hold,
     slots: Option<table::SlotView>,
     rate: Option<table::RateView>,
-    upstream_headers: Option<Arc<(HeaderValue, HeaderValue)>>,
+    /// The key's id and plan, which the upstream is told.
+    key: (Arc<str>, Arc<str>),
 }
 
 impl Gateway {
@@ -517,7 +518,7 @@ impl Gateway {
             },
             slots,
             rate,
-            upstream_headers: entry.upstream_headers.clone(),
+            key: (Arc::clone(entry.entry_id()), Arc::clone(entry.plan)),
         })
     }
 }

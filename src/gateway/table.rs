@@ -17,7 +17,7 @@ use std::{
 use super::metrics::{ErrorCode, Metrics, PlanMetrics};
 use crate::{
     api::BucketScope,
-    config::{CompiledKey, GatewayConfig, KeyLimits, RateLimit, matches_any, pieces::KeyDelta},
+    config::{CompiledKey, GatewayConfig, KeyLimits, KeyMap, RateLimit, matches_any, pieces::KeyDelta},
     limiter::{
         Gcra, RateParams, RateRefusal, SharedDecision, SharedLease, SharedLimiter, SlotGuard, SlotOwner,
         SlotPool, SlotsFull,
@@ -213,30 +213,48 @@ impl SlotOwner for KeyState {
 
 /// An admitted key as one configuration defines it.
 ///
-/// The table holds entries inline, each on one aligned 128-byte pair of cache lines (which the
-/// CPU's adjacent-line prefetcher fetches together), with the fields every request reads
-/// (digest, state, own limits, plan index) in the first line. Unaligned, an entry straddled two or three
-/// lines; at a million keys each of them is a miss.
+/// The table holds entries inline, each on one aligned 64-byte cache line: the digest, the
+/// state, the profile and the id are all a request reads of it. Unaligned, an entry straddled two
+/// lines; at a million keys each of them is a miss. The key's table is the gateway's one copy of
+/// its keys: an entry and its state are most of the memory a key costs.
 #[derive(Clone, Debug)]
-#[repr(C, align(128))]
+#[repr(C, align(64))]
 pub struct KeyEntry {
     /// SHA-256 of the key's token: what the table looks it up by.
     digest: [u8; 32],
     /// Live state, shared with earlier and later tables.
     pub state: Arc<KeyState>,
-    /// Limits of a key that overrides some of its plan's; `None`: the plan's, which the table
-    /// holds once per plan, so a plan change rewrites no entry.
-    own_limits: Option<Arc<KeyLimits>>,
+    /// Plan, standing and limits: for a key that only takes its plan's, its plan's profile,
+    /// which the table holds once per plan, so a plan change rewrites no entry.
+    profile: Arc<KeyProfile>,
+    /// `namespace/name` of the ApiKey (safe to log).
+    pub id: Arc<str>,
+}
+
+/// What a key is besides its token and its state: its plan, its standing, its own limits. Every
+/// key of a plan that is neither suspended nor expiring nor overriding shares one.
+#[derive(Debug, PartialEq, Eq)]
+struct KeyProfile {
     /// The key's plan in its table's plans (stable across tables that share this entry).
     plan_ix: u32,
     /// Refused with 403.
-    pub suspended: bool,
-    /// The key id and plan as header values for the upstream, built once per key.
-    pub upstream_headers: Option<Arc<(http::HeaderValue, http::HeaderValue)>>,
+    suspended: bool,
     /// Unix seconds after which the key is refused.
-    pub expires_at: Option<i64>,
-    /// `namespace/name` of the ApiKey (safe to log).
-    pub id: Arc<str>,
+    expires_at: Option<i64>,
+    /// What the key overrides, and its plan's limits with them: resolved again when the plan
+    /// changes. `None`: the plan's limits.
+    own: Option<(crate::api::LimitOverrides, Arc<KeyLimits>)>,
+}
+
+impl KeyProfile {
+    fn of_plan(plan_ix: u32) -> Self {
+        Self {
+            plan_ix,
+            suspended: false,
+            expires_at: None,
+            own: None,
+        }
+    }
 }
 
 /// A key as its table enforces it: its entry with its plan's name, limits and metric handles.
@@ -269,7 +287,7 @@ impl<'t> KeyView<'t> {
 
     /// Whether the key overrides some of its plan's limits.
     pub fn overridden(&self) -> bool {
-        self.entry.own_limits.is_some()
+        self.entry.profile.own.is_some()
     }
 }
 
@@ -294,6 +312,26 @@ impl KeyEntry {
     /// SHA-256 of the key's token.
     pub fn digest(&self) -> &[u8; 32] {
         &self.digest
+    }
+
+    /// Refused with 403 `key_suspended`.
+    #[inline]
+    pub fn suspended(&self) -> bool {
+        self.profile.suspended
+    }
+
+    /// Unix seconds after which the key is refused with 401 `key_expired`.
+    #[inline]
+    pub fn expires_at(&self) -> Option<i64> {
+        self.profile.expires_at
+    }
+
+    fn plan_ix(&self) -> u32 {
+        self.profile.plan_ix
+    }
+
+    fn own_limits(&self) -> Option<&Arc<KeyLimits>> {
+        self.profile.own.as_ref().map(|(_, limits)| limits)
     }
 }
 
@@ -411,6 +449,8 @@ fn part_of(digest: &[u8; 32], count: usize) -> usize {
 struct PlanSlot {
     name: Arc<str>,
     limits: Arc<KeyLimits>,
+    /// The profile of its keys that take its limits as they are.
+    profile: Arc<KeyProfile>,
     metrics: Arc<PlanMetrics>,
     abuse: Option<PlanAbuse>,
 }
@@ -461,7 +501,12 @@ impl Plans {
                 slots.push(None);
                 (slots.len() - 1) as u32
             });
+            // The entries sharing the previous table's profile keep pointing at the same one.
+            let profile = previous
+                .and_then(|p| p.get(ix))
+                .map_or_else(|| Arc::new(KeyProfile::of_plan(ix)), |p| Arc::clone(&p.profile));
             slots[ix as usize] = Some(PlanSlot {
+                profile,
                 limits: Arc::new(KeyLimits::resolve(def, None)),
                 metrics: metrics.plan(&name),
                 abuse: def.abuse.as_ref().map(PlanAbuse::from),
@@ -489,24 +534,27 @@ impl Plans {
         hex::decode_to_slice(hex_digest, &mut digest).ok()?;
         let plan_def = config.plans.get(&key.plan)?;
         let plan_ix = *self.index.get(key.plan.as_str())?;
-        let own_limits = key
+        let plan = self.get(plan_ix)?;
+        let own = key
             .overrides
             .as_ref()
-            .map(|o| Arc::new(KeyLimits::resolve(plan_def, Some(o))));
-        let limits = own_limits.as_ref().unwrap_or(&self.get(plan_ix)?.limits);
+            .map(|o| (o.clone(), Arc::new(KeyLimits::resolve(plan_def, Some(o)))));
+        let limits = own.as_ref().map_or(&plan.limits, |(_, l)| l);
         let state = state.unwrap_or_else(|| Arc::new(KeyState::new(rate_params(limits))));
+        let profile = KeyProfile {
+            plan_ix,
+            suspended: key.suspended,
+            expires_at: key.expires_at,
+            own,
+        };
         Some(KeyEntry {
             digest,
             id: Arc::clone(&key.id),
-            plan_ix,
-            own_limits,
-            suspended: key.suspended,
-            expires_at: key.expires_at,
             state,
-            upstream_headers: http::HeaderValue::from_str(&key.id)
-                .ok()
-                .zip(http::HeaderValue::from_str(&key.plan).ok())
-                .map(Arc::new),
+            profile: match profile == *plan.profile {
+                true => Arc::clone(&plan.profile),
+                false => Arc::new(profile),
+            },
         })
     }
 }
@@ -521,8 +569,12 @@ impl Plans {
 /// their plan.
 #[derive(Debug)]
 pub struct KeyTable {
-    /// The configuration this table was built from.
+    /// The configuration this table enforces, without its keys: the entries are the gateway's
+    /// one copy of them (`keys` is empty).
     pub config: Arc<GatewayConfig>,
+    /// The keys of the configuration the table was built from, while someone else holds them
+    /// (`gw up` does): a configuration around the same keys is then a plan change.
+    keys_from: std::sync::Weak<KeyMap>,
     /// A power of two in length.
     parts: Box<[Arc<DigestTable>]>,
     plans: Plans,
@@ -545,24 +597,32 @@ impl KeyTable {
     }
 
     /// [`KeyTable::build`], patching `previous` when `delta` says which keys changed since it
-    /// (an assembly from changed shards): a key added, removed or rotated at 100,000 keys then
-    /// costs a copy of one part and a few entries, not an entry and a lookup by id for every key.
+    /// (an assembly from changed shards, whose `config` holds only the keys it changed): a key
+    /// added, removed or rotated at 100,000 keys then costs a copy of one part and a few
+    /// entries, not an entry and a lookup by id for every key.
     pub fn build_from(
         config: Arc<GatewayConfig>,
         previous: Option<&KeyTable>,
         delta: Option<&KeyDelta>,
         metrics: &Metrics,
     ) -> Self {
+        if let (Some(previous), Some(delta)) = (previous, delta) {
+            if delta.base != previous.config.hash {
+                // The assembly and this table are fed by one loop, which applies every assembly
+                // it makes or finds it enforced already: a bug if this happens.
+                tracing::error!(
+                    base = %delta.base,
+                    enforced = %previous.config.hash,
+                    "configuration delta made against another configuration than the one enforced"
+                );
+            }
+            return Self::patched(config, previous, &delta.changed, metrics);
+        }
         if let Some(previous) = previous
-            && Arc::ptr_eq(&previous.config.keys, &config.keys)
+            && std::ptr::eq(previous.keys_from.as_ptr(), Arc::as_ptr(&config.keys))
         {
             // A plan change: the same keys under new plan limits.
-            return Self::patched(config, previous, &[], metrics);
-        }
-        if let (Some(previous), Some(delta)) = (previous, delta)
-            && Arc::ptr_eq(&previous.config.keys, &delta.base)
-        {
-            return Self::patched(config, previous, &delta.changed, metrics);
+            return Self::patched(Arc::new(config.without_keys()), previous, &[], metrics);
         }
         let old: HashMap<&str, &Arc<KeyState>> = previous
             .map(|p| p.entries().map(|e| (&*e.entry.id, &e.entry.state)).collect())
@@ -577,15 +637,23 @@ impl KeyTable {
         for (hex_digest, key) in config.keys.iter() {
             let state = old.get(&*key.id).map(|s| Arc::clone(s));
             if let Some(entry) = plans.entry(&config, hex_digest, key, state) {
-                counts[entry.plan_ix as usize] += 1;
-                if entry.own_limits.is_some() {
+                counts[entry.plan_ix() as usize] += 1;
+                if entry.own_limits().is_some() {
                     overridden.insert(entry.digest);
                 }
                 parts[part_of(&entry.digest, count)].insert(entry);
             }
         }
         let parts = parts.into_iter().map(Arc::new).collect();
-        Self::from_parts(config, parts, plans, counts, Arc::new(overridden))
+        let mut table = Self::from_parts(
+            Arc::new(config.without_keys()),
+            parts,
+            plans,
+            counts,
+            Arc::new(overridden),
+        );
+        table.keys_from = Arc::downgrade(&config.keys);
+        table
     }
 
     fn from_parts(
@@ -598,6 +666,7 @@ impl KeyTable {
         let len = parts.iter().map(|p| p.len).sum();
         Self {
             config,
+            keys_from: std::sync::Weak::new(),
             parts,
             plans,
             counts,
@@ -631,8 +700,8 @@ impl KeyTable {
                 if part.get(&digest).is_some()
                     && let Some(e) = Arc::make_mut(part).remove(&digest)
                 {
-                    counts[e.plan_ix as usize] -= 1;
-                    if e.own_limits.is_some() {
+                    counts[e.plan_ix() as usize] -= 1;
+                    if e.own_limits().is_some() {
                         Arc::make_mut(&mut overridden).remove(&digest);
                     }
                     states.insert(e.id, e.state);
@@ -645,8 +714,8 @@ impl KeyTable {
             };
             let state = states.remove(&*key.id);
             if let Some(entry) = plans.entry(&config, hex_digest, key, state) {
-                counts[entry.plan_ix as usize] += 1;
-                if entry.own_limits.is_some() {
+                counts[entry.plan_ix() as usize] += 1;
+                if entry.own_limits().is_some() {
                     Arc::make_mut(&mut overridden).insert(entry.digest);
                 }
                 Arc::make_mut(&mut parts[part_of(&entry.digest, count)]).insert(entry);
@@ -657,28 +726,34 @@ impl KeyTable {
             for digest in overridden.iter() {
                 let part = &mut parts[part_of(digest, count)];
                 let Some(e) = part.get(digest) else { continue };
-                let resolved = plans
-                    .get(e.plan_ix)
-                    .and_then(|p| config.plans.get(&*p.name))
-                    .zip(config.keys.get(&hex::encode(digest)))
-                    .map(|(def, key)| Arc::new(KeyLimits::resolve(def, key.overrides.as_ref())));
-                if let Some(limits) = resolved
-                    && e.own_limits.as_deref() != Some(&*limits)
-                    && let Some(e) = Arc::make_mut(part).get_mut(digest)
-                {
-                    e.own_limits = Some(limits);
+                let Some((overrides, limits)) = &e.profile.own else {
+                    continue;
+                };
+                let Some(def) = plans.get(e.plan_ix()).and_then(|p| config.plans.get(&*p.name)) else {
+                    continue;
+                };
+                let resolved = KeyLimits::resolve(def, Some(overrides));
+                if **limits == resolved {
+                    continue;
+                }
+                let profile = Arc::new(KeyProfile {
+                    own: Some((overrides.clone(), Arc::new(resolved))),
+                    ..*e.profile
+                });
+                if let Some(e) = Arc::make_mut(part).get_mut(digest) {
+                    e.profile = profile;
                 }
             }
         }
-        Self::from_parts(config, parts, plans, counts, overridden)
+        Self::from_parts(Arc::new(config.without_keys()), parts, plans, counts, overridden)
     }
 
     #[inline]
     fn view<'t>(&'t self, entry: &'t KeyEntry) -> Option<KeyView<'t>> {
-        let plan = self.plans.get(entry.plan_ix)?;
+        let plan = self.plans.get(entry.plan_ix())?;
         Some(KeyView {
             entry,
-            limits: entry.own_limits.as_ref().unwrap_or(&plan.limits),
+            limits: entry.own_limits().unwrap_or(&plan.limits),
             metrics: &plan.metrics,
             plan: &plan.name,
             abuse: plan.abuse.as_ref(),
@@ -724,7 +799,7 @@ impl KeyTable {
             if let Some(e) = self.get(digest)
                 && let Some(c) = capacity.get_mut(&**e.plan)
             {
-                let plan_max = max(&self.plans.get(e.plan_ix).expect("viewed").limits);
+                let plan_max = max(&self.plans.get(e.plan_ix()).expect("viewed").limits);
                 *c += max(e.limits) - plan_max;
             }
         }
@@ -1198,7 +1273,11 @@ mod tests {
             .unwrap()
             .per_second = 5;
         b.hash = b.content_hash();
-        assert!(Arc::ptr_eq(&b.keys, &first.config.keys));
+        assert!(std::ptr::eq(first.keys_from.as_ptr(), Arc::as_ptr(&b.keys)));
+        assert!(
+            first.config.keys.is_empty(),
+            "the table keeps no second copy of its keys"
+        );
         let fast = KeyTable::build(Arc::new(b.clone()), Some(&first), &metrics);
         let mut unshared = b.clone();
         unshared.keys = Arc::new((*b.keys).clone());
@@ -1217,9 +1296,8 @@ mod tests {
                 (&q.id, q.plan, q.limits, q.overridden()),
                 (&f.id, f.plan, f.limits, f.overridden())
             );
-            assert_eq!((q.suspended, q.expires_at), (f.suspended, f.expires_at));
+            assert_eq!((q.suspended(), q.expires_at()), (f.suspended(), f.expires_at()));
             assert!(Arc::ptr_eq(&q.state, &f.state), "live state carried over");
-            assert_eq!(q.upstream_headers, f.upstream_headers);
         }
         let slots = |t: &KeyTable, d: &str| {
             let mut digest = [0u8; 32];
@@ -1309,11 +1387,19 @@ mod tests {
             changed.push(added);
             b.hash = b.content_hash();
             let b = Arc::new(b);
+            // As an assembly from changed shards gives it: only the keys that changed travel.
+            let mut only_changed = b.without_keys();
+            let travelling = Arc::make_mut(&mut only_changed.keys);
+            for d in &changed {
+                if let Some(k) = b.keys.get(d) {
+                    travelling.insert(d.clone(), k.clone());
+                }
+            }
             let delta = KeyDelta {
-                base: Arc::clone(&a.keys),
+                base: a.hash.clone(),
                 changed,
             };
-            let patched = KeyTable::build_from(Arc::clone(&b), Some(&first), Some(&delta), &metrics);
+            let patched = KeyTable::build_from(Arc::new(only_changed), Some(&first), Some(&delta), &metrics);
             let full = KeyTable::build(Arc::clone(&b), Some(&first), &metrics);
             assert_eq!(patched.len(), full.len());
             assert_eq!(patched.entries().count(), full.len());
@@ -1323,7 +1409,7 @@ mod tests {
                     .get(&f.digest)
                     .expect("every key of the new configuration");
                 assert_eq!((&q.id, &q.plan, &q.limits), (&f.id, &f.plan, &f.limits));
-                assert_eq!((q.suspended, q.expires_at), (f.suspended, f.expires_at));
+                assert_eq!((q.suspended(), q.expires_at()), (f.suspended(), f.expires_at()));
                 if &*f.id != "ns/added" {
                     assert!(Arc::ptr_eq(&q.state, &f.state), "live state follows the key id");
                 }
@@ -1336,13 +1422,6 @@ mod tests {
                     "a removed or rotated-away digest is gone"
                 );
             }
-            // A delta against other keys than the previous table's is not trusted: full build.
-            let stale = KeyDelta {
-                base: Arc::new((*a.keys).clone()),
-                changed: Vec::new(),
-            };
-            let rebuilt = KeyTable::build_from(Arc::clone(&b), Some(&first), Some(&stale), &metrics);
-            assert_eq!(rebuilt.len(), full.len());
         }
     }
 
@@ -1369,17 +1448,23 @@ mod tests {
     }
 
     #[test]
-    fn a_table_entry_is_one_pair_of_cache_lines_with_what_every_request_reads_in_the_first() {
-        assert_eq!(size_of::<KeyEntry>(), 128);
-        assert_eq!(size_of::<Option<KeyEntry>>(), 128);
-        for end in [
-            std::mem::offset_of!(KeyEntry, digest) + 32,
-            std::mem::offset_of!(KeyEntry, state) + 8,
-            std::mem::offset_of!(KeyEntry, own_limits) + 8,
-            std::mem::offset_of!(KeyEntry, plan_ix) + 4,
-        ] {
-            assert!(end <= 64);
-        }
+    fn a_table_entry_is_one_cache_line_and_keys_of_a_plan_share_one_profile() {
+        assert_eq!(size_of::<KeyEntry>(), 64);
+        assert_eq!(size_of::<Option<KeyEntry>>(), 64);
+        let mut c = (*config(3, BucketScope::Key)).clone();
+        let keys = Arc::make_mut(&mut c.keys);
+        keys.insert("cd".repeat(32), CompiledKey::on_plan("ns/other", "p"));
+        let suspended = CompiledKey {
+            suspended: true,
+            ..CompiledKey::on_plan("ns/suspended", "p")
+        };
+        keys.insert("ef".repeat(32), suspended);
+        c.hash = c.content_hash();
+        let t = KeyTable::build(Arc::new(c), None, &Metrics::new());
+        let profile = |b: u8| Arc::as_ptr(&t.get(&[b; 32]).unwrap().entry.profile);
+        assert_eq!(profile(0xab), profile(0xcd));
+        assert_ne!(profile(0xab), profile(0xef));
+        assert!(t.get(&[0xef; 32]).unwrap().suspended());
     }
 
     #[test]

@@ -109,6 +109,12 @@ impl Drop for TaskHold {
 struct GatewayLimits(Weak<Gateway>);
 
 impl Limits for GatewayLimits {
+    fn plan_of(&self, digest: &[u8; 32]) -> Option<Arc<str>> {
+        let gw = self.0.upgrade()?;
+        let table = gw.table.load();
+        table.get(digest).map(|e| Arc::clone(e.plan))
+    }
+
     fn try_admit(&self, key: KeyRef<'_>, path: &str) -> Admit {
         let Some(gw) = self.0.upgrade() else {
             return Admit::Gone;
@@ -125,13 +131,13 @@ impl Limits for GatewayLimits {
                 };
             }
         };
-        let expired = entry.expires_at.is_some_and(|at| {
+        let expired = entry.expires_at().is_some_and(|at| {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             now >= at
         });
-        if entry.suspended || expired {
+        if entry.suspended() || expired {
             return Admit::Gone;
         }
         match table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1) {

@@ -73,6 +73,10 @@ impl std::fmt::Debug for Admit {
 pub trait Limits: Send + Sync + 'static {
     /// Takes a slot and a rate token for a task of `key` on the upstream `path`, never waiting.
     fn try_admit(&self, key: KeyRef<'_>, path: &str) -> Admit;
+
+    /// The plan the key with this token digest is on now; `None`: no such key. The gateway's
+    /// key table answers: the configuration the tasks see has no keys of its own.
+    fn plan_of(&self, digest: &[u8; 32]) -> Option<Arc<str>>;
 }
 
 /// How the task subsystem runs.
@@ -200,6 +204,13 @@ impl Tasks {
     pub fn configure(&self, config: Arc<GatewayConfig>) {
         self.config.store(config);
         self.wake.notify_one();
+    }
+
+    /// The plan of the key with token digest `hex_digest` now (`None` before [`Tasks::start`]).
+    fn plan_of(&self, hex_digest: &str) -> Option<Arc<str>> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(hex_digest, &mut digest).ok()?;
+        self.limits.get()?.plan_of(&digest)
     }
 
     /// Takes the webhook signing secrets by key id (`whsec_...`); returns the ids whose secret

@@ -353,12 +353,14 @@ impl Tasks {
         q.gauges_at = Some(Instant::now());
         let mut per_plan: HashMap<&str, (i64, i64)> =
             config.plans.keys().map(|p| (p.as_str(), (0, 0))).collect();
-        for kq in q.keys.values() {
-            let plan = config
-                .keys
-                .get(&hex::encode(kq.digest))
-                .map_or("", |k| k.plan.as_str());
-            let e = per_plan.entry(plan).or_default();
+        let limits = self.limits();
+        let plans: Vec<Option<Arc<str>>> = q
+            .keys
+            .values()
+            .map(|kq| limits.and_then(|l| l.plan_of(&kq.digest)))
+            .collect();
+        for (kq, plan) in q.keys.values().zip(&plans) {
+            let e = per_plan.entry(plan.as_deref().unwrap_or("")).or_default();
             e.0 += (kq.ready.len() + kq.delayed) as i64;
             e.1 += i64::from(kq.running);
         }
@@ -427,11 +429,11 @@ impl Tasks {
                 }
                 kq.blocked_until = None;
             }
-            let compiled = config.keys.get(&hex::encode(kq.digest));
-            let policy = compiled
-                .and_then(|k| config.plans.get(&k.plan))
+            let plan = limits.plan_of(&kq.digest);
+            let policy = plan
+                .as_deref()
+                .and_then(|p| config.plans.get(p))
                 .and_then(|p| p.tasks.as_ref());
-            let plan: Option<Arc<str>> = compiled.map(|k| Arc::from(k.plan.as_str()));
             while let Some((id, tt)) = kq.ready.front().cloned() {
                 if let Some(max) = policy.and_then(|p| p.max_concurrent)
                     && kq.running >= max
@@ -642,10 +644,9 @@ impl Tasks {
     /// What a run's answer means for the task.
     fn judge(&self, mut task: Task, answer: Answer) -> Outcome {
         let config = self.config.load();
-        let max_attempts = config
-            .keys
-            .get(&task.key_digest)
-            .and_then(|k| config.plans.get(&k.plan))
+        let max_attempts = self
+            .plan_of(&task.key_digest)
+            .and_then(|p| config.plans.get(&*p))
             .and_then(|p| p.tasks.as_ref())
             .map_or(crate::config::tasks::DEFAULT_MAX_ATTEMPTS, |p| p.max_attempts);
         let backoff =
@@ -744,10 +745,9 @@ impl Tasks {
     pub(super) fn finish(&self, task: &mut Task, status: TaskStatus, error: Option<TaskError>) {
         let now = unix_ms_now();
         let config = self.config.load();
-        let retention = config
-            .keys
-            .get(&task.key_digest)
-            .and_then(|k| config.plans.get(&k.plan))
+        let retention = self
+            .plan_of(&task.key_digest)
+            .and_then(|p| config.plans.get(&*p))
             .and_then(|p| p.tasks.as_ref())
             .map_or(crate::config::tasks::DEFAULT_RETENTION_SECS, |p| p.retention_secs);
         task.status = status;
