@@ -8,6 +8,12 @@
 #   slotgate  wrk -> slotgate gateway (release, limits in memory) -> upstream
 #   redis     wrk -> slotgate gateway --state redis://  (limits shared through redis-server) -> upstream
 #   refusal   wrk -> slotgate gateway, key on a 0-slot plan: every answer is a 429
+#   nginx-refusal  wrk -> nginx, a limit_req zone of 1 request a minute: every answer is a 429
+#   redis-base     (with SLOTGATE_BASELINE=path/to/an/older/slotgate) the older build in redis mode,
+#                  on its own key prefix of the same redis-server: an A/B in the same run
+#
+# For the redis modes the script also reads redis-server's CPU time around each run and prints
+# it per request: what a request costs Redis, which shares CPU 0 with the proxy.
 #
 # The proxy under test and the upstream share CPU 0 and wrk has CPU 1; every proxy and the
 # upstream get one worker, so the added CPU per request, 1/rps(proxy) - 1/rps(direct), compares.
@@ -42,7 +48,8 @@ SG=target/dist/slotgate
 source benches/common.sh
 
 UP=$(free_port); BARE_P=$(free_port); NGINX_P=$(free_port); SG_P=$(free_port); SG_ADMIN=$(free_port)
-REDIS_P=$(free_port); SGR_P=$(free_port); SGR_ADMIN=$(free_port)
+REDIS_P=$(free_port); SGR_P=$(free_port); SGR_ADMIN=$(free_port); NGINX_REF_P=$(free_port)
+BASE=${SLOTGATE_BASELINE:-}; BASE_P=$(free_port); BASE_ADMIN=$(free_port)
 
 # Same limits everywhere: 1,000 slots and 1,000,000 req/s per key, so nothing is refused and
 # the cost of keeping the books is what is measured.
@@ -111,6 +118,15 @@ http {
       proxy_pass http://up;
     }
   }
+  limit_req_zone \$http_x_api_key zone=none:1m rate=1r/m;
+  server {
+    listen 127.0.0.1:$NGINX_REF_P;
+    location / {
+      limit_req zone=none;
+      limit_req_status 429;
+      proxy_pass http://up;
+    }
+  }
 }
 EOF
 
@@ -120,38 +136,54 @@ taskset -c 0 nginx -c "$WORK/nginx.conf" >/dev/null 2>&1 & PIDS+=($!)
 SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
   --listen 127.0.0.1:$SG_P --admin-listen 127.0.0.1:$SG_ADMIN --worker-threads 1 >/dev/null 2>&1 & PIDS+=($!)
 taskset -c 0 redis-server --port $REDIS_P --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null 2>&1 & PIDS+=($!)
+REDIS_PID=$!
 wait_port $REDIS_P
 SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
   --listen 127.0.0.1:$SGR_P --admin-listen 127.0.0.1:$SGR_ADMIN --worker-threads 1 \
   --state redis://127.0.0.1:$REDIS_P >/dev/null 2>&1 & PIDS+=($!)
-for p in $UP $BARE_P $NGINX_P $SG_P $SGR_P; do wait_port "$p"; done
+TARGETS="direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY redis:$SGR_P:$KEY"
+TARGETS+=" refusal:$SG_P:$ZERO_KEY nginx-refusal:$NGINX_REF_P:$ZERO_KEY"
+if [ -n "$BASE" ]; then
+  SLOTGATE_LOG=warn taskset -c 0 "$BASE" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
+    --listen 127.0.0.1:$BASE_P --admin-listen 127.0.0.1:$BASE_ADMIN --worker-threads 1 \
+    --state redis://127.0.0.1:$REDIS_P --state-prefix base >/dev/null 2>&1 & PIDS+=($!)
+  TARGETS+=" redis-base:$BASE_P:$KEY"
+fi
+for t in $TARGETS; do IFS=: read -r _ port _ <<<"$t"; wait_port "$port"; done
 
-# One run: prints "rps p50_ms p99_ms non2xx".
+# redis-server's CPU time so far, in clock ticks.
+redis_ticks() { awk '{print $14 + $15}' "/proc/$REDIS_PID/stat"; }
+
+# One run: prints "rps p50_ms p99_ms non2xx redis_us_per_request".
 run() {
-  local port=$1 key=$2 out
+  local port=$1 key=$2 out t0 t1
+  t0=$(redis_ticks)
   out=$(taskset -c 1 wrk -t1 -c$CONNS -d"${SECS}s" --latency -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench")
-  awk -v o="$out" 'BEGIN {
-    n = split(o, L, "\n"); rps = 0; p50 = ""; p99 = ""; bad = 0
+  t1=$(redis_ticks)
+  awk -v o="$out" -v ticks=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    n = split(o, L, "\n"); rps = 0; p50 = ""; p99 = ""; bad = 0; total = 0
     for (i = 1; i <= n; i++) {
       split(L[i], f, " ")
       if (L[i] ~ /^Requests\/sec:/) rps = f[2]
       if (L[i] ~ /^ +50%/) p50 = f[2]
       if (L[i] ~ /^ +99%/) p99 = f[2]
       if (L[i] ~ /Non-2xx/) bad = f[5]
+      if (L[i] ~ / requests in /) total = f[1]
     }
-    printf "%s %s %s %s\n", rps, ms(p50), ms(p99), bad
+    printf "%s %s %s %s %.2f\n", rps, ms(p50), ms(p99), bad, total > 0 ? ticks / hz / total * 1e6 : 0
   }
   function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }'
 }
 
 # Warm every path once (connection pools, page cache).
-for t in "$UP $KEY" "$BARE_P $KEY" "$NGINX_P $KEY" "$SG_P $KEY" "$SGR_P $KEY"; do
-  taskset -c 1 wrk -t1 -c$CONNS -d1s -H "X-API-Key: ${t#* }" "http://127.0.0.1:${t%% *}/v1/bench" >/dev/null
+for t in $TARGETS; do
+  IFS=: read -r _ port key <<<"$t"
+  taskset -c 1 wrk -t1 -c$CONNS -d1s -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench" >/dev/null
 done
 
 RESULTS="$WORK/results"
 for rep in $(seq "$REPEATS"); do
-  for t in direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY redis:$SGR_P:$KEY refusal:$SG_P:$ZERO_KEY; do
+  for t in $TARGETS; do
     IFS=: read -r name port key <<<"$t"
     line=$(run "$port" "$key")
     echo "$rep $name $line" | tee -a "$RESULTS" >&2
@@ -180,23 +212,32 @@ python3 - "$RESULTS" "$SECS" "$REPEATS" "$CONNS" "$PACED" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 by = {}
-for rep, name, rps, p50, p99, bad in rows:
-    by.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad)))
+for rep, name, rps, p50, p99, bad, redis_us in rows:
+    by.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad), float(redis_us)))
 med = {n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
-           statistics.median(r[2] for r in v), sum(r[3] for r in v)) for n, v in by.items()}
+           statistics.median(r[2] for r in v), sum(r[3] for r in v),
+           statistics.median(r[4] for r in v)) for n, v in by.items()}
 d = med["direct"][0]
 print(f"\n{sys.argv[3]} interleaved repeats of {sys.argv[2]} s, {sys.argv[4]} connections, medians:\n")
-print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | vs nginx | vs bare | vs memory |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for n in ["direct", "bare", "nginx", "slotgate", "redis", "refusal"]:
-    rps, p50, p99, bad = med[n]
+print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | redis CPU/request (us) | vs nginx | vs bare | vs memory |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+order = ["direct", "bare", "nginx", "slotgate", "redis", "redis-base", "refusal", "nginx-refusal"]
+for n in (n for n in order if n in med):
+    rps, p50, p99, bad, redis_us = med[n]
     added = "" if n == "direct" else f"{(1/rps - 1/d) * 1e6:.1f}"
-    vn = f"{rps / med['nginx'][0]:.2f}x" if n != "nginx" else ""
-    vb = f"{rps / med['bare'][0]:.2f}x" if n != "bare" else ""
-    vm = f"{rps / med['slotgate'][0]:.2f}x" if n == "redis" else ""
-    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {vn} | {vb} | {vm} |")
+    peer = "nginx-refusal" if n == "refusal" else "nginx"
+    vn = f"{rps / med[peer][0]:.2f}x" if n not in ("nginx", "nginx-refusal") else ""
+    vb = f"{rps / med['bare'][0]:.2f}x" if n not in ("bare", "refusal", "nginx-refusal") else ""
+    vm = f"{rps / med['slotgate'][0]:.2f}x" if n.startswith("redis") else ""
+    ru = f"{redis_us:.2f}" if n.startswith("redis") else ""
+    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {ru} | {vn} | {vb} | {vm} |")
 m, r = med["slotgate"], med["redis"]
 print(f"\nredis mode: {r[0] / m[0]:.2f}x memory mode's throughput, p99 {r[2] - m[2]:+.2f} ms over memory mode (saturated)")
+if "redis-base" in med:
+    b = med["redis-base"]
+    print(f"redis mode, baseline build: {b[0] / m[0]:.2f}x memory mode; this build {r[0] / b[0]:.2f}x the baseline, redis CPU {r[4]:.2f} against {b[4]:.2f} us a request")
+print(f"memory mode: {m[0] / med['nginx'][0]:.2f}x nginx's throughput, p99 {m[2]:.2f} against nginx's {med['nginx'][2]:.2f} ms")
+print(f"refusals: {med['refusal'][0] / med['nginx-refusal'][0]:.2f}x nginx's refusal rate")
 
 paced = {}
 for rep, rate, name, p50, p99, p999, got in (l.split() for l in open(sys.argv[5])):

@@ -530,3 +530,150 @@ async fn endpoint_buckets_are_shared_per_path_and_long_paths_stay_small_keys() {
     assert_eq!(keys.len(), 3, "{keys:?}");
     assert!(keys.iter().all(|k| k.len() < 200), "{keys:?}");
 }
+
+/// A request admitted on a replica's own share while Redis was down may still run when Redis
+/// comes back: the shared pool counts it from the first renewal on, so another replica does not
+/// hand its slot out a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_admitted_during_an_outage_counts_in_the_shared_pool_once_redis_returns() {
+    let mut redis = Redis::start();
+    let stub = Stub::start().await;
+    let cfg = ConfigDir::new(&(slots_plan("p", 2) + &key_yaml("k", "p", "")));
+    let ttl = ["--state-lease-ttl", "1s", "--state-timeout", "100ms"];
+    let a = shared_gateway(&cfg, &stub, &redis, &ttl);
+    let b = shared_gateway(&cfg, &stub, &redis, &ttl);
+    for gw in [&a, &b] {
+        gw.wait_metric("slotgate_state_replicas", |v| v == 2.0).await;
+    }
+
+    redis.stop();
+    a.wait_metric("slotgate_state_shared", |v| v == 0.0).await;
+    // A's share of the 2 slots is 1: a long request, admitted on A's own count.
+    let url = a.url("/v1/work?delay_ms=6000");
+    let long = tokio::spawn(async move { get(&url, &[("x-api-key", "tok-k")]).await });
+    wait_until("the long request reached the upstream", || stub.in_flight() == 1).await;
+
+    redis.start_again();
+    for gw in [&a, &b] {
+        gw.wait_metric("slotgate_state_shared", |v| v == 1.0).await;
+    }
+    wait_until("the outage's request counted in redis", || {
+        redis.leases(KEY_ID) == 1
+    })
+    .await;
+    assert!(stub.in_flight() == 1, "the long request is still running");
+    let (r1, r2) = tokio::join!(
+        as_key(&b, "/v1/work?delay_ms=300"),
+        as_key(&b, "/v1/work?delay_ms=300")
+    );
+    let mut statuses = [r1.status.as_u16(), r2.status.as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 429],
+        "one slot of two left: {} / {}",
+        r1.body,
+        r2.body
+    );
+    let refused = if r1.status == StatusCode::TOO_MANY_REQUESTS {
+        &r1
+    } else {
+        &r2
+    };
+    assert_eq!(refused.num("x-concurrent-current"), 2, "{}", refused.body);
+    assert!(stub.peak() <= 2, "peak {}", stub.peak());
+    assert_eq!(long.await.unwrap().status, StatusCode::OK);
+    wait_until("leases released", || redis.leases(KEY_ID) == 0).await;
+}
+
+/// Tells nobody: the limiter-level test reads Redis itself.
+struct Unobserved;
+
+impl slotgate::limiter::shared::SharedObserver for Unobserved {
+    fn call(
+        &self,
+        _: slotgate::limiter::shared::SharedOp,
+        _: Duration,
+        _: Option<&slotgate::limiter::shared::SharedError>,
+    ) {
+    }
+    fn mode(&self, _: bool, _: u32) {}
+    fn replicas(&self, _: u32) {}
+}
+
+/// Admissions of one key that arrive together share script calls, and each is still decided as
+/// if it had come alone: exactly the slots, exactly the burst, each admitted request told its
+/// own place among those in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_arriving_together_share_script_calls_and_stay_exact() {
+    use slotgate::limiter::{
+        RateParams, SharedDecision, SharedLimiter, SharedOptions,
+        shared::{BucketName, SharedRequest},
+    };
+    let redis = Redis::start();
+    let options = SharedOptions {
+        url: redis.url(),
+        prefix: "slotgate".into(),
+        lease_ttl: Duration::from_secs(10),
+        timeout: Duration::from_secs(5),
+        replicas_hint: 1,
+    };
+    let limiter = SharedLimiter::start(options, Arc::new(Unobserved)).await.unwrap();
+    let request = SharedRequest {
+        scope: KEY_ID,
+        slots: Some(25),
+        rate: Some((
+            BucketName::Key,
+            RateParams {
+                per_second: 1,
+                burst: 40,
+            },
+        )),
+    };
+    let calls_before = redis.script_calls();
+    let first = join_all((0..200).map(|_| limiter.admit(request))).await;
+    let calls = redis.script_calls() - calls_before;
+    let mut places = Vec::new();
+    let mut leases = Vec::new();
+    let mut full = 0;
+    for d in first {
+        match d.unwrap() {
+            SharedDecision::Admitted { lease, in_flight, .. } => {
+                places.push(in_flight);
+                leases.push(lease);
+            }
+            SharedDecision::SlotsFull { in_flight, .. } => {
+                assert_eq!(in_flight, 25);
+                full += 1;
+            }
+            other => panic!("a full bucket refused: {other:?}"),
+        }
+    }
+    places.sort_unstable();
+    assert_eq!(
+        places,
+        (1..=25).collect::<Vec<u32>>(),
+        "each admission its own place"
+    );
+    assert_eq!(full, 175);
+    assert_eq!(redis.leases(KEY_ID), 25);
+    assert!(calls < 20, "200 admissions of one key took {calls} script calls");
+
+    // Refused requests took no quota: 15 of the burst are left (16 if a second has passed).
+    drop(leases);
+    wait_until("leases released", || redis.leases(KEY_ID) == 0).await;
+    let second = join_all((0..200).map(|_| limiter.admit(request))).await;
+    let admitted = second
+        .iter()
+        .filter(|d| matches!(d, Ok(SharedDecision::Admitted { .. })))
+        .count();
+    let limited = second
+        .iter()
+        .filter(|d| matches!(d, Ok(SharedDecision::RateLimited { retry_after_nanos, .. }) if *retry_after_nanos > 0))
+        .count();
+    assert!(
+        (15..=16).contains(&admitted),
+        "{admitted} admitted from 15 tokens"
+    );
+    assert_eq!(admitted + limited, 200);
+}

@@ -325,7 +325,7 @@ impl Gateway {
         let at = Instant::now();
         let result = match &self.shared {
             None => table::admit(&entry, path, self.nanos(at), self.cap.as_ref(), 1),
-            Some(s) => self.fallback(&entry, path, s.replicas()),
+            Some(s) => self.fallback(&entry, path, s),
         };
         self.hold(parts, &entry, result, at, client)
     }
@@ -343,7 +343,7 @@ impl Gateway {
         let path = parts.uri.path();
         let result = match table::admit_shared(&entry, path, shared, self.cap.as_ref()).await {
             Ok(result) => result,
-            Err(_) => self.fallback(&entry, path, shared.replicas()),
+            Err(_) => self.fallback(&entry, path, shared),
         };
         self.hold(parts, &entry, result, Instant::now(), client)
     }
@@ -470,18 +470,25 @@ struct Admission {
 }
 
 impl Gateway {
-    /// The decision while the shared state is unreachable, by the configured policy.
+    /// The decision while the shared state is unreachable, by the configured policy. A slot
+    /// taken here also holds a lease the shared state learns of with the first renewal after it
+    /// answers again, so that a long request admitted during an outage counts against the key's
+    /// slots on every replica from then on.
     fn fallback(
         &self,
         entry: &table::KeyView<'_>,
         path: &str,
-        replicas: u32,
+        shared: &SharedLimiter,
     ) -> Result<table::Admitted, Refusal> {
-        match self.options.state.fallback {
-            Fallback::Local => table::admit(entry, path, self.now(), self.cap.as_ref(), replicas),
+        let mut admitted = match self.options.state.fallback {
+            Fallback::Local => table::admit(entry, path, self.now(), self.cap.as_ref(), shared.replicas()),
             Fallback::FailClosed if table::is_limited(entry, path) => Err(Refusal::Unavailable),
             Fallback::FailClosed => table::admit(entry, path, self.now(), self.cap.as_ref(), 1),
+        }?;
+        if admitted.slot.is_some() {
+            admitted.lease = Some(shared.lease_unconfirmed(&entry.id));
         }
+        Ok(admitted)
     }
 
     /// Counts a refusal, or turns an admission into what the request holds while in flight.

@@ -29,60 +29,92 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::RateParams;
 
-/// Admits one request: `KEYS[1]` the key's slot leases, `KEYS[2]` the rate bucket; `ARGV` slot
-/// limit (-1: none), lease member, lease TTL (ms), rate per second (0: none), burst. Answers
-/// `{status, in_flight, rate_remaining (-1: none), retry_after_us}` with status 0 admitted, 1 slots
-/// full, 2 rate limited. The bucket is GCRA in microseconds, kept as one string `tat rate burst`
-/// that expires when the bucket is full again, with the same rescaling on a plan change as the
-/// in-memory bucket (the used fraction of the burst is kept). Leases count while their expiry is
-/// ahead (`ZCOUNT`); expired ones are removed by the renewal script, which keeps this path short.
+/// Admits a batch of requests of one API key, in order, as if each had come alone: `KEYS[1]` the
+/// key's slot leases, `KEYS[2..]` its rate buckets; `ARGV[1]` lease TTL (ms), then five values per
+/// request: slot limit (-1: none), lease member, rate per second (0: none), burst, and which of
+/// `KEYS` is its bucket (0: none). Answers four values per request, `{status, in_flight,
+/// rate_remaining (-1: none), retry_after_us}` with status 0 admitted, 1 slots full, 2 rate
+/// limited. A bucket is GCRA in microseconds, kept as one string `tat rate burst` that expires
+/// when the bucket is full again, with the same rescaling on a plan change as the in-memory bucket
+/// (the used fraction of the burst is kept). Leases count while their expiry is ahead (`ZCOUNT`);
+/// expired ones are removed by the renewal script, which keeps this path short. Each Redis key is
+/// read and written once per batch, whatever its size: that, not the round trip, is what a
+/// request costs Redis.
 const ADMIT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local limit = tonumber(ARGV[1])
-local rate = tonumber(ARGV[4])
-local in_flight = 0
-if limit >= 0 then
-  in_flight = redis.call('ZCOUNT', KEYS[1], now, '+inf')
-end
-local remaining = -1
-local bucket
-if rate > 0 then
-  local burst = tonumber(ARGV[5])
-  local interval = 1000000 / rate
-  local tau = interval * burst
-  local tat = 0
-  local s = redis.call('GET', KEYS[2])
-  if s then
-    local t0, r0, b0 = string.match(s, '^(%d+) (%d+) (%d+)$')
-    tat, r0, b0 = tonumber(t0), tonumber(r0), tonumber(b0)
-    if r0 ~= rate or b0 ~= burst then
-      local used = math.max(tat - now, 0) / ((1000000 / r0) * b0)
-      tat = now + math.min(used, 1) * tau
+local ttl = tonumber(ARGV[1])
+local counted, first_empty, in_flight = false, false, 0
+local buckets = {}
+local leases = {}
+local out = {}
+for b = 2, #ARGV, 5 do
+  local limit = tonumber(ARGV[b])
+  local rate = tonumber(ARGV[b + 2])
+  local burst = tonumber(ARGV[b + 3])
+  local k = tonumber(ARGV[b + 4])
+  if limit >= 0 and not counted then
+    in_flight = redis.call('ZCOUNT', KEYS[1], now, '+inf')
+    counted, first_empty = true, in_flight == 0
+  end
+  local cur = 0
+  if limit >= 0 then cur = in_flight end
+  local status, remaining, retry = 0, -1, 0
+  if rate > 0 and k > 0 then
+    local interval = 1000000 / rate
+    local tau = interval * burst
+    local bk = buckets[k]
+    if not bk then
+      bk = {tat = 0, rate = rate, burst = burst, dirty = false}
+      local s = redis.call('GET', KEYS[k])
+      if s then
+        local t0, r0, b0 = string.match(s, '^(%d+) (%d+) (%d+)$')
+        bk.tat, bk.rate, bk.burst = tonumber(t0), tonumber(r0), tonumber(b0)
+      end
+      buckets[k] = bk
     end
+    if bk.rate ~= rate or bk.burst ~= burst then
+      local used = math.max(bk.tat - now, 0) / ((1000000 / bk.rate) * bk.burst)
+      bk.tat = now + math.min(used, 1) * tau
+      bk.rate, bk.burst, bk.dirty = rate, burst, true
+    end
+    local tat = math.max(bk.tat, now)
+    local nxt = tat + interval
+    if nxt > now + tau then
+      status, remaining, retry = 2, 0, math.ceil(nxt - tau - now)
+    elseif limit >= 0 and cur >= limit then
+      status, remaining = 1, math.min(math.floor((now + tau - tat) / interval), burst)
+    else
+      bk.tat, bk.dirty = nxt, true
+      remaining = math.min(math.floor((now + tau - nxt) / interval), burst)
+    end
+  elseif limit >= 0 and cur >= limit then
+    status = 1
   end
-  tat = math.max(tat, now)
-  local nxt = tat + interval
-  if nxt > now + tau then
-    return {2, in_flight, 0, math.ceil(nxt - tau - now)}
+  if status == 0 and limit >= 0 then
+    leases[#leases + 1] = now + ttl * 1000
+    leases[#leases + 1] = ARGV[b + 1]
+    in_flight = in_flight + 1
+    cur = in_flight
   end
-  if limit >= 0 and in_flight >= limit then
-    return {1, in_flight, math.min(math.floor((now + tau - tat) / interval), burst), 0}
-  end
-  redis.call('SET', KEYS[2], string.format('%.0f %d %d', nxt, rate, burst), 'PX', math.ceil((nxt - now) / 1000) + 1000)
-  remaining = math.min(math.floor((now + tau - nxt) / interval), burst)
-elseif limit >= 0 and in_flight >= limit then
-  return {1, in_flight, -1, 0}
+  out[#out + 1] = status
+  out[#out + 1] = cur
+  out[#out + 1] = remaining
+  out[#out + 1] = retry
 end
-if limit >= 0 then
-  local ttl = tonumber(ARGV[3])
-  redis.call('ZADD', KEYS[1], now + ttl * 1000, ARGV[2])
-  if in_flight == 0 then
+for k, bk in pairs(buckets) do
+  if bk.dirty then
+    redis.call('SET', KEYS[k], string.format('%.0f %d %d', bk.tat, bk.rate, bk.burst), 'PX', math.ceil((bk.tat - now) / 1000) + 1000)
+  end
+end
+if #leases > 0 then
+  redis.call('ZADD', KEYS[1], unpack(leases))
+  -- The renewal keeps the set alive after this; a set that had no live lease may have none.
+  if first_empty then
     redis.call('PEXPIRE', KEYS[1], ttl * 2)
   end
-  in_flight = in_flight + 1
 end
-return {0, in_flight, remaining, 0}
+return out
 ";
 
 /// Renews leases still in flight: `KEYS[1]` the slot set, `ARGV[1]` TTL (ms), then members; drops
@@ -139,7 +171,7 @@ pub struct SharedOptions {
 }
 
 /// Why the shared state could not be used.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SharedError {
     /// The URL does not name a Redis server.
     #[error("--state {url}: not a Redis URL like redis://127.0.0.1:6379 ({reason})")]
@@ -155,6 +187,9 @@ pub enum SharedError {
     /// Redis did not answer in time.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// The limiter's background task has stopped (the gateway is shutting down).
+    #[error("the shared limiter has stopped")]
+    Stopped,
 }
 
 /// A URL fit for a log line: the password, if any, is replaced.
@@ -257,6 +292,27 @@ enum Msg {
     Leave(oneshot::Sender<()>),
 }
 
+/// Most admissions one script call carries (five arguments each).
+const MAX_BATCH: usize = 128;
+/// Rounds of admission calls in flight at once. While they are out, the requests that arrive
+/// gather into the next round's batches: under load a round carries many requests per key, and
+/// Redis reads and writes each key once per batch instead of once per request.
+const MAX_ROUNDS: usize = 2;
+
+/// The four numbers the admission script answers per request.
+type Verdict = [i64; 4];
+
+/// An admission waiting for its batch.
+struct Pending {
+    slots_key: Arc<str>,
+    rate_key: Option<String>,
+    limit: i64,
+    seq: u64,
+    per_second: u64,
+    burst: u64,
+    answer: oneshot::Sender<Result<Verdict, SharedError>>,
+}
+
 struct Core {
     conn: ConnectionManager,
     prefix: String,
@@ -271,12 +327,14 @@ struct Core {
     replicas: AtomicU32,
     observer: Arc<dyn SharedObserver>,
     queue: mpsc::UnboundedSender<Msg>,
+    admissions: mpsc::UnboundedSender<Pending>,
 }
 
 /// The shared limiter of one replica. Dropping it stops renewing: its leases then expire.
 pub struct SharedLimiter {
     core: Arc<Core>,
     task: tokio::task::JoinHandle<()>,
+    batches: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for SharedLimiter {
@@ -291,6 +349,7 @@ impl std::fmt::Debug for SharedLimiter {
 impl Drop for SharedLimiter {
     fn drop(&mut self) {
         self.task.abort();
+        self.batches.abort();
     }
 }
 
@@ -341,6 +400,7 @@ impl SharedLimiter {
             ConnectionManager::new_lazy_with_config(client, config).map_err(|e| url_error(e.to_string()))?;
         let ttl_ms = (options.lease_ttl.as_millis() as u64).max(100);
         let (queue, rx) = mpsc::unbounded_channel();
+        let (admissions, admitted) = mpsc::unbounded_channel();
         let core = Arc::new(Core {
             conn,
             replicas_key: format!("{}:replicas", options.prefix),
@@ -354,13 +414,15 @@ impl SharedLimiter {
             replicas: AtomicU32::new(options.replicas_hint.max(1)),
             observer,
             queue,
+            admissions,
         });
         core.tick(&mut Vec::new()).await;
         if !core.healthy.load(Ordering::Acquire) {
             core.observer.mode(false, core.replicas.load(Ordering::Relaxed));
         }
         let task = tokio::spawn(maintain(Arc::clone(&core), rx));
-        Ok(Self { core, task })
+        let batches = tokio::spawn(admit_in_batches(Arc::clone(&core), admitted));
+        Ok(Self { core, task, batches })
     }
 
     /// Whether admissions go to Redis now (false: Redis is unreachable, the fallback applies).
@@ -383,49 +445,57 @@ impl SharedLimiter {
         self.core.leases.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Admits one request in one round trip. An error (Redis unreachable, or slower than the
-    /// timeout) switches the limiter to fallback mode until Redis answers a probe again.
+    /// Admits one request in one round trip, batched with the other requests of its key that are
+    /// waiting meanwhile. An error (Redis unreachable, or slower than the timeout) switches the
+    /// limiter to fallback mode until Redis answers a probe again.
     pub async fn admit(&self, req: SharedRequest<'_>) -> Result<SharedDecision, SharedError> {
         let core = &self.core;
         let base = format!("{}:{{{}}}", core.prefix, req.scope);
-        let slots_key = format!("{base}:slots");
-        let rate_key = match req.rate {
+        let slots_key: Arc<str> = format!("{base}:slots").into();
+        let rate_key = req.rate.map(|(name, _)| match name {
             // A long path (a client walking random paths) is named by its digest, so a Redis key
             // stays small whatever the request.
-            Some((BucketName::Endpoint(path), _)) if path.len() > MAX_PATH_IN_KEY => {
+            BucketName::Endpoint(path) if path.len() > MAX_PATH_IN_KEY => {
                 use sha2::Digest;
                 format!(
                     "{base}:rate:#{}",
                     hex::encode(sha2::Sha256::digest(path.as_bytes()))
                 )
             }
-            Some((BucketName::Endpoint(path), _)) => format!("{base}:rate:{path}"),
-            _ => format!("{base}:rate"),
-        };
+            BucketName::Endpoint(path) => format!("{base}:rate:{path}"),
+            BucketName::Key => format!("{base}:rate"),
+        });
         let seq = core.seq.fetch_add(1, Ordering::Relaxed);
         let (per_second, burst) = req.rate.map_or((0, 0), |(_, p)| (p.per_second, p.burst));
-        let mut call = ADMIT.prepare_invoke();
-        call.key(&slots_key)
-            .key(&rate_key)
-            .arg(req.slots.map_or(-1, i64::from))
-            .arg(core.member(seq))
-            .arg(core.ttl_ms)
-            .arg(per_second)
-            .arg(burst);
-        let mut conn = core.conn.clone();
-        let result = core
-            .bounded(
-                SharedOp::Admit,
-                core.timeout,
-                call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
-            )
-            .await;
-        let (status, in_flight, remaining, retry_us) = match result {
+        let (answer, verdict) = oneshot::channel();
+        let pending = Pending {
+            slots_key: Arc::clone(&slots_key),
+            rate_key,
+            limit: req.slots.map_or(-1, i64::from),
+            seq,
+            per_second: per_second.into(),
+            burst: burst.into(),
+            answer,
+        };
+        let started = Instant::now();
+        let result = if core.admissions.send(pending).is_err() {
+            Err(SharedError::Stopped)
+        } else {
+            match tokio::time::timeout(core.timeout, verdict).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(SharedError::Stopped),
+                Err(_) => Err(SharedError::Timeout(core.timeout)),
+            }
+        };
+        core.observer
+            .call(SharedOp::Admit, started.elapsed(), result.as_ref().err());
+        let [status, in_flight, remaining, retry_us] = match result {
             Ok(v) => v,
             Err(e) => {
                 if req.slots.is_some() {
-                    // The script may have run before the answer was lost: take the lease back.
-                    let _ = core.queue.send(Msg::Release(slots_key.into(), seq));
+                    // The script may have run, or may still run, before the answer was lost:
+                    // take the lease back (the batch task does too if it runs later).
+                    let _ = core.queue.send(Msg::Release(slots_key, seq));
                 }
                 core.set_healthy(false);
                 return Err(e);
@@ -439,7 +509,7 @@ impl SharedLimiter {
                     core.leases
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(seq, slots_key.into());
+                        .insert(seq, slots_key);
                     SharedLease {
                         core: Arc::clone(core),
                         seq,
@@ -457,6 +527,23 @@ impl SharedLimiter {
                 retry_after_nanos: u64::try_from(retry_us).unwrap_or(0) * 1000,
             },
         })
+    }
+
+    /// A lease for a request this replica admitted on its own while Redis was unreachable: no
+    /// call now; the first renewal that reaches Redis adds it, so from then on every replica
+    /// counts the request. Dropping it releases it like any lease.
+    pub fn lease_unconfirmed(&self, scope: &str) -> SharedLease {
+        let core = &self.core;
+        let seq = core.seq.fetch_add(1, Ordering::Relaxed);
+        let slots_key: Arc<str> = format!("{}:{{{scope}}}:slots", core.prefix).into();
+        core.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq, slots_key);
+        SharedLease {
+            core: Arc::clone(core),
+            seq,
+        }
     }
 
     /// Adds `member` to the shared expiring set `name` until `until_unix_ms` (wall-clock ms, which
@@ -719,6 +806,113 @@ async fn maintain(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                 }
             }
             _ = tick.tick() => core.tick(&mut pending).await,
+        }
+    }
+}
+
+/// Sends admissions in rounds of one script call per API key, at most [`MAX_ROUNDS`] rounds in
+/// flight. A request that arrives while Redis is idle goes out at once; under load, requests wait
+/// for at most the rounds ahead of them and then share a call with the others of their key. One
+/// key's requests stay in one call because the script touches only that key's Redis keys, which
+/// share its hash tag (and so a Redis Cluster slot).
+async fn admit_in_batches(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let mut rounds = futures::stream::FuturesUnordered::new();
+    let mut queued: Vec<Pending> = Vec::new();
+    let mut open = true;
+    loop {
+        while let Ok(p) = rx.try_recv() {
+            queued.push(p);
+        }
+        // A caller that gave up (timed out, or its client left) has already fallen back.
+        queued.retain(|p| !p.answer.is_closed());
+        if rounds.len() < MAX_ROUNDS && !queued.is_empty() {
+            rounds.push(core.admit_round(batches_by_key(&mut queued)));
+        }
+        if !open && rounds.is_empty() && queued.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(()) = futures::StreamExt::next(&mut rounds), if !rounds.is_empty() => {}
+            p = rx.recv(), if open => match p {
+                Some(p) => queued.push(p),
+                None => open = false,
+            },
+        }
+    }
+}
+
+/// Takes everything queued, grouped by API key in arrival order, at most [`MAX_BATCH`] a call.
+fn batches_by_key(queued: &mut Vec<Pending>) -> Vec<Vec<Pending>> {
+    let mut batches: Vec<Vec<Pending>> = Vec::new();
+    let mut open: HashMap<Arc<str>, usize> = HashMap::new();
+    for p in queued.drain(..) {
+        match open.get(&p.slots_key) {
+            Some(&i) if batches[i].len() < MAX_BATCH => batches[i].push(p),
+            _ => {
+                open.insert(Arc::clone(&p.slots_key), batches.len());
+                batches.push(vec![p]);
+            }
+        }
+    }
+    batches
+}
+
+impl Core {
+    /// One round: every batch's call written at once (the connection pipelines them).
+    async fn admit_round(&self, batches: Vec<Vec<Pending>>) {
+        futures::future::join_all(batches.into_iter().map(|b| self.admit_batch(b))).await;
+    }
+
+    /// One script call for one key's batch; every caller gets its own answer.
+    async fn admit_batch(&self, batch: Vec<Pending>) {
+        let mut call = ADMIT.prepare_invoke();
+        call.key(&*batch[0].slots_key);
+        let mut rate_keys: Vec<&str> = Vec::new();
+        let mut which = Vec::with_capacity(batch.len());
+        for p in &batch {
+            which.push(match p.rate_key.as_deref() {
+                None => 0,
+                Some(k) => match rate_keys.iter().position(|r| *r == k) {
+                    Some(i) => i + 2,
+                    None => {
+                        rate_keys.push(k);
+                        call.key(k);
+                        rate_keys.len() + 1
+                    }
+                },
+            });
+        }
+        call.arg(self.ttl_ms);
+        for (p, k) in batch.iter().zip(which) {
+            call.arg(p.limit)
+                .arg(self.member(p.seq))
+                .arg(p.per_second)
+                .arg(p.burst)
+                .arg(k);
+        }
+        let mut conn = self.conn.clone();
+        let limit = self.background_timeout();
+        let answers = match tokio::time::timeout(limit, call.invoke_async::<Vec<i64>>(&mut conn)).await {
+            Ok(Ok(v)) if v.len() == 4 * batch.len() => Ok(v),
+            Ok(Ok(v)) => Err(SharedError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "admission script answered",
+                format!("{} numbers for {} requests", v.len(), batch.len()),
+            )))),
+            Ok(Err(e)) => Err(SharedError::Redis(e)),
+            Err(_) => Err(SharedError::Timeout(limit)),
+        };
+        for (i, p) in batch.into_iter().enumerate() {
+            let verdict = match &answers {
+                Ok(v) => Ok([v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]]),
+                Err(e) => Err(e.clone()),
+            };
+            // Taken, or perhaps taken, for a caller that is no longer waiting: give it back
+            // (after the script on the same connection, so the release cannot come first).
+            let maybe_taken = p.limit >= 0 && verdict.as_ref().map_or(true, |v| v[0] == 0);
+            if p.answer.send(verdict).is_err() && maybe_taken {
+                let _ = self.queue.send(Msg::Release(p.slots_key, p.seq));
+            }
         }
     }
 }

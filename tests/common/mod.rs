@@ -576,6 +576,16 @@ impl Redis {
         assert!(ok, "kill {sig} {pid}");
     }
 
+    /// Script calls Redis has run since it started (`EVALSHA` and `EVAL`).
+    pub fn script_calls(&self) -> u64 {
+        let mut c = self.conn().unwrap();
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Slot leases held in Redis for a key id (`namespace/name`), expired ones not counted.
     pub fn leases(&self, key_id: &str) -> usize {
         let mut c = self.conn().unwrap();
