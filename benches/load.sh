@@ -170,7 +170,7 @@ run() {
       if (L[i] ~ /Non-2xx/) bad = f[5]
       if (L[i] ~ / requests in /) total = f[1]
     }
-    printf "%s %s %s %s %.2f\n", rps, ms(p50), ms(p99), bad, total > 0 ? ticks / hz / total * 1e6 : 0
+    printf "%s %s %s %s %.2f\n", rps, ms(p50), ms(p99), bad, (total > 0 ? ticks / hz / total * 1e6 : 0)
   }
   function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }'
 }
