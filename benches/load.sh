@@ -53,41 +53,7 @@ BASE=${SLOTGATE_BASELINE:-}; BASE_P=$(free_port); BASE_ADMIN=$(free_port)
 
 # Same limits everywhere: 1,000 slots and 1,000,000 req/s per key, so nothing is refused and
 # the cost of keeping the books is what is measured.
-mkdir -p "$WORK/manifests"
-cat > "$WORK/manifests/bench.yaml" <<EOF
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiPlan
-metadata: {name: bench}
-spec:
-  concurrency: {maxConcurrentRequests: 1000, paths: ["/*"]}
-  rateLimit: {requestsPerSecond: 1000000, burst: 1000000, per: Key, paths: ["/*"]}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiPlan
-metadata: {name: zero}
-spec:
-  concurrency: {maxConcurrentRequests: 0, paths: ["/*"]}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: bench, namespace: default}
-spec: {plan: bench}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-token, namespace: default}
-stringData: {token: $KEY}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: zero, namespace: default}
-spec: {plan: zero}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: zero-token, namespace: default}
-stringData: {token: $ZERO_KEY}
-EOF
+bench_manifests "$WORK/manifests" "$KEY" "$ZERO_KEY"
 "$SG" compile "$WORK/manifests" -o "$WORK/gateway.json" 2>/dev/null
 
 cat > "$WORK/nginx.conf" <<EOF

@@ -1,7 +1,8 @@
 //! Limits shared by every gateway replica, kept in Redis.
 //!
-//! One round trip admits a request: a server-side script reads the key's slot leases and rate
-//! bucket, decides, and (only when admitting) takes both. A slot is a lease: a member of the key's
+//! A server-side script reads the key's slot leases and rate bucket, decides, and (only when
+//! admitting) takes both. Admissions of one key that arrive while earlier calls are out go in one
+//! call, decided in order as if each had come alone (see `admit_in_batches`). A slot is a lease: a member of the key's
 //! sorted set scored by its expiry. The replica that holds a request renews its leases while the
 //! request is in flight, so a lease outlives the TTL as long as its request does, and the leases of
 //! a replica that dies expire by themselves within the TTL. Releases are queued and sent in
