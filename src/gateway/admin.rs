@@ -12,7 +12,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE};
 use hyper::body::Incoming;
 
-use super::{Gateway, proxy::ProxyBody};
+use super::{
+    Gateway,
+    body::{ProxyBody, full},
+};
 
 /// The admin endpoints as a tower `Service`.
 #[derive(Clone, Debug)]
@@ -26,7 +29,7 @@ pub fn admin_service(gateway: Arc<Gateway>) -> AdminService {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
-    let mut res = Response::new(super::proxy::full(Bytes::from(body)));
+    let mut res = Response::new(full(Bytes::from(body)));
     *res.status_mut() = status;
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -7,10 +7,23 @@ use std::{
     time::Instant,
 };
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::table::Admitted;
+
+/// Any error a response body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response the gateway sends.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of bytes already in hand.
+pub(super) fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
 
 /// What an admitted request holds while it is in flight.
 #[derive(Debug)]

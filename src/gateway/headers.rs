@@ -7,10 +7,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header, request::Parts};
 
 use super::{
+    body::{ProxyBody, full},
+    head::RequestHead,
     metrics::ErrorCode,
-    proxy::ProxyBody,
     table::{RateView, SlotView},
-    upstream::RequestHead,
 };
 
 /// Where a client may present its key, in the order they are looked at.
@@ -322,7 +322,7 @@ fn finish_error(mut body: String, code: ErrorCode, limit: Option<u64>) -> Respon
         None => body.push_str("null"),
     }
     body.push_str("}}");
-    let mut res = Response::new(super::proxy::full(Bytes::from(body)));
+    let mut res = Response::new(full(Bytes::from(body)));
     *res.status_mut() = code.status();
     // Room for the limit headers, so that the map is not reallocated as they go in.
     res.headers_mut().reserve(LIMIT_HEADERS + 3);

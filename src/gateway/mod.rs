@@ -4,10 +4,16 @@
 //! token and a concurrency slot (never waiting), forward, and release the slot when the response
 //! body ends or the client goes away. The table is swapped atomically by [`Gateway::apply`], the
 //! one seam every configuration source (file, folder, Kubernetes) feeds.
+//!
+//! Layers on the request path, imports pointing one way: `proxy` (the steps) uses `headers`
+//! (what is read from and written to messages) and `upstream` (the HTTP/1 client); both of those
+//! write or send a `head::RequestHead` and answer with a `body::ProxyBody`, leaves that import
+//! neither of them.
 
 mod admin;
 mod bans;
 mod body;
+mod head;
 mod headers;
 pub mod kube_source;
 pub mod metrics;
@@ -31,8 +37,9 @@ use arc_swap::ArcSwap;
 
 pub use admin::admin_service;
 pub use bans::{AbuseOptions, DEFAULT_TRACKED, client_address};
+pub use body::ProxyBody;
 pub use metrics::{ErrorCode, Metrics, PlanMetrics, StateMetrics};
-pub use proxy::{GatewayService, ProxyBody, Upstream, UpstreamError};
+pub use proxy::{GatewayService, Upstream, UpstreamError};
 pub use server::{Listening, run, serve};
 pub use table::{KeyTable, UpstreamCap};
 

@@ -15,13 +15,12 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::Bytes;
 use http::{
     HeaderValue, Method, Request, Response, StatusCode, Uri, header,
     request::Parts,
     uri::{Authority, Scheme},
 };
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
@@ -29,25 +28,19 @@ use crate::limiter::SharedLimiter;
 
 use super::{
     Fallback, Gateway,
-    body::{Held, Hold},
+    body::{BoxError, Held, Hold, ProxyBody},
+    head::RequestHead,
     headers::{
-        Added, error_response, forward_fields, limit_headers, presented_key, retry_after, strip_apikey,
+        self, Added, error_response, forward_fields, limit_headers, presented_key, retry_after, strip_apikey,
         strip_hop_by_hop,
     },
     metrics::ErrorCode,
     table::{self, Refusal},
-    upstream::{self, RequestHead, SendError},
+    upstream::{self, SendError},
 };
 
-/// Any error a response body may end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body of every response the gateway sends.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-pub(super) fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
-}
+// The upstream client leaves room in each response's header map for the limit headers.
+const _: () = assert!(headers::LIMIT_HEADERS <= upstream::RESPONSE_ROOM);
 
 /// Where the gateway forwards requests: `http://host:port[/base/path]`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-use super::proxy::ProxyBody;
+use super::body::ProxyBody;
 
 /// Addresses a gateway listens on (port 0 resolved), printed at start so callers can connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

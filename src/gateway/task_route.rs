@@ -13,8 +13,9 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
     Gateway,
+    body::{ProxyBody, full},
     headers::{limit_headers, retry_after},
-    proxy::{ProxyBody, full, refused},
+    proxy::refused,
     table::{self, Refusal},
 };
 use crate::tasks::{Admit, KeyRef, Limits, Tasks, TasksError, api::Caller};

@@ -20,10 +20,12 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header, uri::Authority};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
+
+use super::head::RequestHead;
 
 /// Idle connections kept per gateway; beyond this a finished connection is closed.
 const MAX_IDLE: usize = 1024;
@@ -33,8 +35,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// How much room a read asks for.
 const READ_CHUNK: usize = 16 * 1024;
-/// Room the proxy adds to a response's header map (the limit headers).
-const EXTRA_HEADERS: usize = super::headers::LIMIT_HEADERS;
+/// Room left in each response's header map for the fields the caller adds (the proxy's limit
+/// headers), so that adding them does not grow the map.
+pub(super) const RESPONSE_ROOM: usize = 10;
 
 /// Connections to one upstream.
 #[derive(Debug)]
@@ -71,76 +74,6 @@ pub(super) enum SendError {
     /// The client's request body failed (the client went away mid-upload, or sent a bad chunk).
     #[error("the request body could not be read: {0}")]
     RequestBody(#[source] hyper::Error),
-}
-
-/// A request head for the upstream, written as HTTP/1.1 while the proxy decides what it holds:
-/// no header map is edited and encoded afterwards.
-#[derive(Debug)]
-pub(super) struct RequestHead {
-    buf: BytesMut,
-    is_head: bool,
-    idempotent: bool,
-    /// A POST-like method, or the client said `Content-Length`: an empty body still says so.
-    says_length: bool,
-}
-
-impl RequestHead {
-    /// Starts `METHOD target HTTP/1.1`; the target (origin form) comes in pieces written back to
-    /// back, so a base path and a rewritten query need no string of their own.
-    pub(super) fn new(method: &Method, target: &[&str]) -> Self {
-        let mut buf = BytesMut::with_capacity(512);
-        buf.extend_from_slice(method.as_str().as_bytes());
-        buf.extend_from_slice(b" ");
-        for piece in target {
-            buf.extend_from_slice(piece.as_bytes());
-        }
-        buf.extend_from_slice(b" HTTP/1.1\r\n");
-        Self {
-            buf,
-            is_head: *method == Method::HEAD,
-            idempotent: idempotent(method),
-            says_length: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
-        }
-    }
-
-    /// Adds a field line. `Content-Length` and `Transfer-Encoding` are not written: the framing
-    /// is the gateway's own, since the client's may not match the body it sends.
-    pub(super) fn field(&mut self, name: &str, value: &[u8]) {
-        if name == "content-length" {
-            self.says_length = true;
-            return;
-        }
-        if name == "transfer-encoding" {
-            return;
-        }
-        self.field_list(name, [value], b"");
-    }
-
-    /// Adds one field line for a list of values, separated by `sep`; nothing when there is none.
-    pub(super) fn field_list<'v>(
-        &mut self,
-        name: &str,
-        values: impl IntoIterator<Item = &'v [u8]>,
-        sep: &[u8],
-    ) {
-        let mut values = values.into_iter();
-        let Some(first) = values.next() else {
-            return;
-        };
-        self.buf.extend_from_slice(name.as_bytes());
-        self.buf.extend_from_slice(b": ");
-        self.buf.extend_from_slice(first);
-        for value in values {
-            self.buf.extend_from_slice(sep);
-            self.buf.extend_from_slice(value);
-        }
-        self.buf.extend_from_slice(b"\r\n");
-    }
-
-    #[cfg(test)]
-    pub(super) fn as_bytes(&self) -> &[u8] {
-        &self.buf
-    }
 }
 
 /// A request encoded for the upstream, holding nothing of the client's connection but its body.
@@ -320,13 +253,6 @@ impl Pool {
         *res.headers_mut() = head.headers;
         res
     }
-}
-
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// How the request body is framed on the wire.
@@ -587,7 +513,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, &'stati
             continue;
         }
         let bytes = buf.split_to(raw.len).freeze();
-        let mut headers = HeaderMap::with_capacity(raw.fields.len() + EXTRA_HEADERS);
+        let mut headers = HeaderMap::with_capacity(raw.fields.len() + RESPONSE_ROOM);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
