@@ -484,3 +484,7 @@ mod tests {
         assert_eq!(percent_decode("%41%zz"), "A%zz");
     }
 }
+
+#[cfg(test)]
+#[path = "headers_fuzz.rs"]
+mod fuzz;

@@ -525,9 +525,13 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, &'stati
                     .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             };
             if name == header::CONTENT_LENGTH {
+                // `1*DIGIT` (RFC 9110 §8.6): `parse` alone would also take a leading `+`, a
+                // length another parser on the path may read differently.
                 let n = std::str::from_utf8(&value)
                     .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
                     .ok_or("invalid Content-Length")?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting Content-Length headers");
@@ -647,7 +651,11 @@ impl Chunked {
                     let digits = std::str::from_utf8(digits)
                         .map_err(|_| "invalid chunk size")?
                         .trim_matches([' ', '\t']);
-                    if digits.is_empty() || digits.len() > 15 {
+                    // `1*HEXDIG` (RFC 9112 §7.1): `from_str_radix` alone would take a leading `+`.
+                    if digits.is_empty()
+                        || digits.len() > 15
+                        || !digits.bytes().all(|b| b.is_ascii_hexdigit())
+                    {
                         return Err("invalid chunk size");
                     }
                     let size = u64::from_str_radix(digits, 16).map_err(|_| "invalid chunk size")?;
@@ -967,3 +975,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "upstream_fuzz.rs"]
+mod fuzz;
