@@ -7,14 +7,17 @@
 # sends SECONDS of traffic with 8 connections and the total instructions are divided by the
 # requests answered. The demo upstream runs natively, so only the gateway's own work counts.
 # Kernel time (syscalls, loopback TCP) is not in the counts: callgrind sees user space only.
-# Needs valgrind and wrk (installed when missing).
+# nginx (one worker, `limit_conn` + `limit_req`, the same rewrite as in load.sh) is counted the
+# same way, for the figure to compare against.
+# Needs valgrind, wrk, nginx and redis-server (installed when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
 KEY=sg_bench_Zq8Lp3Rk7Vw2Tn5Xc
 ZERO_KEY=sg_bench_zero_Hy4Mb9Qe6Ju1Gd
 command -v wrk >/dev/null && command -v valgrind >/dev/null && command -v redis-server >/dev/null \
-  || { apt-get update -qq && apt-get install -y -qq wrk valgrind redis-server >/dev/null; }
+  && command -v nginx >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq wrk valgrind redis-server nginx-light >/dev/null; }
 # Line tables let callgrind_annotate name inlined frames; a target folder of its own keeps the
 # release binaries the load benchmark uses as they are.
 export CARGO_PROFILE_DIST_DEBUG=line-tables-only CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/profile}
@@ -80,6 +83,56 @@ stage_table() {
     printf '| %s | %.0f | %.1f%% |\n' "$stage" "$(bc -l <<<"$ir / $reqs")" "$(bc -l <<<"100 * $ir / $total")"
   done <<<"$STAGES"
 }
+
+# nginx under callgrind: prints "instructions requests".
+profile_nginx() {
+  local port pid out reqs
+  port=$(free_port)
+  mkdir -p "$WORK/nginx-tmp"
+  cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx-tmp;
+  proxy_temp_path $WORK/nginx-tmp;
+  limit_conn_zone \$http_x_api_key zone=slots:10m;
+  limit_req_zone \$http_x_api_key zone=rate:10m rate=1000000r/s;
+  upstream up { server 127.0.0.1:$UP; keepalive 256; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      limit_conn slots 1000;
+      limit_req zone=rate burst=1000000 nodelay;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-API-Key "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_pass http://up;
+    }
+  }
+}
+EOF
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/nginx.out" \
+    nginx -c "$WORK/nginx.conf" >/dev/null 2>"$WORK/nginx.log" & pid=$!; PIDS+=($pid)
+  for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+  wrk -t1 -c8 -d2s -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/bench" >/dev/null
+  callgrind_control -i on "$pid" >/dev/null
+  out=$(wrk -t1 -c8 -d"${SECS}s" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/bench")
+  callgrind_control -i off "$pid" >/dev/null
+  # A graceful stop, then a firm one for keep-alive connections it would wait for.
+  kill -QUIT "$pid"; sleep 2; kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  reqs=$(awk '/ requests in /{print $1}' <<<"$out")
+  callgrind_annotate "$WORK/nginx.out" 2>/dev/null | awk -v r="$reqs" '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1, r }'
+}
+
+read -r total reqs < <(profile_nginx)
+echo "## nginx: $reqs requests, $(printf %.0f "$(bc -l <<<"$total / $reqs")") instructions a request"
 
 for mode in ${MODES:-memory:$KEY refusal:$ZERO_KEY redis:$KEY}; do
   IFS=: read -r name key <<<"$mode"

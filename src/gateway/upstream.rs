@@ -529,7 +529,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, &'stati
                 // length another parser on the path may read differently.
                 let n = std::str::from_utf8(&value)
                     .ok()
-                    .map(str::trim)
+                    .map(|s| s.trim_matches([' ', '\t']))
                     .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|s| s.parse::<u64>().ok())
                     .ok_or("invalid Content-Length")?;
