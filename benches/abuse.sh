@@ -42,27 +42,8 @@ spec:
   concurrency: {maxConcurrentRequests: 0, paths: ["/*"]}
   rateLimit: {requestsPerSecond: 1000000, burst: 1000000, per: Endpoint, paths: ["/*"]}
   abuse: {refusals: 1, window: 10s, banDuration: 1h, maxBanDuration: 1h}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: zero, namespace: default}
-spec: {plan: zero}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: zero-token, namespace: default}
-stringData: {token: $ZERO_KEY}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: ban, namespace: default}
-spec: {plan: banning}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: ban-token, namespace: default}
-stringData: {token: $BAN_KEY}
 EOF
+{ key_manifest zero zero "$ZERO_KEY"; key_manifest ban banning "$BAN_KEY"; } >> "$WORK/manifests/bench.yaml"
 "$SG" compile "$WORK/manifests" -o "$WORK/gateway.json" 2>/dev/null
 # Nothing reaches the upstream in either part; a closed port is enough.
 NOWHERE=http://127.0.0.1:$(free_port)

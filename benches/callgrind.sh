@@ -33,22 +33,29 @@ REDIS_P=$(free_port)
 redis-server --port $REDIS_P --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null 2>&1 & PIDS+=($!)
 wait_port $UP; wait_port $REDIS_P
 
+# Once process $1 listens on port $2: a warm-up, then SECS of traffic with key $3 counted, with
+# instrumentation on only meanwhile. Prints the requests answered.
+counted() {
+  local pid=$1 port=$2 key=$3 out
+  for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+  wrk -t1 -c8 -d2s -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench" >/dev/null
+  callgrind_control -i on "$pid" >/dev/null
+  out=$(wrk -t1 -c8 -d"${SECS}s" -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench")
+  callgrind_control -i off "$pid" >/dev/null
+  awk '/ requests in /{print $1}' <<<"$out"
+}
+
 # One profile: prints "instructions requests" and leaves the annotated output in $WORK/$name.txt.
 profile() {
-  local name=$1 key=$2 port admin pid out total reqs
+  local name=$1 key=$2 port admin pid total reqs
   shift 2
   port=$(free_port); admin=$(free_port)
   SLOTGATE_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.out" \
     "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
     --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --worker-threads 1 "$@" \
     >/dev/null 2>"$WORK/$name.log" & pid=$!; PIDS+=($pid)
-  for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
-  wrk -t1 -c8 -d2s -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench" >/dev/null
-  callgrind_control -i on "$pid" >/dev/null
-  out=$(wrk -t1 -c8 -d"${SECS}s" -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench")
-  callgrind_control -i off "$pid" >/dev/null
+  reqs=$(counted "$pid" "$port" "$key")
   kill -INT "$pid"; wait "$pid" 2>/dev/null || true
-  reqs=$(awk '/ requests in /{print $1}' <<<"$out")
   callgrind_annotate --inclusive=yes --threshold=100 "$WORK/$name.out" >"$WORK/$name.txt" 2>/dev/null
   total=$(awk '/PROGRAM TOTALS/{gsub(",", "", $1); print $1}' "$WORK/$name.txt")
   echo "$total $reqs"
@@ -86,7 +93,7 @@ stage_table() {
 
 # nginx under callgrind: prints "instructions requests".
 profile_nginx() {
-  local port pid out reqs
+  local port pid reqs
   port=$(free_port)
   mkdir -p "$WORK/nginx-tmp"
   cat >"$WORK/nginx.conf" <<EOF
@@ -100,34 +107,15 @@ http {
   access_log off;
   client_body_temp_path $WORK/nginx-tmp;
   proxy_temp_path $WORK/nginx-tmp;
-  limit_conn_zone \$http_x_api_key zone=slots:10m;
-  limit_req_zone \$http_x_api_key zone=rate:10m rate=1000000r/s;
-  upstream up { server 127.0.0.1:$UP; keepalive 256; }
-  server {
-    listen 127.0.0.1:$port;
-    location / {
-      limit_conn slots 1000;
-      limit_req zone=rate burst=1000000 nodelay;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-API-Key "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_pass http://up;
-    }
-  }
+$(nginx_limit_zones $UP)
+$(nginx_limited_server $port)
 }
 EOF
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/nginx.out" \
     nginx -c "$WORK/nginx.conf" >/dev/null 2>"$WORK/nginx.log" & pid=$!; PIDS+=($pid)
-  for _ in $(seq 600); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
-  wrk -t1 -c8 -d2s -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/bench" >/dev/null
-  callgrind_control -i on "$pid" >/dev/null
-  out=$(wrk -t1 -c8 -d"${SECS}s" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/bench")
-  callgrind_control -i off "$pid" >/dev/null
+  reqs=$(counted "$pid" "$port" "$KEY")
   # A graceful stop, then a firm one for keep-alive connections it would wait for.
   kill -QUIT "$pid"; sleep 2; kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-  reqs=$(awk '/ requests in /{print $1}' <<<"$out")
   callgrind_annotate "$WORK/nginx.out" 2>/dev/null | awk -v r="$reqs" '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1, r }'
 }
 

@@ -12,12 +12,30 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
+# An ApiKey `$1` on plan `$2` and its token Secret (token `$3`, then any further `stringData`
+# entries in `$4`), each document led by `---`.
+key_manifest() {
+  cat <<EOF
+---
+apiVersion: slotgate.dev/v1alpha1
+kind: ApiKey
+metadata: {name: $1, namespace: default}
+spec: {plan: $2}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: $1-token, namespace: default}
+stringData: {token: $3${4:+, $4}}
+EOF
+}
+
 # The benchmarks' manifests in folder $1: plan `bench` (1,000 slots and 1,000,000 req/s, so that
 # nothing is refused and the cost of keeping the books is what is measured) with key token $2,
 # and plan `zero` (no slots: every answer is a 429) with key token $3.
 bench_manifests() {
   mkdir -p "$1"
-  cat > "$1/bench.yaml" <<EOF
+  {
+    cat <<EOF
 apiVersion: slotgate.dev/v1alpha1
 kind: ApiPlan
 metadata: {name: bench}
@@ -30,25 +48,41 @@ kind: ApiPlan
 metadata: {name: zero}
 spec:
   concurrency: {maxConcurrentRequests: 0, paths: ["/*"]}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: bench, namespace: default}
-spec: {plan: bench}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-token, namespace: default}
-stringData: {token: $2}
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: zero, namespace: default}
-spec: {plan: zero}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: zero-token, namespace: default}
-stringData: {token: $3}
+EOF
+    key_manifest bench bench "$2"
+    key_manifest zero zero "$3"
+  } > "$1/bench.yaml"
+}
+
+# nginx's side of the comparison, in an `http` block: a `limit_conn` and a `limit_req` zone keyed
+# by the API key with the bench plan's limits, and the upstream at port $1 with keep-alive.
+nginx_limit_zones() {
+  cat <<EOF
+  limit_conn_zone \$http_x_api_key zone=slots:10m;
+  limit_req_zone \$http_x_api_key zone=rate:10m rate=1000000r/s;
+  upstream up { server 127.0.0.1:$1; keepalive 256; }
+EOF
+}
+
+# A server at port $1 that does what slotgate does to a request: the limits of
+# `nginx_limit_zones`, the key header stripped, X-Forwarded-For and X-Forwarded-Host set, so that
+# the upstream parses the same amount either way.
+nginx_limited_server() {
+  cat <<EOF
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      limit_conn slots 1000;
+      limit_req zone=rate burst=1000000 nodelay;
+      limit_conn_status 429;
+      limit_req_status 429;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-API-Key "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_pass http://up;
+    }
+  }
 EOF
 }

@@ -66,24 +66,8 @@ http {
   access_log off;
   client_body_temp_path $WORK/nginx-body;
   proxy_temp_path $WORK/nginx-proxy;
-  limit_conn_zone \$http_x_api_key zone=slots:10m;
-  limit_req_zone \$http_x_api_key zone=rate:10m rate=1000000r/s;
-  upstream up { server 127.0.0.1:$UP; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX_P;
-    location / {
-      limit_conn slots 1000;
-      limit_req zone=rate burst=1000000 nodelay;
-      limit_conn_status 429;
-      limit_req_status 429;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-API-Key "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_pass http://up;
-    }
-  }
+$(nginx_limit_zones $UP)
+$(nginx_limited_server $NGINX_P)
   limit_req_zone \$http_x_api_key zone=none:1m rate=1r/m;
   server {
     listen 127.0.0.1:$NGINX_REF_P;

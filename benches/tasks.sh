@@ -49,18 +49,7 @@ spec:
   request: {path: /v1/work}
 EOF
 for k in parked run; do
-  cat >> "$WORK/manifests/bench.yaml" <<EOF
----
-apiVersion: slotgate.dev/v1alpha1
-kind: ApiKey
-metadata: {name: $k, namespace: default}
-spec: {plan: $k}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: $k-token, namespace: default}
-stringData: {token: tok-bench-$k, webhook-secret: $SECRET}
-EOF
+  key_manifest "$k" "$k" "tok-bench-$k" "webhook-secret: $SECRET" >> "$WORK/manifests/bench.yaml"
 done
 
 P=$(free_port); A=$(free_port)

@@ -843,23 +843,9 @@ mod tests {
     use super::*;
 
     fn decode_all(wire: &[u8], split: usize) -> Result<Vec<u8>, &'static str> {
-        let mut decoder = Chunked::Size;
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        for piece in wire.chunks(split.max(1)) {
-            buf.extend_from_slice(piece);
-            loop {
-                match decoder.step(&mut buf)? {
-                    Step::Data(d) => out.extend_from_slice(&d),
-                    Step::NeedMore => break,
-                    Step::End => {
-                        assert!(buf.is_empty(), "bytes left after the body");
-                        return Ok(out);
-                    }
-                }
-            }
-        }
-        Err("incomplete")
+        let (out, left) = super::fuzz::decode(wire, split)?.ok_or("incomplete")?;
+        assert_eq!(left, 0, "bytes left after the body");
+        Ok(out)
     }
 
     #[test]

@@ -6,8 +6,9 @@ use proptest::{collection::vec, prelude::*};
 
 use super::*;
 
-/// Decodes a chunked body fed in reads of `split` bytes: `Ok(None)` while incomplete.
-fn decode(wire: &[u8], split: usize) -> Result<Option<(Vec<u8>, usize)>, &'static str> {
+/// Decodes a chunked body fed in reads of `split` bytes: the data and how many bytes followed
+/// it, or `Ok(None)` while incomplete.
+pub(super) fn decode(wire: &[u8], split: usize) -> Result<Option<(Vec<u8>, usize)>, &'static str> {
     let mut decoder = Chunked::Size;
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
