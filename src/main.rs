@@ -233,6 +233,11 @@ struct GatewayArgs {
     /// at start only. Needed for tasks with a webhook.
     #[arg(long, env = "SLOTGATE_WEBHOOK_SECRETS")]
     webhook_secrets: Option<PathBuf>,
+    /// Folder of the upstream targets' provider credentials, one file per ApiUpstream named after
+    /// it (the Secret the controller writes, mounted). Re-read every 5 s. A target that injects a
+    /// credential absent here answers 503 `target_unavailable`.
+    #[arg(long, env = "SLOTGATE_TARGET_CREDENTIALS")]
+    target_credentials: Option<PathBuf>,
 }
 
 /// Abuse protection options shared by `slotgate gateway` and `slotgate up`. Each plan's
@@ -498,6 +503,18 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             .map(|t| t.parse().expect("any text is a target")),
     })
     .await?;
+    if let Some(dir) = &args.target_credentials {
+        // Read once before serving, so the first requests find their credentials.
+        gw.set_target_credentials(
+            gateway::source::read_credentials(dir)
+                .with_context(|| format!("--target-credentials {}", dir.display()))?,
+        );
+        tokio::spawn(gateway::source::poll_credentials(
+            Arc::clone(&gw),
+            dir.clone(),
+            Duration::from_secs(5),
+        ));
+    }
     if let Some(dir) = &args.tasks.data_dir {
         let secrets: std::collections::BTreeMap<String, String> = match &args.webhook_secrets {
             Some(path) => {
@@ -795,7 +812,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compile { dir, output } => {
             let folder = slotgate::standalone::load_dir(&dir)?;
             for skipped in &folder.skipped {
-                eprintln!("warning: skipped {skipped}: not an ApiPlan, ApiKey or Secret");
+                eprintln!(
+                    "warning: skipped {skipped}: not an ApiPlan, ApiKey, ApiTaskType, ApiUpstream, Secret or ConfigMap"
+                );
             }
             let compiled = folder.compile(None);
             for (id, report) in &compiled.keys {

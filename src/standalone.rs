@@ -10,10 +10,14 @@ use kube::ResourceExt;
 
 use crate::{
     api::{
-        ApiKey, ApiPlan, ApiTaskType,
+        ApiKey, ApiPlan, ApiTaskType, ApiUpstream, CaBundleRef, CredentialRef,
         manifest::{Manifest, ManifestError, parse_manifests},
     },
-    config::{Compiled, GatewayConfig, TokenHashes, compile_with_tasks, tasks::compile_task_types},
+    config::{
+        Compiled, GatewayConfig, TokenHashes, compile_all,
+        targets::{TargetRefs, compile_targets},
+        tasks::compile_task_types,
+    },
 };
 
 /// Everything read from a folder of manifests. Raw tokens are hashed as they are read.
@@ -34,13 +38,28 @@ pub struct Folder {
     /// Webhook signing secrets (`whsec_...`) by key id, from the `webhook-secret` entry of each
     /// key's token Secret. Never written into the compiled configuration.
     pub webhook_secrets: BTreeMap<String, String>,
+    /// ApiUpstreams found.
+    pub upstreams: Vec<ApiUpstream>,
+    /// ConfigMaps' data by `(namespace, name)`: where targets' CA bundles come from.
+    pub config_maps: HashMap<(String, String), BTreeMap<String, String>>,
+    /// Secrets that ApiUpstreams take credentials from, by `(namespace, name)`. Never compiled
+    /// into the configuration and never printed.
+    credentials: HashMap<(String, String), BTreeMap<String, String>>,
 }
 
 impl Folder {
     /// Compiles what was read, as the controller would.
     pub fn compile(&self, previous: Option<&GatewayConfig>) -> Compiled {
         let (task_types, _) = compile_task_types(&self.task_types);
-        compile_with_tasks(&self.plans, &self.keys, &self.tokens, task_types, previous)
+        let (targets, _) = compile_targets(&self.upstreams, self);
+        compile_all(
+            &self.plans,
+            &self.keys,
+            &self.tokens,
+            task_types,
+            targets,
+            previous,
+        )
     }
 
     /// What is wrong with the task types read, one line each (`ApiTaskType NAME: reason`).
@@ -93,6 +112,7 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, FolderError> {
 pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
     let mut folder = Folder::default();
     let mut webhook_secrets: HashMap<(String, String), String> = HashMap::new();
+    let mut secrets = Vec::new();
     for path in yaml_files(dir)? {
         let text = std::fs::read_to_string(&path).map_err(|source| FolderError::Io {
             path: path.clone(),
@@ -104,32 +124,53 @@ pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
                 Manifest::Plan(p) => folder.plans.push(p),
                 Manifest::Key(k) => folder.keys.push(k),
                 Manifest::TaskType(t) => folder.task_types.push(t),
-                Manifest::Secret(s) => {
-                    let ns = s.namespace().unwrap_or_default();
-                    let name = s.name_any();
-                    let mut data = s.data.unwrap_or_default();
-                    // The signing secret is no token: it must not admit requests.
-                    if let Some(secret) = data.remove(WEBHOOK_SECRET_ENTRY) {
-                        let text = String::from_utf8_lossy(&secret.0).trim().to_string();
-                        webhook_secrets.insert((ns.clone(), name.clone()), text);
-                    }
-                    for (entry, bytes) in &data {
-                        let hint: String = String::from_utf8_lossy(&bytes.0).trim().chars().take(9).collect();
-                        folder
-                            .token_hints
-                            .push((format!("{ns}/{name}/{entry}"), format!("{hint}…")));
-                    }
-                    folder.tokens.insert_secret(
-                        &ns,
-                        &name,
-                        data.iter().map(|(k, v)| (k.as_str(), v.0.as_slice())),
-                    );
+                Manifest::Upstream(u) => folder.upstreams.push(u),
+                Manifest::ConfigMap(m) => {
+                    let id = (m.namespace().unwrap_or_default(), m.name_any());
+                    folder.config_maps.insert(id, m.data.unwrap_or_default());
                 }
+                Manifest::Secret(s) => secrets.push(s),
                 Manifest::Skipped { kind, line } => {
                     folder.skipped.push(format!("{label}:{line}: {kind}"));
                 }
             }
         }
+    }
+    // Read once every upstream is known: a Secret holding a provider credential is no token
+    // (it must not admit requests), and its value is never shown, not even as a hint.
+    let credential_secrets: std::collections::HashSet<(String, String)> = folder
+        .upstreams
+        .iter()
+        .filter_map(|u| u.spec.credential_ref.as_ref())
+        .map(|c| (c.namespace.clone(), c.name.clone()))
+        .collect();
+    for s in secrets {
+        let ns = s.namespace().unwrap_or_default();
+        let name = s.name_any();
+        let mut data = s.data.unwrap_or_default();
+        if credential_secrets.contains(&(ns.clone(), name.clone())) {
+            folder.credentials.insert(
+                (ns, name),
+                data.into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).trim().to_string()))
+                    .collect(),
+            );
+            continue;
+        }
+        // The signing secret is no token: it must not admit requests.
+        if let Some(secret) = data.remove(WEBHOOK_SECRET_ENTRY) {
+            let text = String::from_utf8_lossy(&secret.0).trim().to_string();
+            webhook_secrets.insert((ns.clone(), name.clone()), text);
+        }
+        for (entry, bytes) in &data {
+            let hint: String = String::from_utf8_lossy(&bytes.0).trim().chars().take(9).collect();
+            folder
+                .token_hints
+                .push((format!("{ns}/{name}/{entry}"), format!("{hint}…")));
+        }
+        folder
+            .tokens
+            .insert_secret(&ns, &name, data.iter().map(|(k, v)| (k.as_str(), v.0.as_slice())));
     }
     for key in &folder.keys {
         let ns = key.namespace().unwrap_or_default();
@@ -141,6 +182,65 @@ pub fn load_dir(dir: &Path) -> Result<Folder, FolderError> {
         }
     }
     Ok(folder)
+}
+
+impl TargetRefs for Folder {
+    fn ca_bundle(&self, r: &CaBundleRef) -> Result<String, String> {
+        let map = self
+            .config_maps
+            .get(&(r.namespace.clone(), r.name.clone()))
+            .ok_or_else(|| format!("ConfigMap {}/{} not found", r.namespace, r.name))?;
+        map.get(&r.key)
+            .cloned()
+            .ok_or_else(|| format!("ConfigMap {}/{} has no entry {:?}", r.namespace, r.name, r.key))
+    }
+
+    fn has_credential(&self, r: &CredentialRef) -> bool {
+        self.credential(r).is_some()
+    }
+}
+
+impl Folder {
+    fn credential(&self, r: &CredentialRef) -> Option<&str> {
+        self.credentials
+            .get(&(r.namespace.clone(), r.name.clone()))
+            .and_then(|d| d.get(&r.key))
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The provider credentials of the targets that have one, by target name: what the
+    /// controller would publish to the gateways in its credentials Secret.
+    pub fn target_credentials(&self) -> BTreeMap<String, String> {
+        self.upstreams
+            .iter()
+            .filter_map(|u| {
+                let c = self.credential(u.spec.credential_ref.as_ref()?)?;
+                Some((u.name_any(), c.to_string()))
+            })
+            .collect()
+    }
+
+    /// What is wrong with the upstream targets read, one line each (`ApiUpstream NAME: reason`).
+    pub fn target_warnings(&self) -> Vec<String> {
+        let (_, reports) = compile_targets(&self.upstreams, self);
+        let mut out = Vec::new();
+        for (name, r) in reports {
+            let reasons = r
+                .invalid
+                .into_iter()
+                .chain(
+                    r.credential_missing
+                        .map(|m| format!("credential: {m}; its paths answer 503")),
+                )
+                .chain(match r.tls {
+                    Ok(warning) => warning,
+                    Err(e) => Some(format!("tls: {e}")),
+                });
+            out.extend(reasons.map(|m| format!("ApiUpstream {name}: {m}")));
+        }
+        out
+    }
 }
 
 fn limits_text(
@@ -242,6 +342,34 @@ impl Folder {
                 "  {:<26} {:<12} {:<13} {:<44} {ready}",
                 id, key.spec.plan, hint, limits
             );
+        }
+        if !self.upstreams.is_empty() {
+            let (targets, reports) = compile_targets(&self.upstreams, self);
+            let _ = writeln!(out, "TARGETS");
+            let _ = writeln!(
+                out,
+                "  {:<18} {:<36} {:<24} {:>5}  READY",
+                "NAME", "URL", "PATHS", "SLOTS"
+            );
+            for (name, report) in &reports {
+                let t = targets.get(name);
+                let ready = match (&report.invalid, &report.credential_missing, &report.tls) {
+                    (Some(why), _, _) => format!("False Invalid: {why}"),
+                    (_, Some(why), _) => format!("False CredentialNotFound: {why}"),
+                    (_, _, Err(why)) => format!("False TLSInvalid: {why}"),
+                    (_, _, Ok(Some(warning))) => format!("True ({warning})"),
+                    _ => "True".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<18} {:<36} {:<24} {:>5}  {ready}",
+                    name,
+                    t.map_or("-".to_string(), |t| t.url()),
+                    t.map_or("-".to_string(), |t| t.paths.join(",")),
+                    t.and_then(|t| t.concurrency)
+                        .map_or("-".to_string(), |c| c.to_string()),
+                );
+            }
         }
         out
     }

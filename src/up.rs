@@ -94,7 +94,9 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     let mut changes = ChangeStream::new(vec![opts.dir.clone()])?;
     let folder = load_dir(&opts.dir)?;
     for skipped in &folder.skipped {
-        eprintln!("warning: skipped {skipped}: not an ApiPlan, ApiKey or Secret");
+        eprintln!(
+            "warning: skipped {skipped}: not an ApiPlan, ApiKey, ApiTaskType, ApiUpstream, Secret or ConfigMap"
+        );
     }
     let compiled = folder.compile(None);
     print!("{}", folder.report(&compiled));
@@ -128,8 +130,13 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     })
     .await?;
     let mut current = compiled.config;
+    gw.set_target_credentials(folder.target_credentials());
     gw.apply(current.clone());
-    for w in folder.task_type_warnings() {
+    for w in folder
+        .task_type_warnings()
+        .into_iter()
+        .chain(folder.target_warnings())
+    {
         eprintln!("warning: {w}");
     }
     // On a laptop the webhook receiver is usually on this machine too.
@@ -229,9 +236,14 @@ fn reload(gw: &Gateway, dir: &Path, mut current: GatewayConfig) -> GatewayConfig
             if let Some(tasks) = gw.tasks() {
                 warn_bad_secrets(tasks, &folder.webhook_secrets);
             }
-            for w in folder.task_type_warnings() {
+            for w in folder
+                .task_type_warnings()
+                .into_iter()
+                .chain(folder.target_warnings())
+            {
                 eprintln!("warning: {w}");
             }
+            gw.set_target_credentials(folder.target_credentials());
             let compiled = folder.compile(Some(&current));
             let lines = describe_changes(&current, &compiled.config);
             for (id, report) in &compiled.keys {

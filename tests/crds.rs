@@ -137,7 +137,7 @@ fn collect_rules(node: &Value, out: &mut Vec<(Value, String)>) {
 #[test]
 fn crds_are_structural_with_cel_printer_columns_and_status() {
     let docs = crd_docs();
-    assert_eq!(docs.len(), 3);
+    assert_eq!(docs.len(), 4);
     let mut total_rules = 0;
     for crd in docs {
         let name = crd["metadata"]["name"].as_str().unwrap().to_string();
@@ -169,10 +169,10 @@ fn crds_are_structural_with_cel_printer_columns_and_status() {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        let expected_columns: &[&str] = if reported {
-            &["Concurrency", "Ready", "Age"]
-        } else {
-            &["TaskType", "Method", "Path", "Age"]
+        let expected_columns: &[&str] = match name.as_str() {
+            "apitasktypes.slotgate.dev" => &["TaskType", "Method", "Path", "Age"],
+            "apiupstreams.slotgate.dev" => &["URL", "Slots", "Ready", "Age"],
+            _ => &["Concurrency", "Ready", "Age"],
         };
         for &expected in expected_columns {
             assert!(

@@ -254,40 +254,10 @@ impl Receiver {
 
     /// The same receiver behind TLS with `cert`/`key` (PEM files): its URLs are `https://`.
     async fn start_tls(cert: &Path, key: &Path) -> Receiver {
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let key = PrivateKeyDer::from_pem_file(key).unwrap();
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        // A plain receiver on a loopback port of its own does the answering; this front end
+        // A plain receiver on a loopback port of its own does the answering; the front end
         // terminates TLS and relays bytes to it.
         let inner = Receiver::start("127.0.0.1").await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front = listener.local_addr().unwrap();
-        let back = inner.addr;
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(mut plain) = tokio::net::TcpStream::connect(back).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                });
-            }
-        });
+        let front = tls_front(inner.addr, cert, key).await;
         Receiver {
             addr: front,
             hooks: inner.hooks,
@@ -1267,75 +1237,6 @@ async fn a_dead_webhook_receiver_does_not_hold_up_another_keys_deliveries() {
         held.lock().unwrap().len()
     );
     assert_eq!(verify_with_reference(SECRET_B, &good.hooks()), 1);
-}
-
-/// A CA and a leaf certificate for 127.0.0.1 signed by it, made with openssl in `dir`; returns
-/// (ca.pem, leaf.pem, leaf.key).
-fn test_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=slotgate test CA",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "leaf.ext",
-    ]);
-    (dir.join("ca.pem"), dir.join("leaf.pem"), dir.join("leaf.key"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,10 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use serde_json::Value;
 
-use super::{ApiKey, ApiPlan, ApiTaskType, validate};
+use super::{ApiKey, ApiPlan, ApiTaskType, ApiUpstream, validate};
 
 /// One object read from a manifest file.
 #[derive(Clone, Debug)]
@@ -17,8 +17,12 @@ pub enum Manifest {
     Key(ApiKey),
     /// An `ApiTaskType`.
     TaskType(ApiTaskType),
-    /// A `Secret` (a key's token).
+    /// An `ApiUpstream`.
+    Upstream(ApiUpstream),
+    /// A `Secret` (a key's token, or a target's credential).
     Secret(Secret),
+    /// A `ConfigMap` (a target's CA bundle).
+    ConfigMap(ConfigMap),
     /// Any other kind: named in a warning and skipped.
     Skipped {
         /// `apiVersion/kind` of the object.
@@ -79,7 +83,7 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Manifest>, Manifest
             text_of("/metadata/name"),
         );
         match (api_version.as_str(), kind.as_str()) {
-            ("slotgate.dev/v1alpha1", "ApiPlan" | "ApiKey" | "ApiTaskType") => {
+            ("slotgate.dev/v1alpha1", "ApiPlan" | "ApiKey" | "ApiTaskType" | "ApiUpstream") => {
                 if let Some(first) = validate::validate_object(&value).into_iter().next() {
                     let line = start + find_field_line(doc, &first.field);
                     return Err(err(line, format!("The {kind} {name:?} is invalid: {first}")));
@@ -88,6 +92,8 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Manifest>, Manifest
                     serde_json::from_value(value).map(Manifest::Plan)
                 } else if kind == "ApiTaskType" {
                     serde_json::from_value(value).map(Manifest::TaskType)
+                } else if kind == "ApiUpstream" {
+                    serde_json::from_value(value).map(Manifest::Upstream)
                 } else {
                     serde_json::from_value::<ApiKey>(value).map(|mut k| {
                         k.metadata.namespace.get_or_insert_with(|| "default".into());
@@ -108,6 +114,12 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Manifest>, Manifest
                 }
                 secret.metadata.namespace.get_or_insert_with(|| "default".into());
                 out.push(Manifest::Secret(secret));
+            }
+            ("v1", "ConfigMap") => {
+                let mut map: ConfigMap = serde_json::from_value(value)
+                    .map_err(|e| err(start, format!("The ConfigMap {name:?} is invalid: {e}")))?;
+                map.metadata.namespace.get_or_insert_with(|| "default".into());
+                out.push(Manifest::ConfigMap(map));
             }
             ("", _) | (_, "") => {
                 return Err(err(start, "document has no apiVersion or kind".into()));
@@ -167,14 +179,14 @@ mod tests {
     fn reads_every_kind_and_skips_others() {
         let text = "apiVersion: slotgate.dev/v1alpha1\nkind: ApiPlan\nmetadata: {name: p}\nspec: {}\n---\n\
                     apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {token: abc}\n---\n\
-                    apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n";
+                    apiVersion: v1\nkind: Service\nmetadata: {name: c}\n---\n";
         let out = parse_manifests("x.yaml", text).unwrap();
         assert!(matches!(out[0], Manifest::Plan(_)));
         match &out[1] {
             Manifest::Secret(s) => assert_eq!(s.data.as_ref().unwrap()["token"].0, b"abc"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&out[2], Manifest::Skipped { kind, line: 11 } if kind == "v1/ConfigMap"));
+        assert!(matches!(&out[2], Manifest::Skipped { kind, line: 11 } if kind == "v1/Service"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Custom resource types users write: [`ApiPlan`] (a catalogue entry), [`ApiKey`] (one customer
-//! credential) and [`ApiTaskType`] (the upstream request an async task runs), their status conditions, and the client-side schema check that `slotgate up` shares
-//! with the API server's own validation.
+//! credential), [`ApiTaskType`] (the upstream request an async task runs) and [`ApiUpstream`] (a
+//! target some paths go to), their status conditions, and the client-side schema check that
+//! `slotgate up` shares with the API server's own validation.
 //!
 //! This module does no I/O.
 
@@ -9,6 +10,7 @@ mod key;
 pub mod manifest;
 mod plan;
 mod task_type;
+mod upstream;
 pub mod validate;
 
 pub use conditions::{ConditionSpec, merge_conditions};
@@ -20,6 +22,10 @@ pub use plan::{
     TasksSpec, default_paths,
 };
 pub use task_type::{ApiTaskType, ApiTaskTypeSpec, TaskMethod, TaskRequestSpec};
+pub use upstream::{
+    ApiUpstream, ApiUpstreamSpec, ApiUpstreamStatus, CaBundleRef, CredentialRef, TargetConcurrency,
+    TargetRateLimit, TargetTls,
+};
 
 /// API group of every slotgate custom resource.
 pub const GROUP: &str = "slotgate.dev";
@@ -30,7 +36,12 @@ pub const VERSION: &str = "v1alpha1";
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![ApiPlan::crd(), ApiKey::crd(), ApiTaskType::crd()]
+    vec![
+        ApiPlan::crd(),
+        ApiKey::crd(),
+        ApiTaskType::crd(),
+        ApiUpstream::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as `crds/` holds them.

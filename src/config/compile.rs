@@ -111,6 +111,19 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     task_types: BTreeMap<String, super::CompiledTaskType>,
     previous: Option<&GatewayConfig>,
 ) -> Compiled {
+    compile_all(plans, keys, tokens, task_types, BTreeMap::new(), previous)
+}
+
+/// [`compile_with_tasks`] with the upstream targets already compiled
+/// ([`super::targets::compile_targets`]), part of the content like the task types.
+pub fn compile_all<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
+    plans: &[P],
+    keys: &[K],
+    tokens: &TokenHashes,
+    task_types: BTreeMap<String, super::CompiledTaskType>,
+    targets: BTreeMap<String, super::targets::CompiledTarget>,
+    previous: Option<&GatewayConfig>,
+) -> Compiled {
     use reason::*;
 
     let mut out_plans = BTreeMap::new();
@@ -233,6 +246,7 @@ pub fn compile_with_tasks<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
             _ => std::sync::Arc::new(out_keys.into_iter().collect()),
         },
         task_types,
+        targets,
     };
     let keys_digest = super::keys_digest(&config.keys);
     config.hash = config.content_hash_with(&keys_digest);
@@ -429,6 +443,7 @@ pub fn compile_plans_only<P: Borrow<ApiPlan>>(
         plans: out,
         keys: std::sync::Arc::clone(&previous.keys),
         task_types: previous.task_types.clone(),
+        targets: previous.targets.clone(),
     };
     config.hash = config.content_hash_with(keys_digest);
     if config.hash != previous.hash {

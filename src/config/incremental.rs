@@ -133,6 +133,7 @@ struct Head {
 pub struct Incremental {
     plans: BTreeMap<String, Result<CompiledPlan, String>>,
     task_types: BTreeMap<String, CompiledTaskType>,
+    targets: BTreeMap<String, super::targets::CompiledTarget>,
     keys: HashMap<KeyId, KeyIn>,
     tokens: TokenHashes,
     /// Key ids by the Secret they read, `(namespace, name)`.
@@ -241,6 +242,7 @@ impl Incremental {
         let mut next = Self::new(previous);
         next.tokens = std::mem::take(&mut self.tokens);
         next.task_types = std::mem::take(&mut self.task_types);
+        next.targets = std::mem::take(&mut self.targets);
         let plans = std::mem::take(&mut self.plans);
         let keys: Vec<KeyIn> = std::mem::take(&mut self.keys).into_values().collect();
         // The rest of the old index goes before the new one is built, not beside it.
@@ -308,6 +310,11 @@ impl Incremental {
     /// The async task types, already compiled ([`super::tasks::compile_task_types`]).
     pub fn set_task_types(&mut self, task_types: BTreeMap<String, CompiledTaskType>) {
         self.task_types = task_types;
+    }
+
+    /// The upstream targets, already compiled ([`super::targets::compile_targets`]).
+    pub fn set_targets(&mut self, targets: BTreeMap<String, super::targets::CompiledTarget>) {
+        self.targets = targets;
     }
 
     /// A key added or changed.
@@ -572,6 +579,7 @@ impl Incremental {
             plans,
             keys: std::sync::Arc::default(),
             task_types: self.task_types.clone(),
+            targets: self.targets.clone(),
         };
         let hash = head.content_hash_with(&keys_digest);
         let version = match &previous {
@@ -842,6 +850,7 @@ impl Incremental {
                 .map(|(p, s)| (p.name.clone(), s.digest.clone()))
                 .collect(),
             task_types: self.task_types.clone(),
+            targets: self.targets.clone(),
         };
         out.push(Piece {
             name: base.to_string(),
@@ -867,6 +876,7 @@ impl Incremental {
                     .collect(),
             ),
             task_types: self.task_types.clone(),
+            targets: self.targets.clone(),
         }
     }
 }

@@ -8,6 +8,7 @@
 mod compile;
 pub mod incremental;
 pub mod pieces;
+pub mod targets;
 pub mod tasks;
 mod tokens;
 
@@ -16,7 +17,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use compile::{Compiled, KeyReport, PlanReport, compile, compile_plans_only, compile_with_tasks};
+pub use compile::{
+    Compiled, KeyReport, PlanReport, compile, compile_all, compile_plans_only, compile_with_tasks,
+};
 pub use tasks::{CompiledTaskType, TaskPolicy};
 pub use tokens::{TokenDigest, TokenHashes, TokenState, hash_token};
 
@@ -46,6 +49,9 @@ pub struct GatewayConfig {
     /// Async task types by `taskType` (`ApiTaskType` objects).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub task_types: BTreeMap<String, CompiledTaskType>,
+    /// Upstream targets by `ApiUpstream` name; paths none of them serves go to `--upstream`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, targets::CompiledTarget>,
 }
 
 /// Admitted keys by token digest, in digest order. A persistent map: a copy shares every node
@@ -237,6 +243,7 @@ impl GatewayConfig {
             plans: self.plans.clone(),
             keys: Arc::default(),
             task_types: self.task_types.clone(),
+            targets: self.targets.clone(),
         }
     }
 
@@ -249,6 +256,7 @@ impl GatewayConfig {
             plans: BTreeMap::new(),
             keys: Arc::default(),
             task_types: BTreeMap::new(),
+            targets: BTreeMap::new(),
         };
         config.hash = config.content_hash();
         config
@@ -271,6 +279,10 @@ impl GatewayConfig {
         if !self.task_types.is_empty() {
             hasher.update(b"\n");
             hasher.update(serde_json::to_vec(&self.task_types).expect("task types serialise"));
+        }
+        if !self.targets.is_empty() {
+            hasher.update(b"\ntargets\n");
+            hasher.update(serde_json::to_vec(&self.targets).expect("targets serialise"));
         }
         hex::encode(hasher.finalize())
     }
@@ -332,6 +344,29 @@ impl GatewayConfig {
             let paths = plan.concurrency.iter().flat_map(|s| &s.paths);
             for p in paths.chain(plan.rate_limit.iter().flat_map(|r| &r.paths)) {
                 check_pattern(p).map_err(|e| ConfigError::Invalid(format!("plan {name}: {e}")))?;
+            }
+        }
+        for (name, t) in &self.targets {
+            let bad = |what: String| ConfigError::Invalid(format!("target {name}: {what}"));
+            if t.scheme != "http" && t.scheme != "https" {
+                return Err(bad(format!("scheme {:?} is neither http nor https", t.scheme)));
+            }
+            if t.authority.parse::<http::uri::Authority>().is_err() {
+                return Err(bad(format!("authority {:?} is not host[:port]", t.authority)));
+            }
+            if t.paths.is_empty() {
+                return Err(bad("paths is empty".into()));
+            }
+            for p in &t.paths {
+                check_pattern(p).map_err(bad)?;
+            }
+            if t.rate_limit.is_some_and(|r| r.per_second == 0 || r.burst == 0) {
+                return Err(bad("rateLimit perSecond and burst must be at least 1".into()));
+            }
+            if let Some(c) = &t.credential
+                && (http::HeaderName::from_bytes(c.header.as_bytes()).is_err() || !c.format.contains("{}"))
+            {
+                return Err(bad("credential header or format is not usable".into()));
             }
         }
         Ok(())

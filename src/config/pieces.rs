@@ -67,6 +67,9 @@ pub struct Index {
     /// Async task types by `taskType`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub task_types: BTreeMap<String, super::CompiledTaskType>,
+    /// Upstream targets by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, super::targets::CompiledTarget>,
 }
 
 /// One object to write: its name and its single data entry.
@@ -186,6 +189,7 @@ pub fn index(config: &GatewayConfig, base: &str, shards: &[Piece]) -> Piece {
         hash: config.hash.clone(),
         plans: config.plans.clone(),
         task_types: config.task_types.clone(),
+        targets: config.targets.clone(),
         shards: shards
             .iter()
             .map(|p| (p.name.clone(), sha256_hex(&p.data)))
@@ -437,6 +441,7 @@ pub fn assemble_from<'a>(
         plans: index.plans,
         keys: Arc::new(keys),
         task_types: index.task_types,
+        targets: index.targets,
     };
     match &delta {
         None => config.check_with(&next.keys_digest)?,

@@ -81,6 +81,11 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
                 plain,
                 "not ready: no configuration loaded yet\n".into(),
             ),
+            "/targets" => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({ "targets": g.target_states() }).to_string() + "\n",
+            ),
             "/metrics" => {
                 let (dropped, c) = (g.access_log_dropped(), &g.metrics.access_log_dropped);
                 c.inc_by(dropped.saturating_sub(c.get()));
@@ -93,7 +98,7 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
             _ => text(
                 StatusCode::NOT_FOUND,
                 plain,
-                "not found: try /healthz, /readyz, /metrics, /bans or /usage?key=<namespace>/<name>\n".into(),
+                "not found: try /healthz, /readyz, /metrics, /bans, /targets or /usage?key=<namespace>/<name>\n".into(),
             ),
         };
         ready(Ok(res))

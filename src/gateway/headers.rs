@@ -83,6 +83,9 @@ pub(super) struct Added<'a> {
     /// The key's id and plan ([`KEY_ID`], [`PLAN`]): printable ASCII, which
     /// [`crate::config::GatewayConfig::check`] holds them to.
     pub key: Option<(&'a str, &'a str)>,
+    /// A target's provider credential: written in place of whatever the client sent under that
+    /// name.
+    pub credential: Option<(&'a HeaderName, &'a HeaderValue)>,
 }
 
 /// Writes the client's fields for the upstream, less the hop-by-hop ones (RFC 9110 §7.6.1, and
@@ -110,6 +113,7 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
             // An HTTP/2 client may split its cookies over several fields; HTTP/1.1 wants one
             // (RFC 9113 §8.2.3).
             "cookie" => cookies.push(value.as_bytes()),
+            _ if added.credential.is_some_and(|(c, _)| c == name) => {}
             n if is_hop_by_hop(name) || listed.iter().any(|l| l == n) => {}
             n => head.field(n, value.as_bytes()),
         }
@@ -125,6 +129,9 @@ pub(super) fn forward_fields(headers: &HeaderMap, head: &mut RequestHead, added:
     if let Some((id, plan)) = added.key {
         head.field(KEY_ID, id.as_bytes());
         head.field(PLAN, plan.as_bytes());
+    }
+    if let Some((name, value)) = added.credential {
+        head.field(name.as_str(), value.as_bytes());
     }
 }
 
@@ -407,6 +414,7 @@ mod tests {
             authority: None,
             client_ip: Some(&ip),
             key,
+            credential: None,
         };
         forward_fields(&p.headers, &mut head, added);
         String::from_utf8(head.as_bytes().to_vec()).unwrap()

@@ -45,10 +45,18 @@ pub enum ErrorCode {
     LimiterUnavailable,
     /// 429: the client (or key) is banned for a while after repeated excess.
     TemporarilyBlocked,
+    /// 429: every slot of the request's upstream target is in use (across all keys).
+    TargetConcurrencyLimitExceeded,
+    /// 429: the upstream target's rate bucket is empty.
+    TargetRateLimit,
+    /// 503: the upstream target cannot be used (its credential is missing).
+    TargetUnavailable,
+    /// 502: the upstream target's TLS certificate did not verify, or the handshake failed.
+    UpstreamTlsError,
 }
 
 impl ErrorCode {
-    const COUNT: usize = 12;
+    const COUNT: usize = 16;
 
     /// The code as clients and metrics see it.
     pub fn as_str(self) -> &'static str {
@@ -65,6 +73,10 @@ impl ErrorCode {
             Self::InvalidRequest => "invalid_request",
             Self::LimiterUnavailable => "limiter_unavailable",
             Self::TemporarilyBlocked => "temporarily_blocked",
+            Self::TargetConcurrencyLimitExceeded => "target_concurrency_limit_exceeded",
+            Self::TargetRateLimit => "target_rate_limit",
+            Self::TargetUnavailable => "target_unavailable",
+            Self::UpstreamTlsError => "upstream_tls_error",
         }
     }
 
@@ -74,11 +86,15 @@ impl ErrorCode {
         match self {
             Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => S::UNAUTHORIZED,
             Self::KeySuspended => S::FORBIDDEN,
-            Self::ConcurrencyLimitExceeded | Self::RateLimit | Self::TemporarilyBlocked => {
-                S::TOO_MANY_REQUESTS
+            Self::ConcurrencyLimitExceeded
+            | Self::RateLimit
+            | Self::TemporarilyBlocked
+            | Self::TargetConcurrencyLimitExceeded
+            | Self::TargetRateLimit => S::TOO_MANY_REQUESTS,
+            Self::UpstreamConcurrencyLimitExceeded | Self::LimiterUnavailable | Self::TargetUnavailable => {
+                S::SERVICE_UNAVAILABLE
             }
-            Self::UpstreamConcurrencyLimitExceeded | Self::LimiterUnavailable => S::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnavailable => S::BAD_GATEWAY,
+            Self::UpstreamUnavailable | Self::UpstreamTlsError => S::BAD_GATEWAY,
             Self::UpstreamTimeout => S::GATEWAY_TIMEOUT,
             Self::InvalidRequest => S::BAD_REQUEST,
         }
@@ -90,7 +106,9 @@ impl ErrorCode {
             Self::UpstreamUnavailable
             | Self::UpstreamTimeout
             | Self::InvalidRequest
-            | Self::LimiterUnavailable => "error",
+            | Self::LimiterUnavailable
+            | Self::TargetUnavailable
+            | Self::UpstreamTlsError => "error",
             _ => "refused",
         }
     }

@@ -21,6 +21,7 @@ mod proxy;
 mod server;
 pub mod source;
 pub mod table;
+mod targets;
 mod task_route;
 mod upstream;
 mod visibility;
@@ -154,6 +155,24 @@ pub struct ReloadReport {
     pub changed: bool,
 }
 
+/// One upstream target as the gateway sees it now.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetState {
+    /// ApiUpstream name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    /// Requests in flight to it.
+    pub in_flight: u32,
+    /// Its slots, if capped.
+    pub limit: Option<u32>,
+    /// Why its paths answer 503.
+    pub unavailable: Option<String>,
+    /// The last TLS failure with it (unknown CA, wrong host name).
+    pub last_tls_error: Option<String>,
+}
+
 /// A running gateway's shared state.
 pub struct Gateway {
     table: ArcSwap<KeyTable>,
@@ -175,6 +194,9 @@ pub struct Gateway {
     /// The last usage snapshot reported, and when it was taken.
     usage_report: std::sync::Mutex<visibility::UsageSnapshot>,
     access_log: Option<Arc<crate::usage::AccessLog>>,
+    /// The upstream targets of the configuration enforced, and the credentials they inject.
+    targets: ArcSwap<targets::TargetSet>,
+    target_credentials: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -237,6 +259,8 @@ impl Gateway {
             epoch: Instant::now(),
             shared,
             tasks: std::sync::OnceLock::new(),
+            targets: ArcSwap::from_pointee(targets::TargetSet::default()),
+            target_credentials: Default::default(),
         });
         if gateway.shared.is_some() {
             tokio::spawn(bans::share_bans(Arc::downgrade(&gateway)));
@@ -268,6 +292,7 @@ impl Gateway {
             changed,
         };
         self.metrics.set_capacity(table.capacity());
+        self.rebuild_targets(&table.config);
         if let Some(tasks) = self.tasks.get() {
             tasks.configure(Arc::clone(&table.config));
         }
@@ -279,6 +304,47 @@ impl Gateway {
         self.table.store(Arc::new(table));
         self.ready.store(true, Ordering::Release);
         report
+    }
+
+    /// Sets the provider credentials of the targets, by target name (from the Secret the
+    /// controller writes, or the folder `slotgate up` reads); a target whose credential is
+    /// missing answers 503 `target_unavailable` on its paths.
+    pub fn set_target_credentials(&self, credentials: std::collections::BTreeMap<String, String>) {
+        let config = Arc::clone(&self.table.load().config);
+        *self.target_credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials;
+        self.rebuild_targets(&config);
+    }
+
+    fn rebuild_targets(&self, config: &GatewayConfig) {
+        let credentials = self.target_credentials.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.targets.load();
+        if config.targets.is_empty() && previous.iter().next().is_none() {
+            return;
+        }
+        let set = targets::TargetSet::build(config, &previous, &credentials);
+        for t in set.iter() {
+            if let Some(why) = &t.unavailable {
+                tracing::warn!(target = %t.name, reason = %why, "upstream target unavailable; its paths answer 503");
+            }
+        }
+        self.targets.store(Arc::new(set));
+    }
+
+    /// The upstream targets as enforced: name, URL, slots in flight, and why one is unavailable
+    /// or last failed TLS. For the admin endpoint and `slotgate up`.
+    pub fn target_states(&self) -> Vec<TargetState> {
+        self.targets
+            .load()
+            .iter()
+            .map(|t| TargetState {
+                name: t.name.to_string(),
+                url: t.compiled.url(),
+                in_flight: t.in_flight(),
+                limit: t.compiled.concurrency,
+                unavailable: t.unavailable.clone(),
+                last_tls_error: t.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            })
+            .collect()
     }
 
     /// Records a configuration that was refused; the last good one keeps serving.

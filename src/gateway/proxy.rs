@@ -36,6 +36,7 @@ use super::{
     },
     metrics::ErrorCode,
     table::{self, Refusal},
+    targets::{Target, TargetRefusal},
     upstream::{self, SendError},
 };
 
@@ -92,9 +93,15 @@ impl Upstream {
         &self.authority
     }
 
-    /// Starts the upstream request: its target is the base path, the request's path, and the
-    /// query without its `apikey` parameter.
     fn request_head(&self, method: &Method, uri: &Uri) -> RequestHead {
+        request_head(&self.base_path, method, uri)
+    }
+}
+
+/// Starts the upstream request: its target is the base path, the request's path, and the query
+/// without its `apikey` parameter.
+fn request_head(base_path: &str, method: &Method, uri: &Uri) -> RequestHead {
+    {
         let path = match uri.path() {
             "" => "/",
             p => p,
@@ -108,7 +115,7 @@ impl Upstream {
             q => q,
         };
         let (mark, query) = query.map_or(("", ""), |q| ("?", q));
-        RequestHead::new(method, &[&self.base_path, path, mark, query])
+        RequestHead::new(method, &[base_path, path, mark, query])
     }
 }
 
@@ -158,6 +165,27 @@ pub(super) fn refused(refusal: Refusal) -> Response<ProxyBody> {
             retry_after(res.headers_mut(), 1);
             res
         }
+        Refusal::Target {
+            code,
+            limit,
+            retry_after: secs,
+            slots,
+            rate,
+        } => {
+            let message = match code {
+                ErrorCode::TargetConcurrencyLimitExceeded => format!(
+                    "The upstream this path goes to is handling its maximum of {limit} requests at once, across all keys. Retry in a moment."
+                ),
+                ErrorCode::TargetRateLimit => format!(
+                    "The upstream this path goes to takes at most {limit} requests per second, across all keys. Retry after {secs} s."
+                ),
+                _ => "The upstream this path goes to is not available right now. Retry later.".to_string(),
+            };
+            let mut res = error_response(code, &message, (limit > 0).then_some(u64::from(limit)));
+            limit_headers(res.headers_mut(), slots, rate);
+            retry_after(res.headers_mut(), secs);
+            res
+        }
         Refusal::Upstream { limit } => {
             let mut res = error_response(
                 ErrorCode::UpstreamConcurrencyLimitExceeded,
@@ -181,6 +209,8 @@ struct Forward {
     hold: Hold,
     slots: Option<table::SlotView>,
     rate: Option<table::RateView>,
+    /// The target the path routes to; `None`: the default upstream.
+    target: Option<Arc<Target>>,
 }
 
 impl Gateway {
@@ -320,7 +350,52 @@ impl Gateway {
             None => table::admit(&entry, path, self.nanos(at), self.cap.as_ref(), 1),
             Some(s) => self.fallback(&entry, path, s),
         };
-        self.hold(parts, &entry, result, at, client)
+        let target = self.targets.load().route(path).cloned();
+        let result = self.admit_target(result, target.as_deref());
+        self.hold(parts, &entry, result, at, client, target)
+    }
+
+    /// Takes the slot of the request's target after the key's: a request the target refuses
+    /// gives the key's slot back at once (the key's rate token stays spent, as for any request
+    /// the key sent), and a request the key refuses never touches the target's capacity.
+    fn admit_target(
+        &self,
+        result: Result<table::Admitted, Refusal>,
+        target: Option<&Target>,
+    ) -> Result<table::Admitted, Refusal> {
+        let Some(target) = target else {
+            return result;
+        };
+        let mut admitted = result?;
+        match target.admit(self.epoch) {
+            Ok(slot) => {
+                admitted.target = slot;
+                Ok(admitted)
+            }
+            Err(r) => {
+                let (code, limit, retry_after) = match r {
+                    TargetRefusal::Unavailable => (ErrorCode::TargetUnavailable, 0, 5),
+                    TargetRefusal::Slots { limit } => (ErrorCode::TargetConcurrencyLimitExceeded, limit, 1),
+                    TargetRefusal::Rate {
+                        per_second,
+                        retry_after,
+                    } => (ErrorCode::TargetRateLimit, per_second, retry_after),
+                };
+                // The key's slot goes back with `admitted`: its figures without this request.
+                let slots = admitted.slots.map(|s| table::SlotView {
+                    current: s.current.saturating_sub(1),
+                    remaining: (s.remaining + 1).min(s.limit),
+                    ..s
+                });
+                Err(Refusal::Target {
+                    code,
+                    limit,
+                    retry_after,
+                    slots,
+                    rate: admitted.rate,
+                })
+            }
+        }
     }
 
     /// Authenticates and admits through the shared limiter (Redis).
@@ -338,7 +413,9 @@ impl Gateway {
             Ok(result) => result,
             Err(_) => self.fallback(&entry, path, shared),
         };
-        self.hold(parts, &entry, result, Instant::now(), client)
+        let target = self.targets.load().route(path).cloned();
+        let result = self.admit_target(result, target.as_deref());
+        self.hold(parts, &entry, result, Instant::now(), client, target)
     }
 
     /// Rewrites an admitted request for the upstream and encodes it.
@@ -354,13 +431,26 @@ impl Gateway {
             slots,
             rate,
             key,
+            target,
         } = admission;
-        let mut head = self.options.upstream.request_head(&parts.method, &parts.uri);
+        let (mut head, host, credential) = match &target {
+            None => (
+                self.options.upstream.request_head(&parts.method, &parts.uri),
+                &self.upstream_host,
+                None,
+            ),
+            Some(t) => (
+                request_head(&t.compiled.base_path, &parts.method, &parts.uri),
+                &t.host,
+                t.credential.as_ref().map(|(n, v)| (n, v)),
+            ),
+        };
         let added = Added {
-            host: &self.upstream_host,
+            host,
             authority: parts.uri.authority().map(|a| a.as_str()),
             client_ip: client_ip.as_ref(),
             key: Some((&key.0, &key.1)),
+            credential,
         };
         forward_fields(&parts.headers, &mut head, added);
         Forward {
@@ -368,6 +458,7 @@ impl Gateway {
             hold,
             slots,
             rate,
+            target,
         }
     }
 
@@ -378,10 +469,16 @@ impl Gateway {
             mut hold,
             slots,
             rate,
+            target,
         } = forward;
         let sent = hold.started;
-        let deadline = tokio::time::Instant::from_std(sent + self.options.upstream_timeout);
-        let result = tokio::time::timeout_at(deadline, self.pool.send(request)).await;
+        let (pool, timeout) = match &target {
+            None => (&self.pool, self.options.upstream_timeout),
+            Some(t) => (&t.pool, t.response_timeout(self.options.upstream_timeout)),
+        };
+        let deadline = tokio::time::Instant::from_std(sent + timeout);
+        let result = tokio::time::timeout_at(deadline, pool.send(request)).await;
+        let upstream = Named(&self.options.upstream, target.as_deref());
         let waited = sent.elapsed();
         self.metrics.upstream_latency.observe(waited.as_secs_f64());
         if let Some(log) = hold.log.as_mut() {
@@ -407,27 +504,37 @@ impl Gateway {
                     "The request body could not be read to its end.",
                 )
             }
+            Ok(Err(e @ SendError::Tls { .. })) => {
+                tracing::warn!(%upstream, error = %e, "TLS with the upstream failed");
+                if let Some(t) = &target {
+                    *t.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                }
+                fail(
+                    ErrorCode::UpstreamTlsError,
+                    "The upstream service's TLS certificate could not be verified. The operator has been told; retry later.",
+                )
+            }
             Ok(Err(e @ SendError::Protocol(_))) => {
-                tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream answered invalid HTTP");
+                tracing::warn!(%upstream, error = %e, "upstream answered invalid HTTP");
                 fail(
                     ErrorCode::UpstreamUnavailable,
                     "The upstream service sent an invalid response. Retry shortly.",
                 )
             }
             Ok(Err(e)) => {
-                tracing::warn!(upstream = %self.options.upstream, error = %e, "upstream unavailable");
+                tracing::warn!(%upstream, error = %e, "upstream unavailable");
                 fail(
                     ErrorCode::UpstreamUnavailable,
                     "The upstream service could not be reached. Retry shortly.",
                 )
             }
             Err(_) => {
-                tracing::warn!(upstream = %self.options.upstream, timeout = ?self.options.upstream_timeout, "upstream timed out");
+                tracing::warn!(%upstream, ?timeout, "upstream timed out");
                 fail(
                     ErrorCode::UpstreamTimeout,
                     &format!(
                         "The upstream service did not answer within {} ms.",
-                        self.options.upstream_timeout.as_millis()
+                        timeout.as_millis()
                     ),
                 )
             }
@@ -438,6 +545,18 @@ impl Gateway {
             log.record.code = Some(code.as_str());
         }
         answer
+    }
+}
+
+/// The upstream a request went to, for logs: the target's name and URL, or the default's URL.
+struct Named<'a>(&'a Upstream, Option<&'a Target>);
+
+impl std::fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            None => self.0.fmt(f),
+            Some(t) => write!(f, "{} ({})", t.name, t.compiled.url()),
+        }
     }
 }
 
@@ -460,6 +579,8 @@ struct Admission {
     rate: Option<table::RateView>,
     /// The key's id and plan, which the upstream is told.
     key: (Arc<str>, Arc<str>),
+    /// The target the path routes to; `None`: the default upstream.
+    target: Option<Arc<Target>>,
 }
 
 impl Gateway {
@@ -492,6 +613,7 @@ impl Gateway {
         result: Result<table::Admitted, Refusal>,
         started: Instant,
         client: Option<IpAddr>,
+        target: Option<Arc<Target>>,
     ) -> Result<Admission, Answer> {
         let admitted = result.map_err(|r| {
             entry.metrics.refusal(r.code());
@@ -519,6 +641,7 @@ impl Gateway {
             slots,
             rate,
             key: (Arc::clone(entry.entry_id()), Arc::clone(entry.plan)),
+            target,
         })
     }
 }

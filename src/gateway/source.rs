@@ -246,3 +246,53 @@ impl Loader {
         }
     }
 }
+
+/// Reads the provider credentials of the upstream targets from a folder holding one file per
+/// target, named after it: what a mounted Secret looks like (the kubelet's `..data` links and
+/// other dot-files are skipped). Values are trimmed of surrounding whitespace.
+pub fn read_credentials(dir: &Path) -> Result<std::collections::BTreeMap<String, String>, SourceError> {
+    let read = |path: &Path| SourceError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::other("unreadable"),
+    };
+    let mut out = std::collections::BTreeMap::new();
+    let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|_| read(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        // Follows the links a mounted Secret is made of.
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| SourceError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        out.insert(name, text.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// Keeps the gateway's target credentials in step with `dir` (`--target-credentials`): read
+/// every `every`, applied when something changed. A folder that cannot be read keeps the last
+/// credentials read.
+pub async fn poll_credentials(gateway: Arc<Gateway>, dir: PathBuf, every: Duration) {
+    let mut last = None;
+    loop {
+        match read_credentials(&dir) {
+            Ok(now) if last.as_ref() != Some(&now) => {
+                // Names only: the values are credentials.
+                tracing::info!(dir = %dir.display(), targets = ?now.keys().collect::<Vec<_>>(), "target credentials read");
+                gateway.set_target_credentials(now.clone());
+                last = Some(now);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "target credentials not read; the last ones read stay"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -852,6 +852,8 @@ pub struct Admitted {
     pub upstream: Option<SlotGuard>,
     /// The slot lease in the shared state, when limits are shared by several replicas.
     pub lease: Option<SharedLease>,
+    /// The slot of the request's upstream target, when the target caps its requests in flight.
+    pub target: Option<SlotGuard>,
     /// Concurrency figures, when a slot limit applies.
     pub slots: Option<SlotView>,
     /// Rate figures, when a rate limit applies.
@@ -888,6 +890,20 @@ pub enum Refusal {
     },
     /// The shared state is unreachable and the policy is to fail closed.
     Unavailable,
+    /// The request's upstream target refused it: all its slots in use, its bucket empty, or
+    /// the target unusable. The key's slot was given back.
+    Target {
+        /// `target_concurrency_limit_exceeded`, `target_rate_limit` or `target_unavailable`.
+        code: ErrorCode,
+        /// The target's slots or requests per second (0 when unavailable).
+        limit: u32,
+        /// Seconds until the target is worth trying again.
+        retry_after: u64,
+        /// The key's concurrency figures, without this request.
+        slots: Option<SlotView>,
+        /// The key's rate figures.
+        rate: Option<RateView>,
+    },
 }
 
 impl Refusal {
@@ -904,6 +920,7 @@ impl Refusal {
             Self::Rate { .. } => ErrorCode::RateLimit,
             Self::Upstream { .. } => ErrorCode::UpstreamConcurrencyLimitExceeded,
             Self::Unavailable => ErrorCode::LimiterUnavailable,
+            Self::Target { code, .. } => *code,
         }
     }
 }
@@ -1047,6 +1064,7 @@ pub fn admit(
                 slot,
                 upstream,
                 lease: None,
+                target: None,
                 rate: None,
             }),
             Err(Inner::Slots(f)) => Err(full(slot_limit.unwrap_or(0), f)),
@@ -1077,6 +1095,7 @@ pub fn admit(
             slot,
             upstream,
             lease: None,
+            target: None,
             rate: Some(view(remaining)),
         }),
         Err(RateRefusal::Limited { retry_after_nanos }) => Err(Refusal::Rate {
@@ -1129,6 +1148,7 @@ pub async fn admit_shared(
             slot: None,
             upstream,
             lease: None,
+            target: None,
             slots: None,
             rate: None,
         }));
@@ -1179,6 +1199,7 @@ pub async fn admit_shared(
             slots: slot_view(in_flight),
             rate: view(rate_remaining),
             lease,
+            target: None,
         }),
         SharedDecision::SlotsFull {
             in_flight,

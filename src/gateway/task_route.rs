@@ -158,7 +158,7 @@ impl Limits for GatewayLimits {
             Err(Refusal::Rate { wait_nanos, .. }) => {
                 Admit::Wait(Duration::from_nanos(wait_nanos.max(1_000_000)))
             }
-            Err(Refusal::Unavailable) => Admit::Wait(Duration::from_secs(1)),
+            Err(Refusal::Unavailable | Refusal::Target { .. }) => Admit::Wait(Duration::from_secs(1)),
         }
     }
 }

@@ -23,7 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWrite, net::TcpStream};
 
 use super::head::RequestHead;
 
@@ -44,13 +44,41 @@ pub(super) const RESPONSE_ROOM: usize = 10;
 pub(super) struct Pool {
     authority: Authority,
     idle: Mutex<Vec<Conn>>,
+    /// For an https target: the TLS client and the name its certificate must carry.
+    tls: Option<Tls>,
+    connect_timeout: Option<std::time::Duration>,
+}
+
+/// How an https target's connections are secured.
+#[derive(Clone)]
+pub(super) struct Tls {
+    /// The client configuration (roots, ALPN `http/1.1`).
+    pub connector: tokio_rustls::TlsConnector,
+    /// SNI, and the name the certificate is checked against: the URL's host.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
 }
 
 /// One connection and the bytes read from it but not yet consumed.
 #[derive(Debug)]
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
+}
+
+/// A connection's transport. Plain TCP keeps the readiness-based fast path (no system call to
+/// learn that a socket is empty); TLS goes through `tokio-rustls`'s `AsyncRead`/`AsyncWrite`.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Why a request got no response.
@@ -68,6 +96,16 @@ pub(super) enum SendError {
     /// The connection failed or closed before a whole response head arrived.
     #[error("upstream connection failed: {0}")]
     Io(#[source] io::Error),
+    /// The TLS handshake failed: the certificate did not verify (unknown CA, wrong host name,
+    /// expired) or the target does not speak TLS.
+    #[error("TLS with {authority} failed: {source}")]
+    Tls {
+        /// The upstream.
+        authority: Authority,
+        /// The cause, in rustls's words.
+        #[source]
+        source: io::Error,
+    },
     /// The upstream answered something that is not HTTP/1.x.
     #[error("upstream sent an invalid response: {0}")]
     Protocol(&'static str),
@@ -119,9 +157,21 @@ impl Prepared {
 
 impl Pool {
     pub(super) fn new(authority: Authority) -> Arc<Self> {
+        Self::with(authority, None, None)
+    }
+
+    /// A pool for a target: over TLS when `tls` is given, opening connections within
+    /// `connect_timeout`.
+    pub(super) fn with(
+        authority: Authority,
+        tls: Option<Tls>,
+        connect_timeout: Option<std::time::Duration>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             authority,
             idle: Mutex::new(Vec::new()),
+            tls,
+            connect_timeout,
         })
     }
 
@@ -132,10 +182,19 @@ impl Pool {
         loop {
             let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             let mut cx = Context::from_waker(Waker::noop());
-            match conn.stream.poll_read_ready(&mut cx) {
+            let stream = match &mut conn.stream {
+                Stream::Plain(s) => s,
+                // A TLS connection may hold records the upstream sent since (a close_notify, a
+                // session ticket): only reading tells. Pending means nothing but those.
+                Stream::Tls(_) => match poll_read(&mut conn.stream, &mut conn.buf, &mut cx) {
+                    Poll::Pending => return Some(conn),
+                    _ => continue,
+                },
+            };
+            match stream.poll_read_ready(&mut cx) {
                 Poll::Pending => return Some(conn),
                 Poll::Ready(Err(_)) => continue,
-                Poll::Ready(Ok(())) => match conn.stream.try_read_buf(&mut conn.buf) {
+                Poll::Ready(Ok(())) => match stream.try_read_buf(&mut conn.buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(conn),
                     _ => continue,
                 },
@@ -151,17 +210,51 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Conn, SendError> {
-        let stream = TcpStream::connect(self.authority.as_str())
-            .await
-            .map_err(|source| SendError::Connect {
-                authority: self.authority.clone(),
-                source,
-            })?;
+        let failed = |source| SendError::Connect {
+            authority: self.authority.clone(),
+            source,
+        };
+        let connecting = TcpStream::connect(self.authority_with_port());
+        let stream = match self.connect_timeout {
+            None => connecting.await,
+            Some(t) => tokio::time::timeout(t, connecting)
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
+        }
+        .map_err(failed)?;
         let _ = stream.set_nodelay(true);
+        let stream = match &self.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let handshake = tls.connector.connect(tls.server_name.clone(), stream);
+                let stream = match self.connect_timeout {
+                    None => handshake.await,
+                    Some(t) => tokio::time::timeout(t, handshake).await.unwrap_or_else(|_| {
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))
+                    }),
+                }
+                .map_err(|source| SendError::Tls {
+                    authority: self.authority.clone(),
+                    source,
+                })?;
+                Stream::Tls(Box::new(stream))
+            }
+        };
         Ok(Conn {
             stream,
             buf: BytesMut::new(),
         })
+    }
+
+    /// `host:port`: a URL may leave the port to its scheme.
+    fn authority_with_port(&self) -> String {
+        match self.authority.port_u16() {
+            Some(_) => self.authority.as_str().to_string(),
+            None => {
+                let port = if self.tls.is_some() { 443 } else { 80 };
+                format!("{}:{port}", self.authority.host())
+            }
+        }
     }
 
     /// Sends a prepared request on an idle connection or a new one, and returns the response
@@ -355,7 +448,7 @@ impl Exchange<'_> {
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.head.is_empty() || !self.out.is_empty() {
             return match ready!(poll_write_queue(
-                &self.conn.stream,
+                &mut self.conn.stream,
                 &mut self.head,
                 &mut self.out,
                 cx
@@ -372,6 +465,14 @@ impl Exchange<'_> {
                     Poll::Ready(())
                 }
             };
+        }
+        // TLS may hold records it could not write yet: they go before the next body frame.
+        if let Stream::Tls(tls) = &mut self.conn.stream
+            && let Err(e) = ready!(Pin::new(&mut **tls).poll_flush(cx))
+        {
+            self.body = None;
+            self.write_failed = Some(e);
+            return Poll::Ready(());
         }
         let Some(body) = &mut self.body else {
             return Poll::Pending;
@@ -410,22 +511,24 @@ impl Exchange<'_> {
 /// Reads what the socket has into `buf`. Through tokio's `AsyncRead`, which knows that a read
 /// that did not fill the buffer emptied the socket and so clears the readiness: the next poll
 /// waits for the reactor instead of paying a system call to learn `EAGAIN` (one per request).
-fn poll_read(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+fn poll_read(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
-    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
+    match stream {
+        Stream::Plain(s) => tokio_util::io::poll_read_buf(Pin::new(s), cx, buf),
+        Stream::Tls(s) => tokio_util::io::poll_read_buf(Pin::new(&mut **s), cx, buf),
+    }
 }
 
 /// Writes some of the head and queue; how many bytes.
 fn poll_write_queue(
-    stream: &TcpStream,
+    stream: &mut Stream,
     head: &mut &[u8],
     out: &mut VecDeque<Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     loop {
-        ready!(stream.poll_write_ready(cx))?;
         let mut slices = [IoSlice::new(&[]); 8];
         let n = std::iter::once(*head)
             .filter(|h| !h.is_empty())
@@ -433,10 +536,19 @@ fn poll_write_queue(
             .zip(slices.iter_mut())
             .map(|(b, s)| *s = IoSlice::new(b))
             .count();
-        // A request without a body is one slice: `write` costs the kernel less than `writev`.
-        let wrote = match &slices[..n] {
-            [one] => stream.try_write(one),
-            many => stream.try_write_vectored(many),
+        let wrote = match stream {
+            Stream::Plain(stream) => {
+                ready!(stream.poll_write_ready(cx))?;
+                // A request without a body is one slice: `write` costs the kernel less than
+                // `writev`.
+                match &slices[..n] {
+                    [one] => stream.try_write(one),
+                    many => stream.try_write_vectored(many),
+                }
+            }
+            Stream::Tls(tls) => {
+                ready!(Pin::new(&mut **tls).poll_write_vectored(cx, &slices[..n]))
+            }
         };
         match wrote {
             Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
