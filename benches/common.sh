@@ -66,7 +66,8 @@ EOF
 
 # A server at port $1 that does what slotgate does to a request: the limits of
 # `nginx_limit_zones`, the key header stripped, X-Forwarded-For and X-Forwarded-Host set, so that
-# the upstream parses the same amount either way.
+# the upstream parses the same amount either way. $2 (default `http://up`) is where it proxies to,
+# and $3 any further directives of its location (TLS to the upstream, an injected header).
 nginx_limited_server() {
   cat <<EOF
   server {
@@ -81,8 +82,50 @@ nginx_limited_server() {
       proxy_set_header X-API-Key "";
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Host \$host;
-      proxy_pass http://up;
+      proxy_pass ${2:-http://up};
+${3:-}
     }
   }
 EOF
+}
+
+# A test CA and a leaf for 127.0.0.1 signed by it, in folder $1: ca.pem, leaf.pem, leaf.key.
+test_pki() {
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  (
+    cd "$1"
+    openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -days 2 -subj "/CN=slotgate bench CA" 2>/dev/null
+    openssl req "${ec[@]}" -keyout leaf.key -out leaf.csr -subj "/CN=127.0.0.1" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > leaf.ext
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 1 \
+      -extfile leaf.ext 2>/dev/null
+  )
+}
+
+# An ApiUpstream `$1` at URL $2 serving every path, with the provider credential of Secret
+# `provider` and, for https, the CA bundle of ConfigMap `provider-ca` (PEM file $3).
+target_manifests() {
+  cat <<EOF
+---
+apiVersion: slotgate.dev/v1alpha1
+kind: ApiUpstream
+metadata: {name: $1}
+spec:
+  url: $2
+  paths: ["/*"]
+  credentialRef: {namespace: default, name: provider, key: api-key}
+EOF
+  if [ -n "${3:-}" ]; then
+    cat <<EOF
+  tls:
+    caBundleRef: {namespace: default, name: provider-ca, key: ca.crt}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: provider-ca, namespace: default}
+data:
+  ca.crt: |
+$(sed 's/^/    /' "$3")
+EOF
+  fi
 }

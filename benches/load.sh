@@ -9,6 +9,12 @@
 #   redis     wrk -> slotgate gateway --state redis://  (limits shared through redis-server) -> upstream
 #   refusal   wrk -> slotgate gateway, key on a 0-slot plan: every answer is a 429
 #   nginx-refusal  wrk -> nginx, a limit_req zone of 1 request a minute: every answer is a 429
+#   target    wrk -> slotgate gateway, every path routed to an http ApiUpstream that injects a
+#             provider key -> upstream (what routing and the target's books cost)
+#   https     wrk -> slotgate gateway, every path routed to an https ApiUpstream (test CA) that
+#             injects a provider key -> TLS upstream (nginx answering 200 itself)
+#   nginx-https    wrk -> nginx, the same limits, proxy_pass https:// with keep-alive, the CA
+#             checked and the same header injected -> the same TLS upstream
 #   redis-base     (with SLOTGATE_BASELINE=path/to/an/older/slotgate) the older build in redis mode,
 #                  on its own key prefix of the same redis-server: an A/B in the same run
 #
@@ -49,12 +55,43 @@ source benches/common.sh
 
 UP=$(free_port); BARE_P=$(free_port); NGINX_P=$(free_port); SG_P=$(free_port); SG_ADMIN=$(free_port)
 REDIS_P=$(free_port); SGR_P=$(free_port); SGR_ADMIN=$(free_port); NGINX_REF_P=$(free_port)
+TLS_UP=$(free_port); SGT_P=$(free_port); SGT_ADMIN=$(free_port); SGS_P=$(free_port); SGS_ADMIN=$(free_port)
+NGINX_TLS_P=$(free_port)
 BASE=${SLOTGATE_BASELINE:-}; BASE_P=$(free_port); BASE_ADMIN=$(free_port)
 
 # Same limits everywhere: 1,000 slots and 1,000,000 req/s per key, so nothing is refused and
 # the cost of keeping the books is what is measured.
 bench_manifests "$WORK/manifests" "$KEY" "$ZERO_KEY"
 "$SG" compile "$WORK/manifests" -o "$WORK/gateway.json" 2>/dev/null
+# The same, every path routed to a target: plain http to the demo upstream, or https.
+mkdir -p "$WORK/pki" "$WORK/credentials"
+test_pki "$WORK/pki"
+echo sk-bench-provider > "$WORK/credentials/bench-target"
+for mode in target https; do
+  cp -r "$WORK/manifests" "$WORK/manifests-$mode"
+  case $mode in
+    target) target_manifests bench-target "http://127.0.0.1:$UP" ;;
+    https) target_manifests bench-target "https://127.0.0.1:$TLS_UP" "$WORK/pki/ca.pem" ;;
+  esac >> "$WORK/manifests-$mode/bench.yaml"
+  "$SG" compile "$WORK/manifests-$mode" -o "$WORK/gateway-$mode.json" 2>/dev/null
+done
+cat > "$WORK/tls-up.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/tls-up.pid;
+error_log $WORK/tls-up.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:$TLS_UP ssl;
+    ssl_certificate $WORK/pki/leaf.pem;
+    ssl_certificate_key $WORK/pki/leaf.key;
+    keepalive_requests 100000000;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+EOF
 
 cat > "$WORK/nginx.conf" <<EOF
 worker_processes 1;
@@ -68,6 +105,12 @@ http {
   proxy_temp_path $WORK/nginx-proxy;
 $(nginx_limit_zones $UP)
 $(nginx_limited_server $NGINX_P)
+  upstream tlsup { server 127.0.0.1:$TLS_UP; keepalive 256; }
+$(nginx_limited_server $NGINX_TLS_P https://tlsup "      proxy_ssl_trusted_certificate $WORK/pki/ca.pem;
+      proxy_ssl_verify on;
+      proxy_ssl_name 127.0.0.1;
+      proxy_ssl_session_reuse on;
+      proxy_set_header Authorization \"Bearer sk-bench-provider\";")
   limit_req_zone \$http_x_api_key zone=none:1m rate=1r/m;
   server {
     listen 127.0.0.1:$NGINX_REF_P;
@@ -91,8 +134,16 @@ wait_port $REDIS_P
 SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
   --listen 127.0.0.1:$SGR_P --admin-listen 127.0.0.1:$SGR_ADMIN --worker-threads 1 \
   --state redis://127.0.0.1:$REDIS_P >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 0 nginx -c "$WORK/tls-up.conf" >/dev/null 2>&1 & PIDS+=($!)
+for mode in target:$SGT_P:$SGT_ADMIN https:$SGS_P:$SGS_ADMIN; do
+  IFS=: read -r m port admin <<<"$mode"
+  SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway-$m.json" --upstream http://127.0.0.1:$UP \
+    --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --worker-threads 1 \
+    --target-credentials "$WORK/credentials" >/dev/null 2>&1 & PIDS+=($!)
+done
 TARGETS="direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY redis:$SGR_P:$KEY"
 TARGETS+=" refusal:$SG_P:$ZERO_KEY nginx-refusal:$NGINX_REF_P:$ZERO_KEY"
+TARGETS+=" target:$SGT_P:$KEY https:$SGS_P:$KEY nginx-https:$NGINX_TLS_P:$KEY"
 if [ -n "$BASE" ]; then
   SLOTGATE_LOG=warn taskset -c 0 "$BASE" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
     --listen 127.0.0.1:$BASE_P --admin-listen 127.0.0.1:$BASE_ADMIN --worker-threads 1 \
@@ -171,14 +222,15 @@ d = med["direct"][0]
 print(f"\n{sys.argv[3]} interleaved repeats of {sys.argv[2]} s, {sys.argv[4]} connections, medians:\n")
 print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | redis CPU/request (us) | vs nginx | vs bare | vs memory |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-order = ["direct", "bare", "nginx", "slotgate", "redis", "redis-base", "refusal", "nginx-refusal"]
+order = ["direct", "bare", "nginx", "slotgate", "redis", "redis-base", "refusal", "nginx-refusal",
+         "target", "https", "nginx-https"]
 for n in (n for n in order if n in med):
     rps, p50, p99, bad, redis_us = med[n]
     added = "" if n == "direct" else f"{(1/rps - 1/d) * 1e6:.1f}"
-    peer = "nginx-refusal" if n == "refusal" else "nginx"
-    vn = f"{rps / med[peer][0]:.2f}x" if n not in ("nginx", "nginx-refusal") else ""
-    vb = f"{rps / med['bare'][0]:.2f}x" if n not in ("bare", "refusal", "nginx-refusal") else ""
-    vm = f"{rps / med['slotgate'][0]:.2f}x" if n.startswith("redis") else ""
+    peer = {"refusal": "nginx-refusal", "https": "nginx-https"}.get(n, "nginx")
+    vn = f"{rps / med[peer][0]:.2f}x" if n not in ("nginx", "nginx-refusal", "nginx-https") else ""
+    vb = f"{rps / med['bare'][0]:.2f}x" if n not in ("bare", "refusal", "nginx-refusal", "https", "nginx-https") else ""
+    vm = f"{rps / med['slotgate'][0]:.2f}x" if n.startswith("redis") or n == "target" else ""
     ru = f"{redis_us:.2f}" if n.startswith("redis") else ""
     print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {ru} | {vn} | {vb} | {vm} |")
 m, r = med["slotgate"], med["redis"]
@@ -188,6 +240,8 @@ if "redis-base" in med:
     print(f"redis mode, baseline build: {b[0] / m[0]:.2f}x memory mode; this build {r[0] / b[0]:.2f}x the baseline, redis CPU {r[4]:.2f} against {b[4]:.2f} us a request")
 print(f"memory mode: {m[0] / med['nginx'][0]:.2f}x nginx's throughput, p99 {m[2]:.2f} against nginx's {med['nginx'][2]:.2f} ms")
 print(f"refusals: {med['refusal'][0] / med['nginx-refusal'][0]:.2f}x nginx's refusal rate")
+t, h, nh = med["target"], med["https"], med["nginx-https"]
+print(f"http target: {t[0] / m[0]:.2f}x memory mode without targets; https target: {h[0]:,.0f} req/s, {h[0] / nh[0]:.2f}x nginx's https upstream, p99 {h[2]:.2f} against {nh[2]:.2f} ms")
 
 paced = {}
 for rep, rate, name, p50, p99, p999, got in (l.split() for l in open(sys.argv[5])):

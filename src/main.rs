@@ -504,11 +504,13 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     })
     .await?;
     if let Some(dir) = &args.target_credentials {
-        // Read once before serving, so the first requests find their credentials.
-        gw.set_target_credentials(
-            gateway::source::read_credentials(dir)
-                .with_context(|| format!("--target-credentials {}", dir.display()))?,
-        );
+        // Read once before serving, so the first requests find their credentials. A folder not
+        // there yet (an optional Secret volume) is not fatal: targets that need a credential
+        // answer 503 until it appears.
+        match gateway::source::read_credentials(dir) {
+            Ok(credentials) => gw.set_target_credentials(credentials),
+            Err(e) => tracing::warn!(error = %e, "--target-credentials: none read yet"),
+        }
         tokio::spawn(gateway::source::poll_credentials(
             Arc::clone(&gw),
             dir.clone(),

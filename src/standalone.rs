@@ -353,12 +353,13 @@ impl Folder {
             );
             for (name, report) in &reports {
                 let t = targets.get(name);
-                let ready = match (&report.invalid, &report.credential_missing, &report.tls) {
-                    (Some(why), _, _) => format!("False Invalid: {why}"),
-                    (_, Some(why), _) => format!("False CredentialNotFound: {why}"),
-                    (_, _, Err(why)) => format!("False TLSInvalid: {why}"),
-                    (_, _, Ok(Some(warning))) => format!("True ({warning})"),
-                    _ => "True".to_string(),
+                let conditions = report.conditions(t.is_some_and(|t| t.credential.is_some()));
+                let ready = match conditions.iter().find(|c| !c.status) {
+                    Some(c) => format!("False {}: {}", c.reason, c.message),
+                    None => match &report.tls {
+                        Ok(Some(warning)) => format!("True ({warning})"),
+                        _ => "True".to_string(),
+                    },
                 };
                 let _ = writeln!(
                     out,

@@ -646,3 +646,128 @@ async fn a_banned_key_gets_an_event_and_a_banned_condition_and_its_usage_shows_i
     .await;
     assert_calls_declared(&api);
 }
+
+fn upstream(name: &str, url: &str, path: &str, credential: (&str, &str)) -> Value {
+    json!({"apiVersion": "slotgate.dev/v1alpha1", "kind": "ApiUpstream",
+           "metadata": {"name": name},
+           "spec": {"url": url, "paths": [path],
+                    "credentialRef": {"namespace": credential.0, "name": credential.1, "key": "api-key"},
+                    "concurrency": {"maxConcurrentRequests": 3}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_get_conditions_and_their_credentials_reach_the_gateways_through_a_secret_of_their_own() {
+    const PROVIDER: &str = "sk-vendor-4242";
+    let api = FakeApi::start().await;
+    let (stub, vendor) = (Stub::start().await, Stub::start().await);
+    api.apply("apiplans", plan("startup", 4));
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "startup", Some("acme-token")));
+    // The provider's Secret lives elsewhere and carries no slotgate label.
+    api.apply(
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "provider", "namespace": "vendors"},
+               "stringData": {"api-key": PROVIDER}}),
+    );
+    api.apply(
+        "apiupstreams",
+        upstream("vendor", &vendor.url(), "/v1/vendor/*", ("vendors", "provider")),
+    );
+    api.apply(
+        "apiupstreams",
+        upstream("broken", &vendor.url(), "/v1/broken/*", ("vendors", "gone")),
+    );
+    let _ctl = start_controller(&api, "ctl-0");
+
+    let published = "slotgate-config-target-credentials";
+    wait_for("the target credentials Secret", || {
+        api.get("secrets", NS, published).is_some()
+    })
+    .await;
+    let creds = api.get("secrets", NS, published).unwrap();
+    let data = creds["data"].as_object().unwrap().clone();
+    assert_eq!(
+        data.keys().collect::<Vec<_>>(),
+        ["vendor"],
+        "only resolved credentials: {creds}"
+    );
+    assert_eq!(
+        base64_decode(data["vendor"].as_str().unwrap()),
+        PROVIDER.as_bytes()
+    );
+    wait_for("the configuration with its targets", || {
+        api.get("configmaps", NS, "slotgate-config")
+            .and_then(|c| c["data"]["index.json"].as_str().map(|t| t.contains("\"vendor\"")))
+            .unwrap_or(false)
+    })
+    .await;
+    for c in api.list("configmaps") {
+        assert!(
+            !c.to_string().contains(PROVIDER),
+            "a credential in a ConfigMap: {c}"
+        );
+    }
+
+    wait_for("the targets' conditions", || {
+        condition(&api.get("apiupstreams", "", "vendor"), "Ready").is_some()
+            && condition(&api.get("apiupstreams", "", "broken"), "Ready").is_some()
+    })
+    .await;
+    let vendor_obj = api.get("apiupstreams", "", "vendor");
+    assert_eq!(condition(&vendor_obj, "Ready").unwrap().0, "True");
+    assert_eq!(
+        condition(&vendor_obj, "CredentialResolved").unwrap().1,
+        "Resolved"
+    );
+    assert_eq!(condition(&vendor_obj, "TLSValid").unwrap().0, "True");
+    let broken = api.get("apiupstreams", "", "broken");
+    let (status, reason, message) = condition(&broken, "CredentialResolved").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "SecretNotFound"));
+    assert!(message.contains("vendors/gone/api-key"), "{message}");
+    assert_eq!(condition(&broken, "Ready").unwrap().1, "CredentialNotFound");
+
+    // The gateway mounts that Secret as the kubelet would: one file per entry.
+    let mount = tempfile::tempdir().unwrap();
+    for (name, value) in &data {
+        std::fs::write(mount.path().join(name), base64_decode(value.as_str().unwrap())).unwrap();
+    }
+    let gw = Proc::gateway_from(
+        &[
+            "--config-source",
+            "kubernetes",
+            "--namespace",
+            NS,
+            "--replica-name",
+            "gw-0",
+            "--target-credentials",
+            mount.path().to_str().unwrap(),
+        ],
+        &stub.url(),
+        &[],
+        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
+    );
+    wait_for("the gateway's report", || {
+        api.reported_version(NS, "gw-0") >= config_version(&api)
+    })
+    .await;
+    let r = get(&gw.url("/v1/vendor/x"), &[("x-api-key", "tok-acme")]).await;
+    assert_eq!(r.status, StatusCode::OK, "{} {}", r.body, gw.stderr());
+    let seen = vendor.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {PROVIDER}").as_str()
+    );
+    assert!(!seen[0].headers.contains_key("x-api-key"));
+    let r = get(&gw.url("/v1/broken/x"), &[("x-api-key", "tok-acme")]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.code(), "target_unavailable");
+    assert_eq!(
+        stub.seen.lock().unwrap().len(),
+        0,
+        "nothing fell through to the default upstream"
+    );
+    assert!(!gw.stderr().contains(PROVIDER), "the credential is never logged");
+    assert_calls_declared(&api);
+}

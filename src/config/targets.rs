@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiUpstream, CaBundleRef, CredentialRef};
+use crate::api::{ApiUpstream, CaBundleRef, ConditionSpec, CredentialRef};
 
 /// Longest wait for a connection to a target unless it says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
@@ -106,6 +106,46 @@ impl TargetReport {
     pub fn ready(&self) -> bool {
         self.invalid.is_none() && self.credential_missing.is_none() && self.tls.is_ok()
     }
+
+    /// The ApiUpstream's status conditions: `Ready`, `CredentialResolved`, `TLSValid`.
+    pub fn conditions(&self, credential: bool) -> Vec<ConditionSpec> {
+        let resolved = match (&self.credential_missing, credential) {
+            (Some(why), _) => ConditionSpec::fail(
+                "CredentialResolved",
+                "SecretNotFound",
+                format!("{why}: the target's paths answer 503 target_unavailable"),
+            ),
+            (None, true) => ConditionSpec::ok(
+                "CredentialResolved",
+                "Resolved",
+                "The credential Secret entry is there.",
+            ),
+            (None, false) => ConditionSpec::ok(
+                "CredentialResolved",
+                "NotRequired",
+                "No credentialRef: requests go on without the customer's key.",
+            ),
+        };
+        let tls = match &self.tls {
+            Err(why) => ConditionSpec::fail("TLSValid", "TLSConfigInvalid", why.clone()),
+            Ok(Some(warning)) => ConditionSpec::ok("TLSValid", "InsecureSkipVerify", warning.clone()),
+            Ok(None) => ConditionSpec::ok(
+                "TLSValid",
+                "Valid",
+                "Certificates are checked against the system's roots and the caBundleRef, for the URL's host.",
+            ),
+        };
+        let ready = match (&self.invalid, &self.credential_missing, &self.tls) {
+            (Some(why), _, _) => ConditionSpec::fail("Ready", "Invalid", why.clone()),
+            (_, Some(why), _) => ConditionSpec::fail("Ready", "CredentialNotFound", why.clone()),
+            (_, _, Err(why)) => ConditionSpec::fail("Ready", "TLSConfigInvalid", why.clone()),
+            _ => ConditionSpec::ok("Ready", "Routed", "Requests on the target's paths go to it."),
+        };
+        match &self.invalid {
+            Some(_) => vec![ready],
+            None => vec![ready, resolved, tls],
+        }
+    }
 }
 
 /// What the caller knows of the objects an ApiUpstream refers to.
@@ -117,13 +157,14 @@ pub trait TargetRefs {
 }
 
 /// Compiles the targets by object name, with a report for each object.
-pub fn compile_targets(
-    upstreams: &[ApiUpstream],
+pub fn compile_targets<U: std::borrow::Borrow<ApiUpstream>>(
+    upstreams: &[U],
     refs: &dyn TargetRefs,
 ) -> (BTreeMap<String, CompiledTarget>, BTreeMap<String, TargetReport>) {
     let mut out = BTreeMap::new();
     let mut reports = BTreeMap::new();
     for u in upstreams {
+        let u = u.borrow();
         let name = u.name_any();
         let report = match compile_target(u, refs) {
             Ok((target, report)) => {

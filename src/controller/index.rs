@@ -37,6 +37,8 @@ use crate::{
 #[derive(Clone)]
 pub(super) struct Stores {
     pub(super) plans: Store<crate::api::ApiPlan>,
+    /// Upstream targets: few objects, kept whole.
+    pub(super) upstreams: Store<crate::api::ApiUpstream>,
     /// What events, token generation and the status writer read of each key (not the objects).
     pub(super) keys: super::keys::KeyStore,
     pub(super) reports: Store<Lease>,
@@ -119,6 +121,13 @@ pub(super) fn reflect(
             watcher::Config::default(),
             vec![Arc::clone(&notify)],
             Some(|p: &crate::api::ApiPlan| spec_fingerprint(p.meta(), &p.spec)),
+        ),
+        upstreams: reflected(
+            tasks,
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            vec![Arc::clone(&notify)],
+            Some(|u: &crate::api::ApiUpstream| spec_fingerprint(u.meta(), &u.spec)),
         ),
         keys,
         reports: reflected(

@@ -16,6 +16,7 @@ mod metrics;
 mod publish;
 mod reconcile;
 mod status;
+mod targets;
 
 use std::{
     collections::HashMap,
@@ -31,6 +32,7 @@ use kube::{
 use tokio::sync::{Notify, watch};
 
 pub use metrics::ControllerMetrics;
+pub use targets::credentials_secret;
 
 use crate::{ApiCall, Reach, config::incremental::Incremental};
 
@@ -67,12 +69,19 @@ pub const API_CALLS: &[ApiCall] = {
         C::new("slotgate.dev", "apiplans/status", &["patch"], Reach::Cluster),
         C::new("slotgate.dev", "apikeys", &["list", "watch"], Reach::Cluster),
         C::new("slotgate.dev", "apikeys/status", &["patch"], Reach::Cluster),
+        C::new("slotgate.dev", "apiupstreams", &["list", "watch"], Reach::Cluster),
+        C::new("slotgate.dev", "apiupstreams/status", &["patch"], Reach::Cluster),
         // Not a call: a generated Secret is owned by its key with `blockOwnerDeletion`, which the
         // OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allows only to whoever
         // may update the owner's finalizers.
         C::new("slotgate.dev", "apikeys/finalizers", &["update"], Reach::Cluster),
-        // Token Secrets are read where the keys are; generated ones are created there.
-        C::new("", "secrets", &["list", "watch", "create"], Reach::Cluster),
+        // Token Secrets are read where the keys are; generated ones are created there. A target's
+        // credential Secret is read by name, wherever its ApiUpstream points.
+        C::new("", "secrets", &["get", "list", "watch", "create"], Reach::Cluster),
+        // The target credentials the gateways mount, written by server-side apply.
+        C::new("", "secrets", &["patch"], Reach::OwnNamespace),
+        // A target's CA bundle is read by name, wherever its ApiUpstream points.
+        C::new("", "configmaps", &["get"], Reach::Cluster),
         // Events go to the namespace of the object they are about.
         C::new("events.k8s.io", "events", &["create", "patch"], Reach::Cluster),
         // Configuration objects are written by server-side apply, which creates them the first time;
@@ -192,6 +201,7 @@ pub async fn run(
         last_admitted: HashMap::new(),
         last_reports: Vec::new(),
         activity: Default::default(),
+        targets: Default::default(),
     };
     let work = async {
         loop {
@@ -249,8 +259,9 @@ pub async fn run(
                     // Statuses of a plan change still to catch up, and nothing newer waiting.
                     () = std::future::ready(()), if shell.index.refresh_pending() => (true, true),
                     () = reports_changed.notified() => (false, false),
-                    // A periodic pass also catches what a lost watch event would have missed.
-                    () = tokio::time::sleep(Duration::from_secs(300)) => (true, false),
+                    // A periodic pass also catches what a lost watch event would have missed, and
+                    // (more often while targets exist) a target's credential rotated in place.
+                    () = tokio::time::sleep(shell.periodic()) => (true, false),
                     changed = leading.changed() => {
                         if changed.is_err() {
                             return;

@@ -59,9 +59,19 @@ pub(super) struct Shell {
     pub(super) last_reports: Vec<(String, Option<u64>, bool)>,
     /// What the gateways last reported keys did.
     pub(super) activity: KeyActivity,
+    /// What was last written for the upstream targets.
+    pub(super) targets: super::targets::TargetWrites,
 }
 
 impl Shell {
+    /// How long the run loop waits for an event before a pass of its own.
+    pub(super) fn periodic(&self) -> std::time::Duration {
+        match self.stores.upstreams.state().is_empty() {
+            true => std::time::Duration::from_secs(300),
+            false => std::time::Duration::from_secs(30),
+        }
+    }
+
     /// Applies every event the watches fed since the last call.
     pub(super) fn drain(&mut self) -> usize {
         let mut n = 0;
@@ -200,6 +210,21 @@ impl Shell {
             .filter_map(|id| Some((id.to_string(), self.stores.keys.get(id)?)))
             .collect();
         self.generate_tokens(&keys).await?;
+        let upstreams = self.stores.upstreams.state();
+        let resolved = super::targets::Resolved::read(&self.client, &upstreams).await?;
+        let (targets, target_reports) = crate::config::targets::compile_targets(&upstreams, &resolved);
+        self.index.set_targets(targets);
+        // Before the configuration that names them: a gateway that learns of a target also
+        // finds its credential as soon as the kubelet refreshes the mounted Secret.
+        self.targets
+            .credentials(
+                &self.client,
+                &self.opts.namespace,
+                &self.opts.config_name,
+                &resolved.by_target(&upstreams),
+            )
+            .await?;
+        drop(resolved);
         let t_tokens = t0.elapsed();
         self.on_index(Incremental::compile).await;
         let t_compile = t0.elapsed();
@@ -215,6 +240,9 @@ impl Shell {
         self.refresh_enforced();
         self.refresh_activity().await;
         self.desire_keys(self.index.decided(), status::Priority::First);
+        self.targets
+            .statuses(&self.client, &upstreams, &target_reports)
+            .await?;
 
         if self.accounted.as_ref() != Some(self.index.plans()) {
             self.plan_events(&plans).await;
