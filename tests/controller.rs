@@ -660,6 +660,9 @@ async fn targets_get_conditions_and_their_credentials_reach_the_gateways_through
     const PROVIDER: &str = "sk-vendor-4242";
     let api = FakeApi::start().await;
     let (stub, vendor) = (Stub::start().await, Stub::start().await);
+    let pki = tempfile::tempdir().unwrap();
+    let (_, leaf, leaf_key) = test_pki(pki.path());
+    let untrusted = tls_front(vendor.addr.unwrap(), &leaf, &leaf_key).await;
     api.apply("apiplans", plan("startup", 4));
     api.apply("secrets", secret("acme-token", "tok-acme"));
     api.apply("apikeys", key("acme", "startup", Some("acme-token")));
@@ -678,6 +681,15 @@ async fn targets_get_conditions_and_their_credentials_reach_the_gateways_through
         "apiupstreams",
         upstream("broken", &vendor.url(), "/v1/broken/*", ("vendors", "gone")),
     );
+    // Signed by a CA the gateway does not know.
+    let mut no_ca = upstream(
+        "untrusted",
+        &format!("https://127.0.0.1:{}", untrusted.port()),
+        "/v1/untrusted/*",
+        ("vendors", "provider"),
+    );
+    no_ca["spec"].as_object_mut().unwrap().remove("credentialRef");
+    api.apply("apiupstreams", no_ca);
     let _ctl = start_controller(&api, "ctl-0");
 
     let published = "slotgate-config-target-credentials";

@@ -677,3 +677,69 @@ async fn admissions_arriving_together_share_script_calls_and_stay_exact() {
     );
     assert_eq!(admitted + limited, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_targets_slots_are_one_pool_across_replicas() {
+    let redis = Redis::start();
+    let (target, default) = (Stub::start().await, Stub::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = slots_plan("p", 10)
+        + &key_yaml("a", "p", "")
+        + &key_yaml("b", "p", "")
+        + &format!(
+            "apiVersion: slotgate.dev/v1alpha1\nkind: ApiUpstream\nmetadata:\n  name: vendor\nspec:\n  url: {}\n  paths: [\"/v1/vendor/*\"]\n  concurrency: {{maxConcurrentRequests: 3}}\n",
+            target.url()
+        );
+    std::fs::write(dir.path().join("all.yaml"), manifests).unwrap();
+    let url = redis.url();
+    let up = || {
+        Proc::start(&[
+            "up",
+            dir.path().to_str().unwrap(),
+            "--upstream",
+            &default.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--state",
+            &url,
+        ])
+    };
+    let (one, two) = (up(), up());
+    // Two keys, eight requests at once, spread over both replicas: the target's 3 slots hold
+    // across them, while each key is far within its own 10.
+    let requests = (0..8).map(|i| {
+        let gw = if i % 2 == 0 { &one } else { &two };
+        let url = gw.url("/v1/vendor/x?delay_ms=800");
+        let token = if i < 4 { "tok-a" } else { "tok-b" };
+        async move { get(&url, &[("x-api-key", token)]).await }
+    });
+    let answers = join_all(requests).await;
+    let ok = answers.iter().filter(|r| r.status == StatusCode::OK).count();
+    let refused: Vec<String> = answers
+        .iter()
+        .filter(|r| r.status != StatusCode::OK)
+        .map(|r| r.code())
+        .collect();
+    assert!(target.peak() <= 3, "the target had {} in flight", target.peak());
+    assert_eq!(ok, 3, "{refused:?}");
+    assert!(
+        refused.iter().all(|c| c == "target_concurrency_limit_exceeded"),
+        "{refused:?}"
+    );
+    // The leases went back: the target serves again from either replica.
+    wait_until("the target's leases are released", || {
+        redis.leases("target:vendor") == 0
+    })
+    .await;
+    assert_eq!(
+        as_key_token(&two, "/v1/vendor/y", "tok-a").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(default.seen.lock().unwrap().len(), 0);
+}
+
+async fn as_key_token(gw: &Proc, path: &str, token: &str) -> Got {
+    get(&gw.url(path), &[("x-api-key", token)]).await
+}

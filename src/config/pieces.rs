@@ -35,6 +35,10 @@ pub struct Activity {
     /// Key id to `[ends (Unix seconds), strike]` of the key bans in force.
     #[serde(default)]
     pub bans: std::collections::BTreeMap<String, [u64; 2]>,
+    /// Upstream target name to the last TLS failure with it (unknown CA, wrong host name), for
+    /// the targets whose last handshake failed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub target_tls: std::collections::BTreeMap<String, String>,
 }
 /// Annotation of a report: the content hash enforced.
 pub const HASH_ANNOTATION: &str = "slotgate.dev/hash";

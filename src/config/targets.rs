@@ -99,12 +99,17 @@ pub struct TargetReport {
     pub credential_missing: Option<String>,
     /// Why the TLS settings are unusable, or a warning (`insecureSkipVerify`).
     pub tls: Result<Option<String>, String>,
+    /// The last TLS handshake failure a gateway reported with the target; `None`: none.
+    pub handshake: Option<String>,
 }
 
 impl TargetReport {
     /// Ready: in the configuration, and every request on its paths can be forwarded.
     pub fn ready(&self) -> bool {
-        self.invalid.is_none() && self.credential_missing.is_none() && self.tls.is_ok()
+        self.invalid.is_none()
+            && self.credential_missing.is_none()
+            && self.tls.is_ok()
+            && self.handshake.is_none()
     }
 
     /// The ApiUpstream's status conditions: `Ready`, `CredentialResolved`, `TLSValid`.
@@ -126,19 +131,30 @@ impl TargetReport {
                 "No credentialRef: requests go on without the customer's key.",
             ),
         };
-        let tls = match &self.tls {
-            Err(why) => ConditionSpec::fail("TLSValid", "TLSConfigInvalid", why.clone()),
-            Ok(Some(warning)) => ConditionSpec::ok("TLSValid", "InsecureSkipVerify", warning.clone()),
-            Ok(None) => ConditionSpec::ok(
+        let tls = match (&self.tls, &self.handshake) {
+            (Err(why), _) => ConditionSpec::fail("TLSValid", "TLSConfigInvalid", why.clone()),
+            (_, Some(why)) => ConditionSpec::fail(
+                "TLSValid",
+                "HandshakeFailed",
+                format!("{why}: the target's paths answer 502 upstream_tls_error"),
+            ),
+            (Ok(Some(warning)), None) => ConditionSpec::ok("TLSValid", "InsecureSkipVerify", warning.clone()),
+            (Ok(None), None) => ConditionSpec::ok(
                 "TLSValid",
                 "Valid",
                 "Certificates are checked against the system's roots and the caBundleRef, for the URL's host.",
             ),
         };
-        let ready = match (&self.invalid, &self.credential_missing, &self.tls) {
-            (Some(why), _, _) => ConditionSpec::fail("Ready", "Invalid", why.clone()),
-            (_, Some(why), _) => ConditionSpec::fail("Ready", "CredentialNotFound", why.clone()),
-            (_, _, Err(why)) => ConditionSpec::fail("Ready", "TLSConfigInvalid", why.clone()),
+        let ready = match (
+            &self.invalid,
+            &self.credential_missing,
+            &self.tls,
+            &self.handshake,
+        ) {
+            (Some(why), _, _, _) => ConditionSpec::fail("Ready", "Invalid", why.clone()),
+            (_, Some(why), _, _) => ConditionSpec::fail("Ready", "CredentialNotFound", why.clone()),
+            (_, _, Err(why), _) => ConditionSpec::fail("Ready", "TLSConfigInvalid", why.clone()),
+            (_, _, _, Some(why)) => ConditionSpec::fail("Ready", "HandshakeFailed", why.clone()),
             _ => ConditionSpec::ok("Ready", "Routed", "Requests on the target's paths go to it."),
         };
         match &self.invalid {
@@ -175,6 +191,7 @@ pub fn compile_targets<U: std::borrow::Borrow<ApiUpstream>>(
                 invalid: Some(reason),
                 credential_missing: None,
                 tls: Ok(None),
+                handshake: None,
             },
         };
         reports.insert(name, report);
@@ -304,6 +321,7 @@ fn compile_target(u: &ApiUpstream, refs: &dyn TargetRefs) -> Result<(CompiledTar
             invalid: None,
             credential_missing,
             tls,
+            handshake: None,
         },
     ))
 }

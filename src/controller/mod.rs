@@ -202,6 +202,7 @@ pub async fn run(
         last_reports: Vec::new(),
         activity: Default::default(),
         targets: Default::default(),
+        target_reports: Default::default(),
     };
     let work = async {
         loop {
@@ -250,6 +251,9 @@ pub async fn run(
                     // Only the gateways' reports moved: statuses, no compile, no writes.
                     shell.refresh_enforced();
                     shell.refresh_activity().await;
+                    if let Err(e) = shell.refresh_targets().await {
+                        tracing::debug!(error = %e, "target statuses not written; the next pass retries");
+                    }
                     shell.metrics.reconciled("report", "ok", started.elapsed());
                 }
                 let catching_up;

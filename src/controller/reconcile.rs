@@ -61,6 +61,8 @@ pub(super) struct Shell {
     pub(super) activity: KeyActivity,
     /// What was last written for the upstream targets.
     pub(super) targets: super::targets::TargetWrites,
+    /// What the last compile found about each target, before the gateways' reports are added.
+    pub(super) target_reports: BTreeMap<String, crate::config::targets::TargetReport>,
 }
 
 impl Shell {
@@ -240,9 +242,8 @@ impl Shell {
         self.refresh_enforced();
         self.refresh_activity().await;
         self.desire_keys(self.index.decided(), status::Priority::First);
-        self.targets
-            .statuses(&self.client, &upstreams, &target_reports)
-            .await?;
+        self.target_reports = target_reports;
+        self.refresh_targets().await?;
 
         if self.accounted.as_ref() != Some(self.index.plans()) {
             self.plan_events(&plans).await;
@@ -265,6 +266,34 @@ impl Shell {
             "pass phases"
         );
         Ok(())
+    }
+
+    /// Writes the targets' conditions from the last compile and what the live gateways report of
+    /// their TLS handshakes (a target whose certificate does not verify says so in `TLSValid`).
+    pub(super) async fn refresh_targets(&mut self) -> kube::Result<()> {
+        let now = Timestamp::now();
+        let mut reports = self.target_reports.clone();
+        for lease in self.stores.reports.state() {
+            let spec = lease.spec.clone().unwrap_or_default();
+            let live = spec.renew_time.as_ref().is_some_and(|t| {
+                now.as_second() - t.0.as_second() <= i64::from(spec.lease_duration_seconds.unwrap_or(15))
+            });
+            let Some(text) = lease.annotations().get(ACTIVITY_ANNOTATION).filter(|_| live) else {
+                continue;
+            };
+            let Ok(a) = serde_json::from_str::<Activity>(text) else {
+                continue;
+            };
+            let replica = spec.holder_identity.unwrap_or_default();
+            for (name, why) in a.target_tls {
+                if let Some(r) = reports.get_mut(&name) {
+                    r.handshake
+                        .get_or_insert_with(|| format!("gateway {replica}: {why}"));
+                }
+            }
+        }
+        let upstreams = self.stores.upstreams.state();
+        self.targets.statuses(&self.client, &upstreams, &reports).await
     }
 
     /// Reads what the live gateways report keys did (usage, key bans): a key whose ban starts

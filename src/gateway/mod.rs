@@ -342,7 +342,7 @@ impl Gateway {
                 in_flight: t.in_flight(),
                 limit: t.compiled.concurrency,
                 unavailable: t.unavailable.clone(),
-                last_tls_error: t.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                last_tls_error: t.tls_error(),
             })
             .collect()
     }

@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
-use crate::limiter::SharedLimiter;
+use crate::limiter::{SharedDecision, SharedLimiter};
 
 use super::{
     Fallback, Gateway,
@@ -351,50 +351,68 @@ impl Gateway {
             Some(s) => self.fallback(&entry, path, s),
         };
         let target = self.targets.load().route(path).cloned();
-        let result = self.admit_target(result, target.as_deref());
+        let share = self.shared.as_ref().map_or(1, |s| s.replicas());
+        let result = self.admit_target(result, target.as_deref(), share);
         self.hold(parts, &entry, result, at, client, target)
     }
 
     /// Takes the slot of the request's target after the key's: a request the target refuses
     /// gives the key's slot back at once (the key's rate token stays spent, as for any request
-    /// the key sent), and a request the key refuses never touches the target's capacity.
+    /// the key sent), and a request the key refuses never touches the target's capacity. `share`
+    /// divides the target's limits as it does the key's (see [`table::admit`]).
     fn admit_target(
         &self,
         result: Result<table::Admitted, Refusal>,
         target: Option<&Target>,
+        share: u32,
     ) -> Result<table::Admitted, Refusal> {
         let Some(target) = target else {
             return result;
         };
         let mut admitted = result?;
-        match target.admit(self.epoch) {
+        match target.admit(self.epoch, share) {
             Ok(slot) => {
                 admitted.target = slot;
                 Ok(admitted)
             }
-            Err(r) => {
-                let (code, limit, retry_after) = match r {
-                    TargetRefusal::Unavailable => (ErrorCode::TargetUnavailable, 0, 5),
-                    TargetRefusal::Slots { limit } => (ErrorCode::TargetConcurrencyLimitExceeded, limit, 1),
-                    TargetRefusal::Rate {
-                        per_second,
-                        retry_after,
-                    } => (ErrorCode::TargetRateLimit, per_second, retry_after),
-                };
-                // The key's slot goes back with `admitted`: its figures without this request.
-                let slots = admitted.slots.map(|s| table::SlotView {
-                    current: s.current.saturating_sub(1),
-                    remaining: (s.remaining + 1).min(s.limit),
-                    ..s
-                });
-                Err(Refusal::Target {
-                    code,
-                    limit,
-                    retry_after,
-                    slots,
-                    rate: admitted.rate,
-                })
+            Err(r) => Err(target_refusal(admitted, r)),
+        }
+    }
+
+    /// [`Gateway::admit_target`] through the shared state: the target's slots and bucket are one
+    /// across every replica. While Redis does not answer, each replica takes its share locally.
+    async fn admit_target_shared(
+        &self,
+        result: Result<table::Admitted, Refusal>,
+        target: Option<&Target>,
+        shared: &SharedLimiter,
+    ) -> Result<table::Admitted, Refusal> {
+        let Some(target) = target.filter(|t| t.is_limited() && t.unavailable.is_none()) else {
+            return self.admit_target(result, target, 1);
+        };
+        let mut admitted = result?;
+        match shared.admit(target.shared_request()).await {
+            Ok(SharedDecision::Admitted { lease, .. }) => {
+                admitted.target_lease = lease;
+                admitted.target = target.count_local();
+                Ok(admitted)
             }
+            Ok(SharedDecision::SlotsFull { .. }) => Err(target_refusal(
+                admitted,
+                TargetRefusal::Slots {
+                    limit: target.compiled.concurrency.unwrap_or(0),
+                },
+            )),
+            Ok(SharedDecision::RateLimited {
+                retry_after_nanos, ..
+            }) => Err(target_refusal(
+                admitted,
+                TargetRefusal::Rate {
+                    per_second: target.compiled.rate_limit.map_or(0, |r| r.per_second),
+                    retry_after: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+                },
+            )),
+            Err(_) => self.admit_target(Ok(admitted), Some(target), shared.replicas()),
         }
     }
 
@@ -414,7 +432,7 @@ impl Gateway {
             Err(_) => self.fallback(&entry, path, shared),
         };
         let target = self.targets.load().route(path).cloned();
-        let result = self.admit_target(result, target.as_deref());
+        let result = self.admit_target_shared(result, target.as_deref(), shared).await;
         self.hold(parts, &entry, result, Instant::now(), client, target)
     }
 
@@ -488,6 +506,11 @@ impl Gateway {
         let fail = |code: ErrorCode, message: &str| failed(code, message, slots, rate);
         let answer = match result {
             Ok(Ok(res)) => {
+                if let Some(t) = &target
+                    && t.answered()
+                {
+                    self.report_soon.notify_one();
+                }
                 if let Some(log) = hold.log.as_mut() {
                     log.record.status = res.status().as_u16();
                 }
@@ -506,8 +529,11 @@ impl Gateway {
             }
             Ok(Err(e @ SendError::Tls { .. })) => {
                 tracing::warn!(%upstream, error = %e, "TLS with the upstream failed");
-                if let Some(t) = &target {
-                    *t.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                // The controller hears of it with the next report, sent now rather than at its tick.
+                if let Some(t) = &target
+                    && t.tls_failed(e.to_string())
+                {
+                    self.report_soon.notify_one();
                 }
                 fail(
                     ErrorCode::UpstreamTlsError,
@@ -557,6 +583,31 @@ impl std::fmt::Display for Named<'_> {
             None => self.0.fmt(f),
             Some(t) => write!(f, "{} ({})", t.name, t.compiled.url()),
         }
+    }
+}
+
+/// The refusal of a request its target turned down; the key's admission goes back with it.
+fn target_refusal(admitted: table::Admitted, refusal: TargetRefusal) -> Refusal {
+    let (code, limit, retry_after) = match refusal {
+        TargetRefusal::Unavailable => (ErrorCode::TargetUnavailable, 0, 5),
+        TargetRefusal::Slots { limit } => (ErrorCode::TargetConcurrencyLimitExceeded, limit, 1),
+        TargetRefusal::Rate {
+            per_second,
+            retry_after,
+        } => (ErrorCode::TargetRateLimit, per_second, retry_after),
+    };
+    // The key's figures without this request: its slot goes back with `admitted`.
+    let slots = admitted.slots.map(|s| table::SlotView {
+        current: s.current.saturating_sub(1),
+        remaining: (s.remaining + 1).min(s.limit),
+        ..s
+    });
+    Refusal::Target {
+        code,
+        limit,
+        retry_after,
+        slots,
+        rate: admitted.rate,
     }
 }
 

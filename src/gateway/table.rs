@@ -854,6 +854,8 @@ pub struct Admitted {
     pub lease: Option<SharedLease>,
     /// The slot of the request's upstream target, when the target caps its requests in flight.
     pub target: Option<SlotGuard>,
+    /// The target's slot lease in the shared state, when limits are shared.
+    pub target_lease: Option<SharedLease>,
     /// Concurrency figures, when a slot limit applies.
     pub slots: Option<SlotView>,
     /// Rate figures, when a rate limit applies.
@@ -976,7 +978,7 @@ pub fn is_limited(entry: &KeyView<'_>, path: &str) -> bool {
 
 /// One replica's share of a limit enforced by `share` replicas: never more than the limit, never
 /// zero unless the limit is.
-fn share_of(limit: u32, share: u32) -> u32 {
+pub(super) fn share_of(limit: u32, share: u32) -> u32 {
     // Alone is the rule: a division on every request would cost more than the rest of the
     // arithmetic of the decision.
     if share <= 1 || limit == 0 {
@@ -1065,6 +1067,7 @@ pub fn admit(
                 upstream,
                 lease: None,
                 target: None,
+                target_lease: None,
                 rate: None,
             }),
             Err(Inner::Slots(f)) => Err(full(slot_limit.unwrap_or(0), f)),
@@ -1096,6 +1099,7 @@ pub fn admit(
             upstream,
             lease: None,
             target: None,
+            target_lease: None,
             rate: Some(view(remaining)),
         }),
         Err(RateRefusal::Limited { retry_after_nanos }) => Err(Refusal::Rate {
@@ -1149,6 +1153,7 @@ pub async fn admit_shared(
             upstream,
             lease: None,
             target: None,
+            target_lease: None,
             slots: None,
             rate: None,
         }));
@@ -1200,6 +1205,7 @@ pub async fn admit_shared(
             rate: view(rate_remaining),
             lease,
             target: None,
+            target_lease: None,
         }),
         SharedDecision::SlotsFull {
             in_flight,

@@ -24,7 +24,10 @@ use crate::{
         GatewayConfig,
         targets::{CompiledTarget, Routes},
     },
-    limiter::{Gcra, RateParams, RateRefusal, SlotGuard, SlotPool},
+    limiter::{
+        Gcra, RateParams, RateRefusal, SlotGuard, SlotPool,
+        shared::{BucketName, SharedRequest},
+    },
 };
 
 /// One target, as requests on its paths reach it.
@@ -43,8 +46,14 @@ pub(super) struct Target {
     /// Why the target cannot take requests (its credential is missing, its TLS settings are
     /// unusable): its paths answer 503 rather than reach it without them.
     pub unavailable: Option<String>,
-    /// The last TLS failure seen, for the admin endpoint and the status the controller writes.
-    pub last_tls_error: Mutex<Option<String>>,
+    /// The last TLS failure seen, for the admin endpoint and the status the controller writes;
+    /// cleared by the next exchange that succeeds.
+    last_tls_error: Mutex<Option<String>>,
+    /// Whether `last_tls_error` is set: a successful exchange checks this, not the lock.
+    tls_failing: std::sync::atomic::AtomicBool,
+    /// Names the target's slots and bucket in the shared state: `target:<name>`, which no key id
+    /// (`namespace/name`, no `:` in either) can be.
+    scope: String,
 }
 
 /// Why a target refused a request.
@@ -67,16 +76,48 @@ pub(super) enum TargetRefusal {
 }
 
 impl Target {
-    /// Takes the target's slot and a token of its bucket, never waiting; a request refused for
-    /// want of a slot costs no token.
-    pub fn admit(&self, epoch: Instant) -> Result<Option<SlotGuard>, TargetRefusal> {
+    /// Whether the target has limits of its own to decide.
+    pub fn is_limited(&self) -> bool {
+        self.compiled.concurrency.is_some() || self.compiled.rate_limit.is_some()
+    }
+
+    /// The target's admission in the shared state: its slots and its one bucket, under its own
+    /// scope, with the same leases (renewed, released, reclaimed after a crash) as a key's.
+    pub fn shared_request(&self) -> SharedRequest<'_> {
+        SharedRequest {
+            scope: &self.scope,
+            slots: self.compiled.concurrency,
+            rate: self.compiled.rate_limit.map(|r| {
+                (
+                    BucketName::Key,
+                    RateParams {
+                        per_second: r.per_second,
+                        burst: r.burst,
+                    },
+                )
+            }),
+        }
+    }
+
+    /// Counts a request admitted through the shared state in this replica's pool too (without a
+    /// limit), so that the local fallback knows what this replica has in flight if Redis goes.
+    pub fn count_local(&self) -> Option<SlotGuard> {
+        self.compiled
+            .concurrency
+            .and_then(|_| self.slots.try_acquire(u32::MAX).ok())
+    }
+
+    /// Takes the target's slot and a token of its bucket in this replica's memory, never waiting;
+    /// a request refused for want of a slot costs no token. `share` divides the limits: 1 alone,
+    /// the live replicas while the shared state is unreachable.
+    pub fn admit(&self, epoch: Instant, share: u32) -> Result<Option<SlotGuard>, TargetRefusal> {
         if self.unavailable.is_some() {
             return Err(TargetRefusal::Unavailable);
         }
         let take = || match self.compiled.concurrency {
             Some(limit) => self
                 .slots
-                .try_acquire(limit)
+                .try_acquire(super::table::share_of(limit, share))
                 .map(Some)
                 .map_err(|_| TargetRefusal::Slots { limit }),
             None => Ok(None),
@@ -85,8 +126,8 @@ impl Target {
             return take();
         };
         let params = RateParams {
-            per_second: rate.per_second,
-            burst: rate.burst,
+            per_second: super::table::share_of(rate.per_second, share),
+            burst: super::table::share_of(rate.burst, share),
         };
         let now = epoch.elapsed().as_nanos() as u64;
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
@@ -98,6 +139,29 @@ impl Target {
             }),
             Err(RateRefusal::Other(r)) => Err(r),
         }
+    }
+
+    /// Records a failed TLS handshake with the target; `true` when it was not failing before.
+    pub fn tls_failed(&self, error: String) -> bool {
+        *self.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        !self.tls_failing.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The target answered: a TLS failure seen before is over. `true` when one was.
+    pub fn answered(&self) -> bool {
+        if !self.tls_failing.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        *self.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.tls_failing.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The last TLS failure with the target, while it lasts.
+    pub fn tls_error(&self) -> Option<String> {
+        self.last_tls_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Requests in flight to the target now.
@@ -254,6 +318,8 @@ fn build_target(
         credential,
         unavailable,
         last_tls_error: Mutex::new(None),
+        tls_failing: Default::default(),
+        scope: format!("target:{name}"),
         compiled: compiled.clone(),
     }
 }

@@ -143,9 +143,21 @@ impl Gateway {
             })
             .take(limit)
             .collect();
+        let target_tls = self
+            .target_states()
+            .into_iter()
+            .filter_map(|t| {
+                // Bounded: one rustls message names the host and the reason, nothing of a request.
+                let mut why = t.last_tls_error?;
+                let cut = (0..=why.len().min(512)).rev().find(|&i| why.is_char_boundary(i));
+                why.truncate(cut.unwrap_or(0));
+                Some((t.name, why))
+            })
+            .collect();
         crate::config::pieces::Activity {
             usage: snapshot.1.clone(),
             bans,
+            target_tls,
         }
     }
 
