@@ -783,3 +783,65 @@ async fn targets_get_conditions_and_their_credentials_reach_the_gateways_through
     assert!(!gw.stderr().contains(PROVIDER), "the credential is never logged");
     assert_calls_declared(&api);
 }
+
+fn task_type(name: &str, task_type: &str, path: &str) -> Value {
+    json!({"apiVersion": "slotgate.dev/v1alpha1", "kind": "ApiTaskType",
+           "metadata": {"name": name},
+           "spec": {"taskType": task_type, "request": {"method": "POST", "path": path}, "timeout": "90s"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_types_reach_the_configuration_and_each_says_whether_it_is_taken() {
+    let api = FakeApi::start().await;
+    api.apply("apiplans", plan("startup", 4));
+    api.apply(
+        "apitasktypes",
+        task_type("chat", "CHATGPT", "/v1/monitor/chatgpt"),
+    );
+    // Same taskType, a name that sorts after: the first keeps it.
+    api.apply("apitasktypes", task_type("zz-chat", "CHATGPT", "/v2/chat"));
+    // What the API server's CEL rule refuses; the fake has no CEL, compile refuses it too.
+    api.apply("apitasktypes", task_type("bad", "BAD", "/v1/x?y=1"));
+    let _ctl = start_controller(&api, "ctl-0");
+    let index = || -> Option<Value> {
+        let c = api.get("configmaps", NS, "slotgate-config")?;
+        serde_json::from_str(c["data"]["index.json"].as_str()?).ok()
+    };
+    wait_for("the task types in the configuration", || {
+        index().is_some_and(|i| i["taskTypes"]["CHATGPT"].is_object())
+    })
+    .await;
+    let i = index().unwrap();
+    assert_eq!(i["taskTypes"]["CHATGPT"]["path"], "/v1/monitor/chatgpt");
+    assert_eq!(i["taskTypes"]["CHATGPT"]["timeoutMs"], 90_000);
+    assert!(i["taskTypes"].get("BAD").is_none(), "{i}");
+    wait_for("the task types' conditions", || {
+        ["chat", "zz-chat", "bad"]
+            .iter()
+            .all(|n| condition(&api.get("apitasktypes", "", n), "Ready").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&api.get("apitasktypes", "", "chat"), "Ready")
+            .unwrap()
+            .1,
+        "Declared"
+    );
+    let (status, reason, message) = condition(&api.get("apitasktypes", "", "zz-chat"), "Ready").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Duplicate"));
+    assert!(message.contains("ApiTaskType chat"), "{message}");
+    assert_eq!(
+        condition(&api.get("apitasktypes", "", "bad"), "Ready").unwrap().1,
+        "Invalid"
+    );
+
+    // A change of a task type is published like a plan change.
+    let version = config_version(&api);
+    api.apply("apitasktypes", task_type("chat", "CHATGPT", "/v1/monitor/chat2"));
+    wait_for("the new path", || {
+        index().is_some_and(|i| i["taskTypes"]["CHATGPT"]["path"] == "/v1/monitor/chat2")
+    })
+    .await;
+    assert!(config_version(&api) > version);
+    assert_calls_declared(&api);
+}

@@ -141,9 +141,8 @@ fn crds_are_structural_with_cel_printer_columns_and_status() {
     let mut total_rules = 0;
     for crd in docs {
         let name = crd["metadata"]["name"].as_str().unwrap().to_string();
-        // A task type is a static declaration the gateway reads; plans and keys are what the
-        // controller reports on, so only they carry a status and the enforcement columns.
-        let reported = name != "apitasktypes.slotgate.dev";
+        // Every kind carries the conditions the controller writes.
+        let reported = true;
         assert_eq!(
             crd["spec"]["names"]["categories"][0], "slotgate",
             "{name}: category"
@@ -170,7 +169,7 @@ fn crds_are_structural_with_cel_printer_columns_and_status() {
             .map(|c| c["name"].as_str().unwrap())
             .collect();
         let expected_columns: &[&str] = match name.as_str() {
-            "apitasktypes.slotgate.dev" => &["TaskType", "Method", "Path", "Age"],
+            "apitasktypes.slotgate.dev" => &["TaskType", "Method", "Path", "Ready", "Age"],
             "apiupstreams.slotgate.dev" => &["URL", "Slots", "Ready", "Age"],
             _ => &["Concurrency", "Ready", "Age"],
         };

@@ -21,7 +21,7 @@ pub use plan::{
     AbuseSpec, ApiPlan, ApiPlanSpec, ApiPlanStatus, BanScope, BucketScope, ConcurrencySpec, RateLimitSpec,
     TasksSpec, default_paths,
 };
-pub use task_type::{ApiTaskType, ApiTaskTypeSpec, TaskMethod, TaskRequestSpec};
+pub use task_type::{ApiTaskType, ApiTaskTypeSpec, ApiTaskTypeStatus, TaskMethod, TaskRequestSpec};
 pub use upstream::{
     ApiUpstream, ApiUpstreamSpec, ApiUpstreamStatus, CaBundleRef, CredentialRef, TargetConcurrency,
     TargetRateLimit, TargetTls,

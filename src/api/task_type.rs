@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
     plural = "apitasktypes",
     shortname = "tasktype",
     category = "slotgate",
+    status = "ApiTaskTypeStatus",
     derive = "PartialEq",
     derive = "Default",
     cel,
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Method", "type":"string", "jsonPath":".spec.request.method"}"#,
     printcolumn = r#"{"name":"Path", "type":"string", "jsonPath":".spec.request.path"}"#,
     printcolumn = r#"{"name":"Timeout", "type":"string", "jsonPath":".spec.timeout"}"#,
+    printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -82,4 +84,18 @@ impl TaskMethod {
             Self::Delete => "DELETE",
         }
     }
+}
+
+/// Observed state of an ApiTaskType.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTaskTypeStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: the gateways accept tasks of this type (`Declared`), or why not (`Invalid`,
+    /// `Duplicate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::conditions_schema")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }

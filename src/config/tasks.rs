@@ -91,8 +91,10 @@ pub struct TaskTypeIssue {
 /// Compiles the task types by `spec.taskType`. Of two objects declaring the same type, the one
 /// whose name sorts first keeps it (deterministic whatever the order they were read in); the
 /// other is reported.
-pub fn compile_task_types(types: &[ApiTaskType]) -> (BTreeMap<String, CompiledTaskType>, Vec<TaskTypeIssue>) {
-    let mut sorted: Vec<&ApiTaskType> = types.iter().collect();
+pub fn compile_task_types<T: std::borrow::Borrow<ApiTaskType>>(
+    types: &[T],
+) -> (BTreeMap<String, CompiledTaskType>, Vec<TaskTypeIssue>) {
+    let mut sorted: Vec<&ApiTaskType> = types.iter().map(std::borrow::Borrow::borrow).collect();
     sorted.sort_by_key(|t| t.name_any());
     let mut out = BTreeMap::new();
     let mut issues = Vec::new();

@@ -39,6 +39,8 @@ pub(super) struct Stores {
     pub(super) plans: Store<crate::api::ApiPlan>,
     /// Upstream targets: few objects, kept whole.
     pub(super) upstreams: Store<crate::api::ApiUpstream>,
+    /// Async task types: few objects, kept whole.
+    pub(super) task_types: Store<crate::api::ApiTaskType>,
     /// What events, token generation and the status writer read of each key (not the objects).
     pub(super) keys: super::keys::KeyStore,
     pub(super) reports: Store<Lease>,
@@ -128,6 +130,13 @@ pub(super) fn reflect(
             watcher::Config::default(),
             vec![Arc::clone(&notify)],
             Some(|u: &crate::api::ApiUpstream| spec_fingerprint(u.meta(), &u.spec)),
+        ),
+        task_types: reflected(
+            tasks,
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            vec![Arc::clone(&notify)],
+            Some(|t: &crate::api::ApiTaskType| spec_fingerprint(t.meta(), &t.spec)),
         ),
         keys,
         reports: reflected(

@@ -71,6 +71,8 @@ pub const API_CALLS: &[ApiCall] = {
         C::new("slotgate.dev", "apikeys/status", &["patch"], Reach::Cluster),
         C::new("slotgate.dev", "apiupstreams", &["list", "watch"], Reach::Cluster),
         C::new("slotgate.dev", "apiupstreams/status", &["patch"], Reach::Cluster),
+        C::new("slotgate.dev", "apitasktypes", &["list", "watch"], Reach::Cluster),
+        C::new("slotgate.dev", "apitasktypes/status", &["patch"], Reach::Cluster),
         // Not a call: a generated Secret is owned by its key with `blockOwnerDeletion`, which the
         // OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allows only to whoever
         // may update the owner's finalizers.

@@ -216,6 +216,9 @@ impl Shell {
         let resolved = super::targets::Resolved::read(&self.client, &upstreams).await?;
         let (targets, target_reports) = crate::config::targets::compile_targets(&upstreams, &resolved);
         self.index.set_targets(targets);
+        let task_types = self.stores.task_types.state();
+        let (compiled_types, type_issues) = crate::config::tasks::compile_task_types(&task_types);
+        self.index.set_task_types(compiled_types);
         // Before the configuration that names them: a gateway that learns of a target also
         // finds its credential as soon as the kubelet refreshes the mounted Secret.
         self.targets
@@ -244,6 +247,19 @@ impl Shell {
         self.desire_keys(self.index.decided(), status::Priority::First);
         self.target_reports = target_reports;
         self.refresh_targets().await?;
+        let api: Api<crate::api::ApiTaskType> = Api::all(self.client.clone());
+        self.targets
+            .task_types
+            .retain(|name, _| task_types.iter().any(|t| &t.name_any() == name));
+        for (t, ready) in super::targets::task_type_conditions(&task_types, &type_issues) {
+            let existing = t
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            super::targets::write_conditions(&api, &mut self.targets.task_types, &*t, existing, &[ready])
+                .await?;
+        }
 
         if self.accounted.as_ref() != Some(self.index.plans()) {
             self.plan_events(&plans).await;

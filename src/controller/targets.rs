@@ -128,6 +128,8 @@ impl Resolved {
 pub(super) struct TargetWrites {
     credentials: Option<u64>,
     statuses: HashMap<String, u64>,
+    /// The ApiTaskTypes' conditions last written, by name.
+    pub(super) task_types: HashMap<String, u64>,
 }
 
 impl TargetWrites {
@@ -182,42 +184,88 @@ impl TargetWrites {
         reports: &BTreeMap<String, TargetReport>,
     ) -> kube::Result<()> {
         let api: Api<ApiUpstream> = Api::all(client.clone());
-        let now = Time(Timestamp::now());
         self.statuses.retain(|name, _| reports.contains_key(name));
         for u in upstreams {
-            let name = u.name_any();
-            let Some(report) = reports.get(&name) else {
+            let Some(report) = reports.get(&u.name_any()) else {
                 continue;
             };
             let desired = report.conditions(u.spec.credential_ref.is_some());
-            let generation = u.metadata.generation;
-            let digest = digest64(&(format!("{desired:?}"), generation));
-            if self.statuses.get(&name) == Some(&digest) {
-                continue;
-            }
             let existing = u
                 .status
                 .as_ref()
                 .map(|s| s.conditions.as_slice())
                 .unwrap_or_default();
-            let conditions = merge_conditions(existing, &desired, generation, &now);
-            let patch = serde_json::json!({
-                "apiVersion": "slotgate.dev/v1alpha1",
-                "kind": "ApiUpstream",
-                "status": { "observedGeneration": generation, "conditions": conditions },
-            });
-            match api
-                .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-                .await
-            {
-                Ok(_) => {
-                    self.statuses.insert(name, digest);
-                }
-                // Deleted meanwhile.
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e),
-            }
+            write_conditions(&api, &mut self.statuses, &**u, existing, &desired).await?;
         }
         Ok(())
     }
+}
+
+/// Writes `desired` as the conditions of `obj` (a cluster-scoped object of ours) through its
+/// status subresource, server-side apply with the controller's field manager, unless `written`
+/// says the same was written last for this generation. A `lastTransitionTime` moves only when a
+/// condition's status flips.
+pub(super) async fn write_conditions<K>(
+    api: &Api<K>,
+    written: &mut HashMap<String, u64>,
+    obj: &K,
+    existing: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    desired: &[crate::api::ConditionSpec],
+) -> kube::Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.name_any();
+    let generation = obj.meta().generation;
+    let digest = digest64(&(format!("{desired:?}"), generation));
+    if written.get(&name) == Some(&digest) {
+        return Ok(());
+    }
+    let conditions = merge_conditions(existing, desired, generation, &Time(Timestamp::now()));
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": { "observedGeneration": generation, "conditions": conditions },
+    });
+    match api
+        .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+    {
+        Ok(_) => {
+            written.insert(name, digest);
+            Ok(())
+        }
+        // Deleted meanwhile.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The Ready condition of each ApiTaskType: declared, or why the gateways do not take it.
+pub(super) fn task_type_conditions(
+    types: &[std::sync::Arc<crate::api::ApiTaskType>],
+    issues: &[crate::config::tasks::TaskTypeIssue],
+) -> Vec<(std::sync::Arc<crate::api::ApiTaskType>, crate::api::ConditionSpec)> {
+    use crate::api::ConditionSpec;
+    types
+        .iter()
+        .map(|t| {
+            let name = t.name_any();
+            let c = match issues.iter().find(|i| i.object == name) {
+                Some(i) if i.reason.contains("already declared") => {
+                    ConditionSpec::fail("Ready", "Duplicate", i.reason.clone())
+                }
+                Some(i) => ConditionSpec::fail("Ready", "Invalid", i.reason.clone()),
+                None => ConditionSpec::ok(
+                    "Ready",
+                    "Declared",
+                    format!(
+                        "Keys whose plan allows tasks may submit taskType {}.",
+                        t.spec.task_type
+                    ),
+                ),
+            };
+            (std::sync::Arc::clone(t), c)
+        })
+        .collect()
 }

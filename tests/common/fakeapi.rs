@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::broadcast};
 
 /// Resources that are cluster-scoped (everything else is namespaced).
-const CLUSTER_SCOPED: &[&str] = &["apiplans", "apiupstreams", "namespaces"];
+const CLUSTER_SCOPED: &[&str] = &["apiplans", "apitasktypes", "apiupstreams", "namespaces"];
 
 type Body = BoxBody<Bytes, Infallible>;
 
