@@ -229,8 +229,10 @@ struct GatewayArgs {
     /// Access log, one JSON line per request: `stdout` or a file path. Off by default.
     #[arg(long, env = "SLOTGATE_ACCESS_LOG")]
     access_log: Option<String>,
-    /// Webhook signing secrets by key id, a YAML or JSON map (`default/acme: whsec_...`); re-read
-    /// at start only. Needed for tasks with a webhook.
+    /// Webhook signing secrets: a YAML or JSON map of key id to secret (`default/acme: whsec_...`),
+    /// read at start only; or a folder of one file per key named `<namespace>.<name>` (the
+    /// Secrets the controller publishes, mounted), re-read every 5 s. Needed for tasks with a
+    /// webhook.
     #[arg(long, env = "SLOTGATE_WEBHOOK_SECRETS")]
     webhook_secrets: Option<PathBuf>,
     /// Folder of the upstream targets' provider credentials, one file per ApiUpstream named after
@@ -519,6 +521,9 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.tasks.data_dir {
         let secrets: std::collections::BTreeMap<String, String> = match &args.webhook_secrets {
+            // The Secrets the controller publishes, mounted: re-read as they change.
+            Some(path) if path.is_dir() => gateway::source::read_webhook_secrets(path)
+                .with_context(|| format!("--webhook-secrets {}", path.display()))?,
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading --webhook-secrets {}", path.display()))?;
@@ -541,6 +546,13 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 "--webhook-secrets: the secrets of {} are not whsec_ followed by base64",
                 bad.join(", ")
             );
+        }
+        if let Some(path) = args.webhook_secrets.as_ref().filter(|p| p.is_dir()) {
+            tokio::spawn(gateway::source::poll_webhook_secrets(
+                Arc::clone(&tasks),
+                path.clone(),
+                Duration::from_secs(5),
+            ));
         }
         let picked = gw.enable_tasks(tasks)?;
         tracing::info!(data_dir = %dir.display(), resumed = picked, "async tasks enabled");

@@ -5,6 +5,7 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -843,5 +844,84 @@ async fn task_types_reach_the_configuration_and_each_says_whether_it_is_taken() 
     })
     .await;
     assert!(config_version(&api) > version);
+    assert_calls_declared(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_secrets_are_generated_never_overwritten_and_published_for_the_gateways_to_mount() {
+    const KEPT: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let api = FakeApi::start().await;
+    let mut tasks_plan = plan("async", 4);
+    tasks_plan["spec"]["tasks"] = json!({});
+    api.apply("apiplans", tasks_plan);
+    api.apply("apiplans", plan("sync-only", 4));
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "async", Some("acme-token")));
+    let mut kept = secret("kept-token", "tok-kept");
+    kept["stringData"]["webhook-secret"] = json!(KEPT);
+    api.apply("secrets", kept);
+    api.apply("apikeys", key("kept", "async", Some("kept-token")));
+    api.apply("secrets", secret("plain-token", "tok-plain"));
+    api.apply("apikeys", key("plain", "sync-only", Some("plain-token")));
+    let _ctl = start_controller(&api, "ctl-0");
+
+    let entry = |secret: &str| -> Option<String> {
+        let s = api.get("secrets", "default", secret)?;
+        let b64 = s["data"]["webhook-secret"].as_str()?;
+        Some(String::from_utf8(base64_decode(b64)).unwrap())
+    };
+    wait_for("a generated signing secret", || entry("acme-token").is_some()).await;
+    let generated = entry("acme-token").unwrap();
+    let raw = generated.strip_prefix("whsec_").expect("whsec_ prefix");
+    assert_eq!(base64_decode(raw).len(), 32, "{generated}");
+    // The token itself is untouched, and the signing secret admits nothing.
+    assert_eq!(
+        base64_decode(
+            api.get("secrets", "default", "acme-token").unwrap()["data"]["token"]
+                .as_str()
+                .unwrap()
+        ),
+        b"tok-acme"
+    );
+
+    // Every key's signing secret, published where the gateways mount it from; none for a key
+    // whose plan has no tasks, and the one already there kept as it was.
+    let published = || -> BTreeMap<String, String> {
+        api.list("secrets")
+            .iter()
+            .filter(|s| {
+                s["metadata"]["namespace"] == NS
+                    && s["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("slotgate-config-webhook-secrets-"))
+            })
+            .flat_map(|s| {
+                s["data"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, String::from_utf8(base64_decode(v.as_str().unwrap())).unwrap()))
+            })
+            .collect()
+    };
+    wait_for("both signing secrets published", || published().len() == 2).await;
+    let p = published();
+    assert_eq!(p["default.acme"], generated);
+    assert_eq!(p["default.kept"], KEPT);
+    assert!(!p.contains_key("default.plain"));
+    assert_eq!(entry("kept-token").as_deref(), Some(KEPT), "never overwritten");
+    assert_eq!(entry("plain-token"), None);
+
+    // The key generated for stays as it is on later passes.
+    api.apply("apikeys", key("acme", "async", Some("acme-token")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(entry("acme-token").unwrap(), generated);
+    // The gateways read no Secret through the API: they mount these.
+    assert!(
+        slotgate::gateway::kube_source::API_CALLS
+            .iter()
+            .all(|c| c.resource != "secrets")
+    );
     assert_calls_declared(&api);
 }

@@ -754,6 +754,13 @@ impl Incremental {
         }
     }
 
+    /// The namespace and token Secret reference of key `id`; `None`: no such key.
+    pub fn token_secret<'a>(&self, id: &'a str) -> Option<(&'a str, SecretKeyRef)> {
+        let key = self.keys.get(id)?;
+        let (ns, _) = id.split_once('/')?;
+        Some((ns, key.secret().into_owned()))
+    }
+
     /// What a token Secret entry holds, as compile reads it.
     pub fn token(&self, namespace: &str, name: &str, entry: &str) -> TokenState<'_> {
         self.tokens.lookup(namespace, name, entry)

@@ -61,6 +61,8 @@ pub(super) enum Change {
         name: String,
         /// SHA-256 (hex) of each entry; `None`: blank.
         entries: HashMap<String, Option<String>>,
+        /// The `webhook-secret` entry, the one raw value kept: the gateways need it to sign.
+        webhook: Option<String>,
     },
     SecretGone {
         namespace: String,
@@ -90,6 +92,7 @@ pub(super) fn apply(index: &mut Incremental, change: Change) {
             namespace,
             name,
             entries,
+            ..
         } => index.apply_secret(&namespace, &name, entries),
         Change::SecretGone { namespace, name } => index.remove_secret(&namespace, &name),
         Change::SecretsListed(ids) => {
@@ -349,10 +352,11 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
                     l.insert(hashed);
                 }
                 let entries = token_digests(&s);
+                let webhook = webhook_secret(&s);
                 let fingerprint = {
                     let mut sorted: Vec<_> = entries.iter().collect();
                     sorted.sort();
-                    super::digest64(&sorted)
+                    super::digest64(&(sorted, &webhook))
                 };
                 if sent.insert(hashed, fingerprint) == Some(fingerprint) {
                     continue;
@@ -361,6 +365,7 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
                     namespace: id.0,
                     name: id.1,
                     entries,
+                    webhook,
                 }
             }
             watcher::Event::Delete(s) => {
@@ -381,7 +386,9 @@ async fn watch_secrets(api: Api<Secret>, feed: mpsc::UnboundedSender<Change>, no
 pub(super) fn token_digests(s: &Secret) -> HashMap<String, Option<String>> {
     let data = s.data.iter().flatten().map(|(k, v)| (k, v.0.as_slice()));
     let strings = s.string_data.iter().flatten().map(|(k, v)| (k, v.as_bytes()));
+    // The signing secret is no token: it must not admit requests.
     data.chain(strings)
+        .filter(|(k, _)| k.as_str() != crate::standalone::WEBHOOK_SECRET_ENTRY)
         .map(|(k, v)| {
             let hash = (!v.trim_ascii().is_empty()).then(|| crate::config::hash_token(v));
             (k.clone(), hash)
@@ -414,4 +421,17 @@ fn strip<K: Resource>(o: &mut K) {
     if let Some(a) = meta.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
+}
+
+/// The `webhook-secret` entry of a token Secret, trimmed; `None` when absent or blank.
+pub(super) fn webhook_secret(s: &Secret) -> Option<String> {
+    let entry = crate::standalone::WEBHOOK_SECRET_ENTRY;
+    let data = s.data.as_ref().and_then(|d| d.get(entry)).map(|v| v.0.as_slice());
+    let strings = s
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(entry))
+        .map(|v| v.as_bytes());
+    let text = String::from_utf8_lossy(data.or(strings)?).trim().to_string();
+    (!text.is_empty()).then_some(text)
 }

@@ -17,6 +17,7 @@ mod publish;
 mod reconcile;
 mod status;
 mod targets;
+pub mod webhooks;
 
 use std::{
     collections::HashMap,
@@ -77,11 +78,17 @@ pub const API_CALLS: &[ApiCall] = {
         // OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allows only to whoever
         // may update the owner's finalizers.
         C::new("slotgate.dev", "apikeys/finalizers", &["update"], Reach::Cluster),
-        // Token Secrets are read where the keys are; generated ones are created there. A target's
-        // credential Secret is read by name, wherever its ApiUpstream points.
-        C::new("", "secrets", &["get", "list", "watch", "create"], Reach::Cluster),
-        // The target credentials the gateways mount, written by server-side apply.
-        C::new("", "secrets", &["patch"], Reach::OwnNamespace),
+        // Token Secrets are read where the keys are; generated ones are created there, and a
+        // webhook signing secret is added to one that has none (patch). A target's credential
+        // Secret is read by name, wherever its ApiUpstream points. The target credentials and
+        // the signing secrets the gateways mount are written by server-side apply (patch) in the
+        // own namespace.
+        C::new(
+            "",
+            "secrets",
+            &["get", "list", "watch", "create", "patch"],
+            Reach::Cluster,
+        ),
         // A target's CA bundle is read by name, wherever its ApiUpstream points.
         C::new("", "configmaps", &["get"], Reach::Cluster),
         // Events go to the namespace of the object they are about.
@@ -205,6 +212,7 @@ pub async fn run(
         activity: Default::default(),
         targets: Default::default(),
         target_reports: Default::default(),
+        webhooks: Default::default(),
     };
     let work = async {
         loop {

@@ -63,6 +63,18 @@ pub(super) struct Shell {
     pub(super) targets: super::targets::TargetWrites,
     /// What the last compile found about each target, before the gateways' reports are added.
     pub(super) target_reports: BTreeMap<String, crate::config::targets::TargetReport>,
+    /// Webhook signing secrets seen in token Secrets, by Secret; whether they changed since
+    /// they were last published; keys still to be given one; what was published.
+    pub(super) webhooks: Webhooks,
+}
+
+/// The controller's book of webhook signing secrets (see [`super::webhooks`]).
+#[derive(Debug, Default)]
+pub(super) struct Webhooks {
+    pub(super) known: HashMap<(String, String), String>,
+    pub(super) dirty: bool,
+    pub(super) pending: std::collections::VecDeque<crate::config::incremental::KeyId>,
+    pub(super) writes: super::webhooks::WebhookWrites,
 }
 
 impl Shell {
@@ -80,7 +92,34 @@ impl Shell {
         while let Ok(change) = self.feed.try_recv() {
             match &change {
                 Change::KeysListed(_) => self.listed.0 = true,
-                Change::SecretsListed(_) => self.listed.1 = true,
+                Change::SecretsListed(ids) => {
+                    self.listed.1 = true;
+                    let before = self.webhooks.known.len();
+                    self.webhooks
+                        .known
+                        .retain(|(ns, name), _| ids.contains(&super::digest64(&(ns, name))));
+                    self.webhooks.dirty |= before != self.webhooks.known.len();
+                }
+                Change::Secret {
+                    namespace,
+                    name,
+                    webhook,
+                    ..
+                } => {
+                    let id = (namespace.clone(), name.clone());
+                    let changed = match webhook {
+                        Some(w) => self.webhooks.known.insert(id, w.clone()).as_ref() != Some(w),
+                        None => self.webhooks.known.remove(&id).is_some(),
+                    };
+                    self.webhooks.dirty |= changed;
+                }
+                Change::SecretGone { namespace, name } => {
+                    self.webhooks.dirty |= self
+                        .webhooks
+                        .known
+                        .remove(&(namespace.clone(), name.clone()))
+                        .is_some();
+                }
                 _ => {}
             }
             index::apply(&mut self.index, change);
@@ -272,6 +311,7 @@ impl Shell {
         // first (the run loop comes back at once while some are pending).
         let refreshed = self.on_index(|i| i.refresh_reports_upto(REFRESH_CHUNK)).await;
         self.desire_keys(self.index.refreshed(), status::Priority::Rest);
+        self.webhooks(&decided).await?;
         tracing::debug!(
             events,
             tokens_ms = t_tokens.as_millis() as u64,
@@ -281,6 +321,40 @@ impl Shell {
             refreshed,
             "pass phases"
         );
+        Ok(())
+    }
+
+    /// Gives a webhook signing secret to the keys decided (or refreshed) that can submit tasks and
+    /// have none, and publishes the signing secrets to the gateways when one changed.
+    async fn webhooks(&mut self, decided: &[crate::config::incremental::KeyId]) -> kube::Result<()> {
+        let w = &mut self.webhooks;
+        w.pending
+            .extend(decided.iter().chain(self.index.refreshed()).cloned());
+        if !w.pending.is_empty() {
+            let batch: Vec<_> = w.pending.drain(..w.pending.len().min(1024)).collect();
+            super::webhooks::generate_missing(&self.client, &self.index, &batch, &w.known).await?;
+        }
+        if !w.dirty {
+            return Ok(());
+        }
+        let secrets: BTreeMap<String, String> = self
+            .index
+            .key_ids()
+            .filter_map(|id| {
+                let (ns, secret) = self.index.token_secret(id)?;
+                let value = w.known.get(&(ns.to_string(), secret.name))?;
+                Some((id.to_string(), value.clone()))
+            })
+            .collect();
+        w.writes
+            .publish(
+                &self.client,
+                &self.opts.namespace,
+                &self.opts.config_name,
+                &secrets,
+            )
+            .await?;
+        w.dirty = false;
         Ok(())
     }
 

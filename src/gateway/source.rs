@@ -281,17 +281,61 @@ pub fn read_credentials(dir: &Path) -> Result<std::collections::BTreeMap<String,
 /// every `every`, applied when something changed. A folder that cannot be read keeps the last
 /// credentials read.
 pub async fn poll_credentials(gateway: Arc<Gateway>, dir: PathBuf, every: Duration) {
+    poll_with(dir, every, "target credentials", read_credentials, move |now| {
+        gateway.set_target_credentials(now.clone());
+    })
+    .await;
+}
+
+/// The webhook signing secrets of a folder of the Secrets the controller publishes (mounted:
+/// one file per key, `<namespace>.<name>`), by key id.
+pub fn read_webhook_secrets(dir: &Path) -> Result<std::collections::BTreeMap<String, String>, SourceError> {
+    Ok(read_credentials(dir)?
+        .into_iter()
+        .map(|(entry, secret)| (entry.replacen('.', "/", 1), secret))
+        .collect())
+}
+
+/// Keeps the task subsystem's signing secrets in step with `dir` (`--webhook-secrets` given a
+/// folder), read every `every`.
+pub async fn poll_webhook_secrets(tasks: Arc<crate::tasks::Tasks>, dir: PathBuf, every: Duration) {
+    poll_with(
+        dir,
+        every,
+        "webhook signing secrets",
+        read_webhook_secrets,
+        move |now| {
+            for id in tasks.set_webhook_secrets(now) {
+                tracing::warn!(
+                    key = id,
+                    "its webhook-secret is not whsec_ followed by base64; its webhooks cannot be signed"
+                );
+            }
+        },
+    )
+    .await;
+}
+
+/// Reads `dir` with `read` every `every` and hands what it read to `apply` when it changed. A
+/// folder that cannot be read keeps what was read last.
+async fn poll_with(
+    dir: PathBuf,
+    every: Duration,
+    what: &'static str,
+    read: fn(&Path) -> Result<std::collections::BTreeMap<String, String>, SourceError>,
+    mut apply: impl FnMut(&std::collections::BTreeMap<String, String>),
+) {
     let mut last = None;
     loop {
-        match read_credentials(&dir) {
+        match read(&dir) {
             Ok(now) if last.as_ref() != Some(&now) => {
-                // Names only: the values are credentials.
-                tracing::info!(dir = %dir.display(), targets = ?now.keys().collect::<Vec<_>>(), "target credentials read");
-                gateway.set_target_credentials(now.clone());
+                // Names only: the values are secrets.
+                tracing::info!(dir = %dir.display(), entries = now.len(), "{what} read");
+                apply(&now);
                 last = Some(now);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "target credentials not read; the last ones read stay"),
+            Err(e) => tracing::warn!(error = %e, "{what} not read; the last ones read stay"),
         }
         tokio::time::sleep(every).await;
     }
