@@ -1397,3 +1397,61 @@ async fn submissions_count_against_the_rate_limit_and_tasks_wait_for_tokens() {
     assert_eq!(runs.len(), 4);
     assert!(ids.iter().all(|id| runs.get(id) == Some(&1)), "{runs:?}");
 }
+
+/// The signing secrets as the controller publishes them and a gateway pod mounts them: a folder
+/// of one file per key, `<namespace>.<name>`, re-read while the gateway runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_is_picked_up() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start("127.0.0.1").await;
+    let manifests = format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 5, "{}"),
+        hook_key("alpha", "startup", None)
+    );
+    let mut cfg = ConfigDir::new(&manifests);
+    cfg.write(&manifests);
+    let mount = tempfile::tempdir().unwrap();
+    std::fs::write(mount.path().join("default.alpha"), format!("{SECRET_A}\n")).unwrap();
+    // What the kubelet's atomic writer leaves beside the entries.
+    std::fs::create_dir(mount.path().join("..data")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gw = Proc::gateway(
+        &cfg.config,
+        &upstream.url(),
+        &[
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--webhook-secrets",
+            mount.path().to_str().unwrap(),
+            "--allow-private-webhooks",
+        ],
+    );
+    let client = body_client();
+    let submit = || {
+        let (client, url, body) = (
+            client.clone(),
+            gw.url("/v1/tasks"),
+            task_body(json!({}), Some(&receiver.url("/ok"))),
+        );
+        async move {
+            let r = send(&client, Method::POST, &url, "tok-alpha", &body).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+        }
+    };
+    submit().await;
+    wait_for("the first webhook", 30, || async { receiver.count() >= 1 }).await;
+    assert_eq!(verify_with_reference(SECRET_A, &receiver.hooks()), 1);
+
+    // Rotated in the Secret: once the gateway has re-read the folder, webhooks are signed with
+    // the new one.
+    std::fs::write(mount.path().join("default.alpha"), format!("{SECRET_B}\n")).unwrap();
+    wait_for("the folder re-read", 30, || async {
+        gw.stderr().matches("webhook signing secrets read").count() >= 2
+    })
+    .await;
+    submit().await;
+    wait_for("the second webhook", 30, || async { receiver.count() >= 2 }).await;
+    assert_eq!(verify_with_reference(SECRET_B, &receiver.hooks()[1..]), 1);
+    assert!(!gw.stderr().contains(SECRET_B.trim_start_matches("whsec_")));
+}
