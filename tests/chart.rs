@@ -664,3 +664,75 @@ fn the_binary_accepts_the_arguments_the_chart_gives_it() {
         }
     }
 }
+
+#[test]
+fn tasks_run_on_one_gateway_with_its_store_on_a_claim_and_more_replicas_are_refused() {
+    let objects = rendered(json!({"tasks": {"enabled": true, "storage": {"size": "5Gi"}}}));
+    let gw = find(&objects, "Deployment", "slotgate-gateway");
+    assert_eq!(gw["spec"]["replicas"], 1);
+    // One pod at a time can open the store: the old one goes before the new one starts.
+    assert_eq!(gw["spec"]["strategy"]["type"], "Recreate");
+    let a = args(gw);
+    for want in [
+        "--data-dir=/var/lib/slotgate/tasks",
+        "--webhook-secrets=/etc/slotgate/webhook-secrets",
+    ] {
+        assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+    }
+    assert!(!a.iter().any(|x| x == "--allow-private-webhooks"));
+    let pvc = find(&objects, "PersistentVolumeClaim", "slotgate-gateway-tasks");
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
+    assert_eq!(pvc["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let volumes = gw["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap().clone();
+    assert_eq!(
+        volume("tasks")["persistentVolumeClaim"]["claimName"],
+        "slotgate-gateway-tasks"
+    );
+    // Every shard the controller writes, optional (absent until a key has a signing secret).
+    let config_name = args(find(&objects, "Deployment", "slotgate-controller"))
+        .iter()
+        .find_map(|a| a.strip_prefix("--config-name=").map(str::to_string))
+        .unwrap();
+    let sources: Vec<(String, bool)> = volume("webhook-secrets")["projected"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["secret"]["name"].as_str().unwrap().to_string(),
+                s["secret"]["optional"] == true,
+            )
+        })
+        .collect();
+    let expected: Vec<(String, bool)> = (0..slotgate::controller::webhooks::SHARDS)
+        .map(|i| (slotgate::controller::webhooks::shard_name(&config_name, i), true))
+        .collect();
+    assert_eq!(sources, expected);
+    assert_eq!(
+        gw["spec"]["template"]["spec"]["securityContext"]["fsGroup"], 65532,
+        "the claim is writable by the gateway"
+    );
+
+    // Without tasks: no claim, rolling updates, no task flags.
+    let plain = rendered(json!({}));
+    assert!(!plain.iter().any(|o| o["kind"] == "PersistentVolumeClaim"));
+    let gw = find(&plain, "Deployment", "slotgate-gateway");
+    assert_eq!(gw["spec"]["strategy"]["type"], "RollingUpdate");
+    assert!(!args(gw).iter().any(|a| a.starts_with("--data-dir")));
+
+    // The mix that cannot work is refused, naming what to change.
+    for values in [
+        json!({"tasks": {"enabled": true}, "gateway": {"replicas": 3}, "state": {"url": "redis://redis:6379"}}),
+        json!({"tasks": {"enabled": true}, "gateway": {"autoscaling": {"enabled": true}},
+               "state": {"url": "redis://redis:6379"}}),
+    ] {
+        let err = render(values.clone()).expect_err(&format!("{values} was accepted"));
+        assert!(
+            err.contains("tasks.enabled needs gateway.replicas: 1"),
+            "{values}: {err}"
+        );
+    }
+    let err = render(json!({"tasks": {"storage": {"size": "lots"}}})).unwrap_err();
+    assert!(err.contains("tasks/storage/size"), "{err}");
+}

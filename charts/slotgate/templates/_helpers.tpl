@@ -109,6 +109,9 @@ podAntiAffinity:
 {{- if and (not (include "slotgate.shared" .)) (or (gt (int .Values.gateway.replicas) 1) .Values.gateway.autoscaling.enabled) }}
 {{- fail "gateway.replicas > 1 and gateway.autoscaling.enabled need state.url or state.existingSecret.name (Redis): without shared state every gateway replica would enforce a whole plan limit on its own" }}
 {{- end }}
+{{- if and .Values.tasks.enabled (or (gt (int .Values.gateway.replicas) 1) .Values.gateway.autoscaling.enabled) }}
+{{- fail "tasks.enabled needs gateway.replicas: 1 without gateway.autoscaling: the tasks live in an embedded store on one PersistentVolumeClaim, which one gateway pod at a time can open (a Redis task store for several replicas is not built yet)" }}
+{{- end }}
 {{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas must not exceed gateway.autoscaling.maxReplicas" }}
 {{- end }}
