@@ -314,6 +314,10 @@ struct TaskArgs {
     /// PEM bundle of CAs that https webhook receivers may be signed by, beside the system's.
     #[arg(long, env = "SLOTGATE_WEBHOOK_CA")]
     webhook_ca: Option<PathBuf>,
+    /// After a key's signing secret is rotated, how long webhooks still carry the old secret's
+    /// signature beside the new one's (receivers switch in their own time).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    webhook_rotation_overlap: Duration,
 }
 
 impl TaskArgs {
@@ -322,6 +326,7 @@ impl TaskArgs {
         o.allow_private_webhooks = self.allow_private_webhooks;
         o.max_payload_bytes = self.max_task_payload_bytes;
         o.webhook_ca = self.webhook_ca.clone();
+        o.webhook_rotation_overlap = self.webhook_rotation_overlap;
         o
     }
 }

@@ -1399,9 +1399,10 @@ async fn submissions_count_against_the_rate_limit_and_tasks_wait_for_tokens() {
 }
 
 /// The signing secrets as the controller publishes them and a gateway pod mounts them: a folder
-/// of one file per key, `<namespace>.<name>`, re-read while the gateway runs.
+/// of one file per key, `<namespace>.<name>`, re-read while the gateway runs; a rotated secret
+/// signs beside the old one for `--webhook-rotation-overlap`, then alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_is_picked_up() {
+async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_overlaps_then_ends() {
     let upstream = Upstream::start().await;
     let receiver = Receiver::start("127.0.0.1").await;
     let manifests = format!(
@@ -1425,6 +1426,8 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_is_pi
             "--webhook-secrets",
             mount.path().to_str().unwrap(),
             "--allow-private-webhooks",
+            "--webhook-rotation-overlap",
+            "2s",
         ],
     );
     let client = body_client();
@@ -1443,8 +1446,9 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_is_pi
     wait_for("the first webhook", 30, || async { receiver.count() >= 1 }).await;
     assert_eq!(verify_with_reference(SECRET_A, &receiver.hooks()), 1);
 
-    // Rotated in the Secret: once the gateway has re-read the folder, webhooks are signed with
-    // the new one.
+    // Rotated in the Secret: once the gateway has re-read the folder, webhooks carry the new
+    // secret's signature and, for the overlap, the old one's too: a receiver verifies with
+    // either (the reference library takes any of the signatures in the header).
     std::fs::write(mount.path().join("default.alpha"), format!("{SECRET_B}\n")).unwrap();
     wait_for("the folder re-read", 30, || async {
         gw.stderr().matches("webhook signing secrets read").count() >= 2
@@ -1452,6 +1456,24 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_is_pi
     .await;
     submit().await;
     wait_for("the second webhook", 30, || async { receiver.count() >= 2 }).await;
-    assert_eq!(verify_with_reference(SECRET_B, &receiver.hooks()[1..]), 1);
+    let second = &receiver.hooks()[1..2];
+    assert_eq!(
+        second[0].signature.matches("v1,").count(),
+        2,
+        "{}",
+        second[0].signature
+    );
+    assert_eq!(verify_with_reference(SECRET_B, second), 1);
+    assert_eq!(verify_with_reference(SECRET_A, second), 1);
+    // After the overlap, only the new one.
+    wait_for("a webhook signed by the new secret alone", 30, || async {
+        let before = receiver.count();
+        submit().await;
+        wait_for("the next webhook", 30, || async { receiver.count() > before }).await;
+        receiver.hooks().last().unwrap().signature.matches("v1,").count() == 1
+    })
+    .await;
+    let last = receiver.hooks().last().cloned().unwrap();
+    assert_eq!(verify_with_reference(SECRET_B, &[last]), 1);
     assert!(!gw.stderr().contains(SECRET_B.trim_start_matches("whsec_")));
 }

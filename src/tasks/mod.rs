@@ -96,6 +96,8 @@ pub struct TasksOptions {
     pub max_result_bytes: usize,
     /// A PEM bundle of CAs https webhook receivers may be signed by, beside the system's.
     pub webhook_ca: Option<PathBuf>,
+    /// How long a key's previous signing secret still signs after it was replaced.
+    pub webhook_rotation_overlap: Duration,
 }
 
 impl TasksOptions {
@@ -109,6 +111,7 @@ impl TasksOptions {
             max_payload_bytes: 1 << 20,
             max_result_bytes: 10 << 20,
             webhook_ca: None,
+            webhook_rotation_overlap: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -132,7 +135,7 @@ pub struct Tasks {
     options: TasksOptions,
     store: Arc<dyn TaskStore>,
     config: ArcSwap<GatewayConfig>,
-    secrets: ArcSwap<HashMap<String, webhook::Secret>>,
+    secrets: ArcSwap<HashMap<String, webhook::Signing>>,
     queues: Mutex<scheduler::Queues>,
     wake: tokio::sync::Notify,
     limits: OnceLock<Arc<dyn Limits>>,
@@ -215,13 +218,20 @@ impl Tasks {
 
     /// Takes the webhook signing secrets by key id (`whsec_...`); returns the ids whose secret
     /// does not parse, which sign nothing until fixed.
+    /// A secret that replaces a key's previous one signs with it for
+    /// [`TasksOptions::webhook_rotation_overlap`].
     pub fn set_webhook_secrets(&self, secrets: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+        let old = self.secrets.load();
         let mut ok = HashMap::new();
         let mut bad = Vec::new();
         for (id, text) in secrets {
             match webhook::Secret::parse(text) {
                 Ok(s) => {
-                    ok.insert(id.clone(), s);
+                    let signing = match old.get(id) {
+                        Some(before) => before.rotate(s, self.options.webhook_rotation_overlap),
+                        None => webhook::Signing::new(s),
+                    };
+                    ok.insert(id.clone(), signing);
                 }
                 Err(_) => bad.push(id.clone()),
             }

@@ -861,7 +861,7 @@ impl Tasks {
         .expect("json serialises");
         let msg_id = format!("msg_{}", task.id);
         let timestamp = unix_ms_now() / 1000;
-        let signature = secret.sign(&msg_id, timestamp, &body);
+        let signature = secret.header(&msg_id, timestamp, &body);
         let req = Request::builder()
             .method(Method::POST)
             .uri(uri)

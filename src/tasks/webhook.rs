@@ -68,8 +68,53 @@ pub enum WebhookError {
 }
 
 /// A key's signing secret, decoded.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Vec<u8>);
+
+/// A key's signing secrets: the one in force and, for a while after a rotation, the one before
+/// it. Both signatures go in the header meanwhile (the spec allows several, space-separated), so a
+/// receiver verifies whichever secret it has until it switches.
+#[derive(Clone, Debug)]
+pub struct Signing {
+    current: Secret,
+    previous: Option<(Secret, std::time::Instant)>,
+}
+
+impl Signing {
+    /// Signing with one secret.
+    pub fn new(current: Secret) -> Self {
+        Self {
+            current,
+            previous: None,
+        }
+    }
+
+    /// Signing after `next` replaces the current secret: the current one still signs for
+    /// `overlap`. The same secret again changes nothing.
+    pub fn rotate(&self, next: Secret, overlap: Duration) -> Self {
+        if next == self.current {
+            return self.clone();
+        }
+        Self {
+            previous: (!overlap.is_zero())
+                .then(|| (self.current.clone(), std::time::Instant::now() + overlap)),
+            current: next,
+        }
+    }
+
+    /// The `webhook-signature` header of a message: the current secret's signature, then the
+    /// previous one's while the overlap lasts.
+    pub fn header(&self, msg_id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut header = self.current.sign(msg_id, timestamp, body);
+        if let Some((previous, until)) = &self.previous
+            && std::time::Instant::now() < *until
+        {
+            header.push(' ');
+            header.push_str(&previous.sign(msg_id, timestamp, body));
+        }
+        header
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -290,6 +335,26 @@ pub fn jitter(base: Duration, spread: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_signs_with_both_secrets_and_the_same_secret_again_changes_nothing() {
+        let a = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let b = Secret::parse("whsec_c2xvdGdhdGUtdGVzdC1rZXktYi1zZWNyZXQ=").unwrap();
+        let one = Signing::new(a.clone());
+        assert_eq!(one.header("msg_1", 1, b"{}"), a.sign("msg_1", 1, b"{}"));
+        let same = one.rotate(a.clone(), Duration::from_secs(60));
+        assert_eq!(same.header("msg_1", 1, b"{}"), a.sign("msg_1", 1, b"{}"));
+        let rotated = one.rotate(b.clone(), Duration::from_secs(60));
+        let header = rotated.header("msg_1", 1, b"{}");
+        assert_eq!(
+            header,
+            format!("{} {}", b.sign("msg_1", 1, b"{}"), a.sign("msg_1", 1, b"{}"))
+        );
+        assert!(a.verify("msg_1", 1, b"{}", &header) && b.verify("msg_1", 1, b"{}", &header));
+        // No overlap: the new secret alone at once.
+        let cut = one.rotate(b.clone(), Duration::ZERO);
+        assert_eq!(cut.header("msg_1", 1, b"{}"), b.sign("msg_1", 1, b"{}"));
+    }
 
     #[test]
     fn signs_the_standard_webhooks_test_vector() {
