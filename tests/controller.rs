@@ -925,3 +925,76 @@ async fn webhook_secrets_are_generated_never_overwritten_and_published_for_the_g
     );
     assert_calls_declared(&api);
 }
+
+/// An upstream that takes connections and never answers: tasks sent to it stay running.
+async fn silent_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_queued_and_running_tasks_show_in_its_status() {
+    let api = FakeApi::start().await;
+    let upstream = silent_upstream().await;
+    let mut tasks_plan = plan("async", 2);
+    tasks_plan["spec"]["tasks"] = json!({});
+    api.apply("apiplans", tasks_plan);
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "async", Some("acme-token")));
+    api.apply("apitasktypes", task_type("work", "WORK", "/v1/work"));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("the task type in the configuration", || {
+        api.get("configmaps", NS, "slotgate-config")
+            .and_then(|c| c["data"]["index.json"].as_str().map(|t| t.contains("\"WORK\"")))
+            .unwrap_or(false)
+    })
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let gw = Proc::gateway_from(
+        &[
+            "--config-source",
+            "kubernetes",
+            "--namespace",
+            NS,
+            "--replica-name",
+            "gw-0",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &format!("http://{upstream}"),
+        &[],
+        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
+    );
+    wait_for("the gateway's report", || {
+        api.reported_version(NS, "gw-0") >= config_version(&api)
+    })
+    .await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    for _ in 0..5 {
+        let req = http::Request::post(gw.url("/v1/tasks"))
+            .header("x-api-key", "tok-acme")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"taskType": "WORK", "payload": {}}).to_string(),
+            )))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    // Two slots: two running, three waiting; summed from the gateways' reports.
+    wait_for("the task counts in the key's status", || {
+        api.get("apikeys", "default", "acme").is_some_and(|k| {
+            k["status"]["usage"]["tasksRunning"] == 2 && k["status"]["usage"]["tasksQueued"] == 3
+        })
+    })
+    .await;
+    assert_calls_declared(&api);
+}

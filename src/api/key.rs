@@ -29,6 +29,8 @@ use super::BucketScope;
     printcolumn = r#"{"name":"Reason", "type":"string", "priority":1, "jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Banned", "type":"string", "description":"Refused with temporarily_blocked after repeated excess", "jsonPath":".status.conditions[?(@.type==\"Banned\")].status"}"#,
     printcolumn = r#"{"name":"Req/min", "type":"integer", "priority":1, "description":"Requests in the last minute, as the gateways last reported", "jsonPath":".status.usage.requestsLastMinute"}"#,
+    printcolumn = r#"{"name":"Queued", "type":"integer", "priority":1, "description":"Async tasks waiting to run, as the gateways last reported", "jsonPath":".status.usage.tasksQueued"}"#,
+    printcolumn = r#"{"name":"Running", "type":"integer", "priority":1, "description":"Async tasks running, as the gateways last reported", "jsonPath":".status.usage.tasksRunning"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -142,6 +144,16 @@ pub struct KeyUsageStatus {
     pub requests_last_minute: u64,
     /// Of them, refused by the gateways (limits, bans).
     pub refused_last_minute: u64,
+    /// Async tasks waiting to run (queued or waiting for a retry).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tasks_queued: u64,
+    /// Async tasks running.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tasks_running: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ApiKey {

@@ -35,6 +35,9 @@ pub struct Activity {
     /// Key id to `[ends (Unix seconds), strike]` of the key bans in force.
     #[serde(default)]
     pub bans: std::collections::BTreeMap<String, [u64; 2]>,
+    /// Key id to `[queued, running]` async tasks, for the keys that have any.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tasks: std::collections::BTreeMap<String, [u64; 2]>,
     /// Upstream target name to the last TLS failure with it (unknown CA, wrong host name), for
     /// the targets whose last handshake failed.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

@@ -408,6 +408,11 @@ impl Shell {
                 u.requests_last_minute += req;
                 u.refused_last_minute += refused;
             }
+            for (id, [queued, running]) in a.tasks {
+                let u = next.usage.entry(id).or_default();
+                u.tasks_queued += queued;
+                u.tasks_running += running;
+            }
             for (id, [until, strike]) in a.bans {
                 let b = next.bans.entry(id).or_insert([0, 0]);
                 *b = [b[0].max(until), b[1].max(strike)];

@@ -16,7 +16,13 @@ use super::{Gateway, metrics::ErrorCode, table::KeyView};
 
 /// The usage last reported to the controller (key id to the last minute's requests and
 /// refusals), and when it was taken.
-pub(super) type UsageSnapshot = (Option<Instant>, std::collections::BTreeMap<String, [u64; 2]>);
+/// When the report's usage was last taken, the usage (`[requests, refused]`) and the async
+/// tasks (`[queued, running]`) by key id.
+pub(super) type UsageSnapshot = (
+    Option<Instant>,
+    std::collections::BTreeMap<String, [u64; 2]>,
+    std::collections::BTreeMap<String, [u64; 2]>,
+);
 
 /// The access-log line of an admitted request, finished when its hold ends.
 #[derive(Debug)]
@@ -105,8 +111,9 @@ impl Gateway {
     }
 
     /// What keys did, for the report the controller reads: the last minute's usage of the
-    /// `limit` most active keys (snapshotted at most every 30 s, so that statuses are not
-    /// rewritten on every heartbeat) and the key bans in force now.
+    /// `limit` most active keys and the async tasks of the `limit` keys with the most (both
+    /// snapshotted at most every 30 s, so that statuses are not rewritten on every heartbeat),
+    /// and the key bans in force now.
     pub fn activity(&self, limit: usize) -> crate::config::pieces::Activity {
         let now = self.abuse_now();
         let mut snapshot = self.usage_report.lock().unwrap_or_else(|e| e.into_inner());
@@ -127,6 +134,11 @@ impl Gateway {
                 .into_iter()
                 .map(|(id, u)| (id.to_string(), [u.last_minute.requests, u.last_minute.refused]))
                 .collect();
+            // The same bound as usage: the keys with the most tasks queued and running.
+            let mut tasks = self.tasks.get().map(|t| t.counts_by_key()).unwrap_or_default();
+            tasks.sort_by_key(|(_, [q, r])| std::cmp::Reverse(q + r));
+            tasks.truncate(limit);
+            snapshot.2 = tasks.into_iter().map(|(id, c)| (id.to_string(), c)).collect();
             snapshot.0 = Some(Instant::now());
         }
         let unix = unix_ms() / 1_000;
@@ -157,6 +169,7 @@ impl Gateway {
         crate::config::pieces::Activity {
             usage: snapshot.1.clone(),
             bans,
+            tasks: snapshot.2.clone(),
             target_tls,
         }
     }

@@ -345,6 +345,22 @@ impl Tasks {
         Ok((n, deliveries))
     }
 
+    /// Tasks queued (ready or waiting for a retry) and running, by key id, for the keys that have
+    /// any: what a report to the controller shows in each key's status.
+    pub fn counts_by_key(&self) -> Vec<(Arc<str>, [u64; 2])> {
+        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        q.keys
+            .iter()
+            .map(|(id, kq)| {
+                (
+                    Arc::clone(id),
+                    [(kq.ready.len() + kq.delayed) as u64, u64::from(kq.running)],
+                )
+            })
+            .filter(|(_, [queued, running])| queued + running > 0)
+            .collect()
+    }
+
     /// Sets the queued and running gauges of every plan; at most every 250 ms unless `force`.
     fn publish_gauges(&self, q: &mut Queues, config: &GatewayConfig, force: bool) {
         if !force && q.gauges_at.is_some_and(|t| t.elapsed() < GAUGE_PERIOD) {
