@@ -736,3 +736,23 @@ fn tasks_run_on_one_gateway_with_its_store_on_a_claim_and_more_replicas_are_refu
     let err = render(json!({"tasks": {"storage": {"size": "lots"}}})).unwrap_err();
     assert!(err.contains("tasks/storage/size"), "{err}");
 }
+
+#[test]
+fn the_webhook_egress_example_is_a_valid_network_policy() {
+    let text =
+        std::fs::read_to_string(root().join("docs/examples/webhook-egress-networkpolicy.yaml")).unwrap();
+    let problems = helm(&["validate", "1.30.0"], Some(&text));
+    assert_eq!(problems, json!([]), "{problems}");
+    let policy: Value = serde_yaml::from_str(&text).unwrap();
+    let webhooks = policy["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let except = webhooks["to"][0]["ipBlock"]["except"].as_array().unwrap();
+    // The ranges the gateway itself refuses for webhooks (link-local holds cloud metadata).
+    for cidr in ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"] {
+        assert!(except.iter().any(|c| c == cidr), "{cidr} not excepted");
+    }
+}
