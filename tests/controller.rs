@@ -745,20 +745,11 @@ async fn targets_get_conditions_and_their_credentials_reach_the_gateways_through
     for (name, value) in &data {
         std::fs::write(mount.path().join(name), base64_decode(value.as_str().unwrap())).unwrap();
     }
-    let gw = Proc::gateway_from(
-        &[
-            "--config-source",
-            "kubernetes",
-            "--namespace",
-            NS,
-            "--replica-name",
-            "gw-0",
-            "--target-credentials",
-            mount.path().to_str().unwrap(),
-        ],
+    let gw = api.start_gateway_with(
+        NS,
+        "gw-0",
         &stub.url(),
-        &[],
-        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
+        &["--target-credentials", mount.path().to_str().unwrap()],
     );
     wait_for("the gateway's report", || {
         api.reported_version(NS, "gw-0") >= config_version(&api)
@@ -957,20 +948,11 @@ async fn a_keys_queued_and_running_tasks_show_in_its_status() {
     })
     .await;
     let data = tempfile::tempdir().unwrap();
-    let gw = Proc::gateway_from(
-        &[
-            "--config-source",
-            "kubernetes",
-            "--namespace",
-            NS,
-            "--replica-name",
-            "gw-0",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-        ],
+    let gw = api.start_gateway_with(
+        NS,
+        "gw-0",
         &format!("http://{upstream}"),
-        &[],
-        &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())],
+        &["--data-dir", data.path().to_str().unwrap()],
     );
     wait_for("the gateway's report", || {
         api.reported_version(NS, "gw-0") >= config_version(&api)

@@ -358,23 +358,30 @@ impl Shell {
         Ok(())
     }
 
+    /// What each live gateway replica last reported of its activity, with the replica's name.
+    fn live_activity(&self) -> Vec<(String, Activity)> {
+        let now = Timestamp::now();
+        self.stores
+            .reports
+            .state()
+            .iter()
+            .filter_map(|lease| {
+                let spec = lease.spec.clone().unwrap_or_default();
+                let live = spec.renew_time.as_ref().is_some_and(|t| {
+                    now.as_second() - t.0.as_second() <= i64::from(spec.lease_duration_seconds.unwrap_or(15))
+                });
+                let text = lease.annotations().get(ACTIVITY_ANNOTATION).filter(|_| live)?;
+                let a = serde_json::from_str::<Activity>(text).ok()?;
+                Some((spec.holder_identity.unwrap_or_default(), a))
+            })
+            .collect()
+    }
+
     /// Writes the targets' conditions from the last compile and what the live gateways report of
     /// their TLS handshakes (a target whose certificate does not verify says so in `TLSValid`).
     pub(super) async fn refresh_targets(&mut self) -> kube::Result<()> {
-        let now = Timestamp::now();
         let mut reports = self.target_reports.clone();
-        for lease in self.stores.reports.state() {
-            let spec = lease.spec.clone().unwrap_or_default();
-            let live = spec.renew_time.as_ref().is_some_and(|t| {
-                now.as_second() - t.0.as_second() <= i64::from(spec.lease_duration_seconds.unwrap_or(15))
-            });
-            let Some(text) = lease.annotations().get(ACTIVITY_ANNOTATION).filter(|_| live) else {
-                continue;
-            };
-            let Ok(a) = serde_json::from_str::<Activity>(text) else {
-                continue;
-            };
-            let replica = spec.holder_identity.unwrap_or_default();
+        for (replica, a) in self.live_activity() {
             for (name, why) in a.target_tls {
                 if let Some(r) = reports.get_mut(&name) {
                     r.handshake
@@ -392,17 +399,7 @@ impl Shell {
     pub(super) async fn refresh_activity(&mut self) {
         let now = Timestamp::now();
         let mut next = KeyActivity::default();
-        for lease in self.stores.reports.state() {
-            let spec = lease.spec.clone().unwrap_or_default();
-            let live = spec.renew_time.as_ref().is_some_and(|t| {
-                now.as_second() - t.0.as_second() <= i64::from(spec.lease_duration_seconds.unwrap_or(15))
-            });
-            let Some(text) = lease.annotations().get(ACTIVITY_ANNOTATION).filter(|_| live) else {
-                continue;
-            };
-            let Ok(a) = serde_json::from_str::<Activity>(text) else {
-                continue;
-            };
+        for (_, a) in self.live_activity() {
             for (id, [req, refused]) in a.usage {
                 let u = next.usage.entry(id).or_default();
                 u.requests_last_minute += req;

@@ -33,6 +33,37 @@ pub fn credentials_secret(config_name: &str) -> String {
     format!("{config_name}-target-credentials")
 }
 
+/// Writes a Secret of the controller's own namespace that the gateways mount (server-side apply,
+/// the controller's field manager, labelled with the configuration it belongs to), with
+/// `entries` as its data.
+pub(super) async fn apply_owned_secret(
+    client: &Client,
+    namespace: &str,
+    config_name: &str,
+    name: &str,
+    entries: &BTreeMap<String, String>,
+) -> kube::Result<()> {
+    let data: BTreeMap<&String, String> = entries
+        .iter()
+        .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect();
+    let secret = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": { "app.kubernetes.io/managed-by": MANAGER, crate::config::pieces::CONFIG_LABEL: config_name },
+        },
+        "type": "Opaque",
+        "data": data,
+    });
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret))
+        .await
+        .map(|_| ())
+}
+
 /// What the targets refer to, as read this pass. Credential values stay in memory only.
 #[derive(Default)]
 pub(super) struct Resolved {
@@ -147,28 +178,7 @@ impl TargetWrites {
             return Ok(());
         }
         let name = credentials_secret(config_name);
-        let data: BTreeMap<&String, String> = credentials
-            .iter()
-            .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
-            .collect();
-        let secret = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": { "app.kubernetes.io/managed-by": MANAGER, crate::config::pieces::CONFIG_LABEL: config_name },
-            },
-            "type": "Opaque",
-            "data": data,
-        });
-        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await?;
+        apply_owned_secret(client, namespace, config_name, &name, credentials).await?;
         // Names only: the values are credentials.
         tracing::info!(secret = name, targets = ?credentials.keys().collect::<Vec<_>>(), "target credentials published");
         self.credentials = Some(digest);

@@ -17,7 +17,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use super::{MANAGER, digest64};
+use super::digest64;
 use crate::{config::incremental::Incremental, standalone::WEBHOOK_SECRET_ENTRY};
 
 /// Secrets the signing secrets are spread over (the chart mounts this many).
@@ -130,35 +130,15 @@ impl WebhookWrites {
         }
         let mut by_shard: Vec<BTreeMap<String, String>> = vec![BTreeMap::new(); SHARDS];
         for (id, secret) in secrets {
-            by_shard[shard_of(id)].insert(
-                entry_name(id),
-                base64::engine::general_purpose::STANDARD.encode(secret),
-            );
+            by_shard[shard_of(id)].insert(entry_name(id), secret.clone());
         }
-        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
         for (i, data) in by_shard.into_iter().enumerate() {
             let digest = digest64(&data);
             if self.shards.get(&i) == Some(&digest) {
                 continue;
             }
             let name = shard_name(config_name, i);
-            let secret = serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "labels": { "app.kubernetes.io/managed-by": MANAGER, crate::config::pieces::CONFIG_LABEL: config_name },
-                },
-                "type": "Opaque",
-                "data": data,
-            });
-            api.patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await?;
+            super::targets::apply_owned_secret(client, namespace, config_name, &name, &data).await?;
             tracing::debug!(
                 secret = name,
                 keys = data.len(),

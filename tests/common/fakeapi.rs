@@ -277,15 +277,28 @@ impl FakeApi {
     /// Starts `slotgate gateway` with this API server as its configuration source, watching
     /// `namespace` and reporting as `replica`, in front of `upstream`.
     pub fn start_gateway(&self, namespace: &str, replica: &str, upstream: &str) -> super::Proc {
+        self.start_gateway_with(namespace, replica, upstream, &[])
+    }
+
+    /// [`FakeApi::start_gateway`] with more arguments (a mounted folder, a task store).
+    pub fn start_gateway_with(
+        &self,
+        namespace: &str,
+        replica: &str,
+        upstream: &str,
+        extra: &[&str],
+    ) -> super::Proc {
+        let mut source = vec![
+            "--config-source",
+            "kubernetes",
+            "--namespace",
+            namespace,
+            "--replica-name",
+            replica,
+        ];
+        source.extend_from_slice(extra);
         super::Proc::gateway_from(
-            &[
-                "--config-source",
-                "kubernetes",
-                "--namespace",
-                namespace,
-                "--replica-name",
-                replica,
-            ],
+            &source,
             upstream,
             &[],
             &[("KUBECONFIG", self.kubeconfig.to_str().unwrap())],
