@@ -95,18 +95,8 @@ stage_table() {
 profile_nginx() {
   local port pid reqs
   port=$(free_port)
-  mkdir -p "$WORK/nginx-tmp"
   cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx-tmp;
-  proxy_temp_path $WORK/nginx-tmp;
+$(nginx_conf_head nginx "master_process off;")
 $(nginx_limit_zones $UP)
 $(nginx_limited_server $port)
 }

@@ -54,6 +54,26 @@ EOF
   } > "$1/bench.yaml"
 }
 
+# The head of an nginx conf for one worker in the foreground, its pid and error log named `$1` in
+# the scratch folder, up to the opening of its `http` block (access log off, temp files in
+# `$WORK/$1-tmp`); $2 more main-context directives (`master_process off;` under valgrind). The
+# caller writes the servers and the closing brace.
+nginx_conf_head() {
+  mkdir -p "$WORK/$1-tmp"
+  cat <<EOF
+worker_processes 1;
+${2:-}
+daemon off;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1-tmp;
+  proxy_temp_path $WORK/$1-tmp;
+EOF
+}
+
 # nginx's side of the comparison, in an `http` block: a `limit_conn` and a `limit_req` zone keyed
 # by the API key with the bench plan's limits, and the upstream at port $1 with keep-alive.
 nginx_limit_zones() {

@@ -76,13 +76,7 @@ for mode in target https; do
   "$SG" compile "$WORK/manifests-$mode" -o "$WORK/gateway-$mode.json" 2>/dev/null
 done
 cat > "$WORK/tls-up.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/tls-up.pid;
-error_log $WORK/tls-up.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
+$(nginx_conf_head tls-up)
   server {
     listen 127.0.0.1:$TLS_UP ssl;
     ssl_certificate $WORK/pki/leaf.pem;
@@ -94,15 +88,7 @@ http {
 EOF
 
 cat > "$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx-body;
-  proxy_temp_path $WORK/nginx-proxy;
+$(nginx_conf_head nginx)
 $(nginx_limit_zones $UP)
 $(nginx_limited_server $NGINX_P)
   upstream tlsup { server 127.0.0.1:$TLS_UP; keepalive 256; }

@@ -419,18 +419,7 @@ async fn two_slotgate_up_processes_share_one_folders_limits_through_redis() {
     )
     .unwrap();
     let url = redis.url();
-    let up = |dir: &std::path::Path| {
-        Proc::start(&[
-            "up",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--state",
-            &url,
-        ])
-    };
+    let up = |dir: &std::path::Path| Proc::up(dir, &["--state", &url]);
     let (a, b) = (up(dir.path()), up(dir.path()));
     let held = {
         let url = a.url("/v1/work?delay_ms=2000");
@@ -692,20 +681,7 @@ async fn a_targets_slots_are_one_pool_across_replicas() {
         );
     std::fs::write(dir.path().join("all.yaml"), manifests).unwrap();
     let url = redis.url();
-    let up = || {
-        Proc::start(&[
-            "up",
-            dir.path().to_str().unwrap(),
-            "--upstream",
-            &default.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--state",
-            &url,
-        ])
-    };
+    let up = || Proc::up(dir.path(), &["--upstream", &default.url(), "--state", &url]);
     let (one, two) = (up(), up());
     // Two keys, eight requests at once, spread over both replicas: the target's 3 slots hold
     // across them, while each key is far within its own 10.

@@ -48,16 +48,7 @@ const WITH_CREDENTIAL: &str = "  credentialRef: {namespace: default, name: provi
 const WITH_CA: &str = "  tls:\n    caBundleRef: {namespace: default, name: provider-ca, key: ca.crt}\n";
 
 fn up(dir: &Path, upstream: &str) -> Proc {
-    Proc::start(&[
-        "up",
-        dir.to_str().unwrap(),
-        "--upstream",
-        upstream,
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ])
+    Proc::up(dir, &["--upstream", upstream])
 }
 
 fn bearer(name: &str) -> String {

@@ -406,20 +406,9 @@ fn folder(text: &str) -> (tempfile::TempDir, tempfile::TempDir) {
 
 /// `slotgate up DIR` in front of `upstream`, keeping tasks in `data`.
 fn up(dir: &Path, upstream: &str, data: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "up",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream,
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
+    let mut args = vec!["--upstream", upstream, "--data-dir", data.to_str().unwrap()];
     args.extend_from_slice(extra);
-    Proc::start(&args)
+    Proc::up(dir, &args)
 }
 
 fn task_body(payload: Value, hook: Option<&str>) -> String {

@@ -23,14 +23,7 @@ fn examples() -> tempfile::TempDir {
 }
 
 fn up(dir: &Path) -> Proc {
-    Proc::start(&[
-        "up",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ])
+    Proc::up(dir, &[])
 }
 
 fn edit(path: &Path, from: &str, to: &str) {

@@ -252,8 +252,9 @@ impl Shell {
             .collect();
         self.generate_tokens(&keys).await?;
         let upstreams = self.stores.upstreams.state();
-        let resolved = super::targets::Resolved::read(&self.client, &upstreams).await?;
-        let (targets, target_reports) = crate::config::targets::compile_targets(&upstreams, &resolved);
+        let resolved = self.targets.resolve(&self.client, &upstreams).await?;
+        let (targets, target_reports) = crate::config::targets::compile_targets(&upstreams, resolved);
+        let credentials = resolved.by_target(&upstreams);
         self.index.set_targets(targets);
         let task_types = self.stores.task_types.state();
         let (compiled_types, type_issues) = crate::config::tasks::compile_task_types(&task_types);
@@ -265,10 +266,10 @@ impl Shell {
                 &self.client,
                 &self.opts.namespace,
                 &self.opts.config_name,
-                &resolved.by_target(&upstreams),
+                &credentials,
             )
             .await?;
-        drop(resolved);
+        drop(credentials);
         let t_tokens = t0.elapsed();
         self.on_index(Incremental::compile).await;
         let t_compile = t0.elapsed();
@@ -330,10 +331,7 @@ impl Shell {
         let w = &mut self.webhooks;
         w.pending
             .extend(decided.iter().chain(self.index.refreshed()).cloned());
-        if !w.pending.is_empty() {
-            let batch: Vec<_> = w.pending.drain(..w.pending.len().min(1024)).collect();
-            super::webhooks::generate_missing(&self.client, &self.index, &batch, &w.known).await?;
-        }
+        super::webhooks::generate_missing(&self.client, &self.index, &mut w.pending, &w.known).await?;
         if !w.dirty {
             return Ok(());
         }

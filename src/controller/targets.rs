@@ -6,8 +6,9 @@
 //! gateways never call the API for it and cannot read any other Secret), and writes each
 //! target's status conditions.
 //!
-//! There are few targets, so their references are read with one GET each per pass rather than
-//! watched; the periodic pass catches a credential rotated without any ApiUpstream changing.
+//! There are few targets, so their references are read with one GET each rather than watched:
+//! again when an ApiUpstream changes, and otherwise at most every 30 s (the periodic pass that
+//! runs while targets exist), which catches a credential rotated in place.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -157,13 +158,45 @@ impl Resolved {
 /// nothing.
 #[derive(Debug, Default)]
 pub(super) struct TargetWrites {
+    /// What the targets' references held when last read: the fingerprint of the ApiUpstreams it
+    /// was read for, when, and the values.
+    read: Option<(u64, std::time::Instant, Resolved)>,
     credentials: Option<u64>,
     statuses: HashMap<String, u64>,
     /// The ApiTaskTypes' conditions last written, by name.
     pub(super) task_types: HashMap<String, u64>,
 }
 
+/// How long what the targets refer to is reused by passes that no ApiUpstream change brought:
+/// the periodic pass that runs while targets exist comes as often.
+const READ_AGAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl TargetWrites {
+    /// What the targets refer to: read again when an ApiUpstream changed or the last read is
+    /// older than [`READ_AGAIN`], so that the passes key events bring (many, at 100,000 keys)
+    /// make no calls for the targets.
+    pub(super) async fn resolve(
+        &mut self,
+        client: &Client,
+        upstreams: &[std::sync::Arc<ApiUpstream>],
+    ) -> kube::Result<&Resolved> {
+        let fingerprint = digest64(
+            &upstreams
+                .iter()
+                .map(|u| (u.name_any(), serde_json::to_string(&u.spec).unwrap_or_default()))
+                .collect::<Vec<_>>(),
+        );
+        let fresh = self
+            .read
+            .as_ref()
+            .is_some_and(|(f, at, _)| *f == fingerprint && at.elapsed() < READ_AGAIN);
+        if !fresh {
+            let resolved = Resolved::read(client, upstreams).await?;
+            self.read = Some((fingerprint, std::time::Instant::now(), resolved));
+        }
+        Ok(&self.read.as_ref().expect("read just now").2)
+    }
+
     /// Writes the credentials Secret (server-side apply, own field manager) when its content
     /// changed. Written only once some target exists, then kept (emptied when none is left).
     pub(super) async fn credentials(

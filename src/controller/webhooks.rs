@@ -54,20 +54,22 @@ fn shard_of(key_id: &str) -> usize {
     (digest64(key_id) % SHARDS as u64) as usize
 }
 
-/// Gives a signing secret to the token Secret of each of `keys` whose plan allows tasks and whose
-/// Secret exists without one; returns how many were written. `known` holds the signing secrets
-/// the watch has seen, by Secret.
+/// Gives a signing secret to the token Secret of each key taken from `pending` whose plan allows
+/// tasks and whose Secret exists without one, until [`GENERATE_PER_PASS`] were written; the keys
+/// not looked at stay in `pending` for the next pass. Returns how many were written. `known`
+/// holds the signing secrets the watch has seen, by Secret.
 pub(super) async fn generate_missing(
     client: &Client,
     index: &Incremental,
-    keys: &[crate::config::incremental::KeyId],
+    pending: &mut std::collections::VecDeque<crate::config::incremental::KeyId>,
     known: &HashMap<(String, String), String>,
 ) -> kube::Result<usize> {
     let mut written = 0;
-    for id in keys {
-        if written >= GENERATE_PER_PASS {
+    while written < GENERATE_PER_PASS {
+        let Some(id) = pending.pop_front() else {
             break;
-        }
+        };
+        let id = &id;
         let Some(entry) = index.entry(id) else {
             continue;
         };

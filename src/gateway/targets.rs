@@ -46,14 +46,21 @@ pub(super) struct Target {
     /// Why the target cannot take requests (its credential is missing, its TLS settings are
     /// unusable): its paths answer 503 rather than reach it without them.
     pub unavailable: Option<String>,
-    /// The last TLS failure seen, for the admin endpoint and the status the controller writes;
-    /// cleared by the next exchange that succeeds.
-    last_tls_error: Mutex<Option<String>>,
-    /// Whether `last_tls_error` is set: a successful exchange checks this, not the lock.
-    tls_failing: std::sync::atomic::AtomicBool,
+    /// How TLS with the target last went: belongs with the connection pool, and is carried over
+    /// a reload with it (a reload that changes another key or target does not forget a failure).
+    health: Arc<TlsHealth>,
     /// Names the target's slots and bucket in the shared state: `target:<name>`, which no key id
     /// (`namespace/name`, no `:` in either) can be.
     scope: String,
+}
+
+/// The last TLS failure with a target, for the admin endpoint and the status the controller
+/// writes; cleared by the next exchange that succeeds.
+#[derive(Debug, Default)]
+struct TlsHealth {
+    last_error: Mutex<Option<String>>,
+    /// Whether `last_error` is set: a successful exchange checks this, not the lock.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// Why a target refused a request.
@@ -143,22 +150,25 @@ impl Target {
 
     /// Records a failed TLS handshake with the target; `true` when it was not failing before.
     pub fn tls_failed(&self, error: String) -> bool {
-        *self.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-        !self.tls_failing.swap(true, std::sync::atomic::Ordering::AcqRel)
+        let h = &self.health;
+        *h.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        !h.failing.swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// The target answered: a TLS failure seen before is over. `true` when one was.
     pub fn answered(&self) -> bool {
-        if !self.tls_failing.load(std::sync::atomic::Ordering::Acquire) {
+        let h = &self.health;
+        if !h.failing.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
-        *self.last_tls_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.tls_failing.swap(false, std::sync::atomic::Ordering::AcqRel)
+        *h.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        h.failing.swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// The last TLS failure with the target, while it lasts.
     pub fn tls_error(&self) -> Option<String> {
-        self.last_tls_error
+        self.health
+            .last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -254,8 +264,8 @@ fn build_target(
         .authority
         .parse()
         .unwrap_or_else(|_| Authority::from_static("invalid.invalid"));
-    let pool = match old.filter(same_connection) {
-        Some(o) => Arc::clone(&o.pool),
+    let (pool, health) = match old.filter(same_connection) {
+        Some(o) => (Arc::clone(&o.pool), Arc::clone(&o.health)),
         None => {
             let tls = match compiled.is_https() {
                 false => None,
@@ -267,11 +277,12 @@ fn build_target(
                     }
                 },
             };
-            Pool::with(
+            let pool = Pool::with(
                 authority.clone(),
                 tls,
                 Some(Duration::from_millis(compiled.connect_timeout_ms)),
-            )
+            );
+            (pool, Arc::default())
         }
     };
     let credential = match (&compiled.credential, credential) {
@@ -317,8 +328,7 @@ fn build_target(
         ),
         credential,
         unavailable,
-        last_tls_error: Mutex::new(None),
-        tls_failing: Default::default(),
+        health,
         scope: format!("target:{name}"),
         compiled: compiled.clone(),
     }

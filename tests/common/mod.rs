@@ -305,6 +305,20 @@ impl Proc {
         .await;
     }
 
+    /// `slotgate up DIR` on free ports, with `extra` arguments (`--upstream`, `--state`, ...).
+    pub fn up(dir: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "up",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(&args)
+    }
+
     /// `slotgate gateway` enforcing the configuration file `config`.
     pub fn gateway(config: &Path, upstream: &str, extra: &[&str]) -> Proc {
         Proc::gateway_from(&["--config", config.to_str().unwrap()], upstream, extra, &[])
