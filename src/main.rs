@@ -318,9 +318,45 @@ struct TaskArgs {
     /// signature beside the new one's (receivers switch in their own time).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     webhook_rotation_overlap: Duration,
+    /// Where tasks live: `embedded` (a store on local disk under --data-dir, for one replica) or
+    /// `redis` (the Redis of --state, shared by every replica: any replica serves, runs and
+    /// delivers any task, and a dead replica's tasks are taken over).
+    #[arg(long, default_value = "embedded", env = "SLOTGATE_TASK_STORE")]
+    task_store: TaskStoreKind,
+    /// With `--task-store redis`: how long a task a replica claimed may go without that replica's
+    /// heartbeat before another replica takes it over (and runs it again if it was running).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    task_claim_timeout: Duration,
+}
+
+/// Where tasks live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TaskStoreKind {
+    /// On local disk, for one replica.
+    Embedded,
+    /// In the shared Redis, for a fleet.
+    Redis,
 }
 
 impl TaskArgs {
+    /// The claim timeout when tasks live in Redis, checked against the state: `--task-store redis`
+    /// needs `--state redis://...`.
+    fn shared(&self, state: &StateArgs) -> anyhow::Result<Option<Duration>> {
+        if self.task_store == TaskStoreKind::Embedded {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            state.state.starts_with("redis://"),
+            "--task-store redis keeps tasks in the Redis of --state, but --state is {:?}; add --state redis://host:6379",
+            state.state
+        );
+        anyhow::ensure!(
+            self.task_claim_timeout >= Duration::from_secs(1),
+            "--task-claim-timeout must be at least 1s (claims are renewed every third of it)"
+        );
+        Ok(Some(self.task_claim_timeout))
+    }
+
     fn options(&self, dir: PathBuf, upstream: &Upstream, timeout: Duration) -> slotgate::tasks::TasksOptions {
         let mut o = slotgate::tasks::TasksOptions::new(dir, upstream.to_string(), timeout);
         o.allow_private_webhooks = self.allow_private_webhooks;
@@ -498,6 +534,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let upstream: Upstream = args.upstream.parse()?;
+    let shared_tasks = args
+        .tasks
+        .shared(&args.state)?
+        .map(|claim| (args.state.state.clone(), args.state.state_prefix.clone(), claim));
     let gw = Gateway::new(GatewayOptions {
         upstream: upstream.clone(),
         upstream_timeout: args.upstream_timeout,
@@ -524,7 +564,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             Duration::from_secs(5),
         ));
     }
-    if let Some(dir) = &args.tasks.data_dir {
+    if args.tasks.data_dir.is_some() || shared_tasks.is_some() {
         let secrets: std::collections::BTreeMap<String, String> = match &args.webhook_secrets {
             // The Secrets the controller publishes, mounted: re-read as they change.
             Some(path) if path.is_dir() => gateway::source::read_webhook_secrets(path)
@@ -541,10 +581,14 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             }
             None => Default::default(),
         };
-        let tasks = slotgate::tasks::Tasks::open(
-            args.tasks.options(dir.clone(), &upstream, args.upstream_timeout),
-            gw.metrics.tasks.clone(),
-        )?;
+        let dir = args.tasks.data_dir.clone().unwrap_or_default();
+        let options = args.tasks.options(dir.clone(), &upstream, args.upstream_timeout);
+        let tasks = match &shared_tasks {
+            Some((url, prefix, claim)) => {
+                slotgate::tasks::Tasks::open_shared(options, url, prefix, *claim, gw.metrics.tasks.clone())?
+            }
+            None => slotgate::tasks::Tasks::open(options, gw.metrics.tasks.clone())?,
+        };
         let bad = tasks.set_webhook_secrets(&secrets);
         if !bad.is_empty() {
             anyhow::bail!(
@@ -560,7 +604,13 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             ));
         }
         let picked = gw.enable_tasks(tasks)?;
-        tracing::info!(data_dir = %dir.display(), resumed = picked, "async tasks enabled");
+        match &shared_tasks {
+            Some((url, ..)) => tracing::info!(
+                store = %slotgate::limiter::shared::redact_url(url),
+                "async tasks enabled, shared by the replicas on this Redis"
+            ),
+            None => tracing::info!(data_dir = %dir.display(), resumed = picked, "async tasks enabled"),
+        }
     }
     let source: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &args.config {
         Some(path) if args.config_source == "file" => {
@@ -733,6 +783,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             access_log,
         } => {
             init_tracing();
+            let shared_tasks = tasks.shared(&state)?;
             let state = state.options()?;
             let abuse = abuse.options()?;
             let upstream = upstream.map(|u| u.parse::<Upstream>()).transpose()?;
@@ -751,6 +802,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: tasks.data_dir.clone(),
                 max_task_payload_bytes: tasks.max_task_payload_bytes,
                 webhook_ca: tasks.webhook_ca.clone(),
+                shared_tasks,
             };
             runtime(None)?.block_on(slotgate::up::run(opts, shutdown_signal()))?;
         }

@@ -51,6 +51,9 @@ pub struct UpOptions {
     pub max_task_payload_bytes: usize,
     /// A PEM bundle of CAs https webhook receivers may be signed by, beside the system's.
     pub webhook_ca: Option<PathBuf>,
+    /// Tasks live in the Redis of `state`, shared with the other gateways on it, with this claim
+    /// timeout (`None`: in the embedded store under `data_dir`).
+    pub shared_tasks: Option<Duration>,
 }
 
 /// Why `slotgate up` could not start.
@@ -155,7 +158,16 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
     task_opts.allow_private_webhooks = true;
     task_opts.max_payload_bytes = opts.max_task_payload_bytes;
     task_opts.webhook_ca = opts.webhook_ca.clone();
-    let tasks = Tasks::open(task_opts, gw.metrics.tasks.clone())?;
+    let tasks = match (opts.shared_tasks, &opts.state.shared) {
+        (Some(claim), Some(shared)) => Tasks::open_shared(
+            task_opts,
+            &shared.url,
+            &shared.prefix,
+            claim,
+            gw.metrics.tasks.clone(),
+        )?,
+        _ => Tasks::open(task_opts, gw.metrics.tasks.clone())?,
+    };
     warn_bad_secrets(&tasks, &folder.webhook_secrets);
     let resumed = gw.enable_tasks(Arc::clone(&tasks))?;
 
@@ -176,10 +188,16 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         current.keys.len(),
         started.elapsed().as_millis()
     );
+    let store = match (&opts.shared_tasks, &opts.state.shared) {
+        (Some(_), Some(shared)) => format!(
+            "shared in {} with the other gateways on it",
+            crate::limiter::shared::redact_url(&shared.url)
+        ),
+        _ => format!("{}, {resumed} unfinished tasks resumed", data_dir.display()),
+    };
     println!(
-        "async tasks: POST http://{proxy_addr}/v1/tasks ({} task types; store {}, {resumed} unfinished tasks resumed; webhooks may reach private addresses)",
+        "async tasks: POST http://{proxy_addr}/v1/tasks ({} task types; store {store}; webhooks may reach private addresses)",
         current.task_types.len(),
-        data_dir.display()
     );
     println!("watching {} for changes; Ctrl-C to stop", opts.dir.display());
 

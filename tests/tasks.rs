@@ -1466,3 +1466,210 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_overl
     assert_eq!(verify_with_reference(SECRET_B, &[last]), 1);
     assert!(!gw.stderr().contains(SECRET_B.trim_start_matches("whsec_")));
 }
+
+/// `slotgate up` in front of `upstream` with its tasks in the Redis at `state`, shared with the
+/// other gateways there; claims lapse after 2 s without a heartbeat.
+fn fleet_member(dir: &Path, upstream: &str, state: &str) -> Proc {
+    Proc::up(
+        dir,
+        &[
+            "--upstream",
+            upstream,
+            "--state",
+            state,
+            "--state-lease-ttl",
+            "1s",
+            "--task-store",
+            "redis",
+            "--task-claim-timeout",
+            "2s",
+        ],
+    )
+}
+
+/// Submits `n` tasks, task `i` to gateway `i % gws.len()`, from `parallel` connections; returns
+/// the ids in task order.
+async fn submit_round_robin(gws: &[&Proc], key: &str, n: usize, parallel: usize, body: &str) -> Vec<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let urls: Arc<Vec<String>> = Arc::new(gws.iter().map(|g| g.url("/v1/tasks")).collect());
+    let mut workers = Vec::new();
+    for _ in 0..parallel {
+        let (next, urls, key, body) = (
+            Arc::clone(&next),
+            Arc::clone(&urls),
+            key.to_string(),
+            body.to_string(),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = body_client();
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    return ids;
+                }
+                let r = send(&client, Method::POST, &urls[i % urls.len()], &key, &body).await;
+                assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+                ids.push((i, r.json()["task"]["id"].as_str().unwrap().to_string()));
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for w in workers {
+        ids.extend(w.await.unwrap());
+    }
+    ids.sort();
+    ids.into_iter().map(|(_, id)| id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_run_2000_tasks_within_25_slots_through_a_kill_9() {
+    let redis = Redis::start();
+    let state = redis.url();
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start("127.0.0.1").await;
+    let (dir, _data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 25, "{maxQueued: 5000}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
+    let mut gws: Vec<Proc> = (0..3)
+        .map(|_| fleet_member(dir.path(), &upstream.url(), &state))
+        .collect();
+    for gw in &gws {
+        gw.wait_output("store shared in redis://", false).await;
+    }
+    // Held upstream until every submission is in, so that the kill comes mid-run on any host;
+    // after the release each task takes 20 ms.
+    let hook = receiver.url("/ok");
+    let body = task_body(json!({"delay_ms": 20, "hold": true}), Some(&hook));
+    let ids = submit_round_robin(&gws.iter().collect::<Vec<_>>(), "tok-alpha", 2000, 12, &body).await;
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 2000);
+    wait_until("25 tasks held upstream", || upstream.in_flight() == 25).await;
+    upstream.release();
+    wait_until("a quarter of the run", || upstream.runs().len() >= 500).await;
+    let victim = &mut gws[1];
+    victim.child.kill().unwrap(); // SIGKILL: no shutdown code runs
+    victim.child.wait().unwrap();
+    let seen_at_kill: HashSet<String> = upstream.runs().into_keys().collect();
+    assert!(seen_at_kill.len() < 2000, "the kill came mid-run");
+
+    let (a, c) = (&gws[0], &gws[2]);
+    wait_for("every task completed on the two replicas left", 180, || async {
+        list_all(a, "tok-alpha", "completed").await.len() == 2000
+    })
+    .await;
+    assert_eq!(
+        list_all(c, "tok-alpha", "completed").await.len(),
+        2000,
+        "one store for the fleet"
+    );
+    assert!(
+        upstream.peak() <= 25,
+        "upstream peak {} > the key's 25 slots",
+        upstream.peak()
+    );
+    let runs = upstream.runs();
+    for id in &ids {
+        assert!(runs.contains_key(id), "task {id} never ran");
+    }
+    // A task runs again only if it had reached the upstream before the kill (it was running on
+    // the killed replica, whose result never got stored): at most that replica's share of 25.
+    let twice: Vec<&String> = runs.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
+    assert!(runs.values().all(|&n| n <= 2), "a task ran more than twice");
+    assert!(twice.len() <= 25, "{} tasks ran twice", twice.len());
+    for id in &twice {
+        assert!(
+            seen_at_kill.contains(*id),
+            "task {id} had not started at the kill and ran twice"
+        );
+    }
+
+    wait_for("a webhook for every task", 60, || async {
+        receiver
+            .hooks()
+            .iter()
+            .map(|h| h.id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == 2000
+    })
+    .await;
+    let hooks = receiver.hooks();
+    assert_eq!(verify_with_reference(SECRET_A, &hooks), hooks.len());
+    for h in &hooks {
+        let body: Value = serde_json::from_str(&h.body).unwrap();
+        assert_eq!(body["task"]["status"], "completed");
+        assert_eq!(h.id, format!("msg_{}", body["task"]["id"].as_str().unwrap()));
+    }
+    // The two replicas left both ran tasks: the work is the fleet's, not one replica's.
+    for gw in [a, c] {
+        let m = gw.metrics().await;
+        let finished = metric_value(&m, "slotgate_tasks_finished_total{status=\"completed\"}");
+        assert!(finished > 0.0, "a replica ran no task: {m}");
+    }
+    eprintln!(
+        "3 replicas, kill -9 of one after {} started: {} ran twice, {} webhooks for 2000 tasks",
+        seen_at_kill.len(),
+        twice.len(),
+        hooks.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_to_one_replica_is_read_listed_and_canceled_through_another() {
+    let redis = Redis::start();
+    let state = redis.url();
+    let upstream = Upstream::start().await;
+    let (dir, _data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 2, "{maxQueued: 5}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
+    let a = fleet_member(dir.path(), &upstream.url(), &state);
+    let b = fleet_member(dir.path(), &upstream.url(), &state);
+    for gw in [&a, &b] {
+        gw.wait_output("store shared in redis://", false).await;
+    }
+    let body = task_body(json!({"hold": true}), None);
+    let ids = submit_round_robin(&[&a], "tok-alpha", 5, 1, &body).await;
+    // The queue's cap is the fleet's: the sixth, sent to the other replica, is refused.
+    let client = body_client();
+    let r = send(&client, Method::POST, &b.url("/v1/tasks"), "tok-alpha", &body).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "task_queue_full");
+    assert!(r.header("retry-after").is_some());
+
+    wait_until("2 tasks held upstream", || upstream.in_flight() == 2).await;
+    let running = list_all(&b, "tok-alpha", "running").await;
+    assert_eq!(running.len(), 2, "{running:?}");
+    let queued = list_all(&b, "tok-alpha", "queued").await;
+    assert_eq!(queued.len(), 3);
+    let last = ids.last().unwrap();
+    assert_eq!(task(&b, "tok-alpha", last).await["task"]["status"], "queued");
+    // Another key sees none of them.
+    let r = get(
+        &b.url(&format!("/v1/tasks/{last}")),
+        &[("x-api-key", "tok-nobody")],
+    )
+    .await;
+    assert_ne!(r.status, StatusCode::OK);
+
+    let url = |gw: &Proc, id: &str| gw.url(&format!("/v1/tasks/{id}"));
+    let r = send(&client, Method::DELETE, &url(&b, last), "tok-alpha", "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["task"]["status"], "canceled");
+    let busy = running[0]["id"].as_str().unwrap();
+    let r = send(&client, Method::DELETE, &url(&a, busy), "tok-alpha", "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "task_not_cancelable");
+
+    upstream.release();
+    wait_for("the other four completed", 30, || async {
+        list_all(&a, "tok-alpha", "completed").await.len() == 4
+    })
+    .await;
+    assert_eq!(task(&a, "tok-alpha", last).await["task"]["status"], "canceled");
+    assert!(!upstream.runs().contains_key(last), "a canceled task never runs");
+    assert!(upstream.peak() <= 2);
+}

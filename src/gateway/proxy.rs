@@ -639,7 +639,7 @@ impl Gateway {
     /// taken here also holds a lease the shared state learns of with the first renewal after it
     /// answers again, so that a long request admitted during an outage counts against the key's
     /// slots on every replica from then on.
-    fn fallback(
+    pub(super) fn fallback(
         &self,
         entry: &table::KeyView<'_>,
         path: &str,

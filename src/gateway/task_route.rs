@@ -7,6 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
@@ -121,44 +122,78 @@ impl Limits for GatewayLimits {
             return Admit::Gone;
         };
         let table = gw.table.load();
-        let entry = match table.get(key.digest) {
-            Some(e) if &*e.id == key.id => e,
-            // The token was rotated (or the key is gone): find the key by its id. Rare, and
-            // followed by a rekey, so the scan is not repeated.
-            _ => {
-                return match table.entries().find(|e| &*e.id == key.id) {
-                    Some(e) => Admit::Rekey(*e.digest()),
-                    None => Admit::Gone,
-                };
-            }
+        let entry = match admissible(&table, key) {
+            Ok(e) => e,
+            Err(answer) => return answer,
         };
-        let expired = entry.expires_at().is_some_and(|at| {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            now >= at
-        });
-        if entry.suspended() || expired {
-            return Admit::Gone;
+        verdict(&entry, table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1))
+    }
+
+    fn admit<'a>(&'a self, key: KeyRef<'a>, path: &'a str) -> BoxFuture<'a, Admit> {
+        Box::pin(async move {
+            let Some(gw) = self.0.upgrade() else {
+                return Admit::Gone;
+            };
+            let Some(shared) = gw.shared.clone() else {
+                return self.try_admit(key, path);
+            };
+            // The decision awaits Redis: own the table instead of borrowing it.
+            let table = arc_swap::Guard::into_inner(gw.table.load());
+            let entry = match admissible(&table, key) {
+                Ok(e) => e,
+                Err(answer) => return answer,
+            };
+            let result = match table::admit_shared(&entry, path, &shared, gw.cap.as_ref()).await {
+                Ok(result) => result,
+                Err(_) => gw.fallback(&entry, path, &shared),
+            };
+            verdict(&entry, result)
+        })
+    }
+}
+
+/// The key a task belongs to, if it may run now; otherwise what the dispatcher is told.
+fn admissible<'t>(table: &'t table::KeyTable, key: KeyRef<'_>) -> Result<table::KeyView<'t>, Admit> {
+    let entry = match table.get(key.digest) {
+        Some(e) if &*e.id == key.id => e,
+        // The token was rotated (or the key is gone): find the key by its id. Rare, and
+        // followed by a rekey, so the scan is not repeated.
+        _ => {
+            return Err(match table.entries().find(|e| &*e.id == key.id) {
+                Some(e) => Admit::Rekey(*e.digest()),
+                None => Admit::Gone,
+            });
         }
-        match table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1) {
-            Ok(admitted) => {
-                let gauge = admitted.slot.as_ref().map(|_| {
-                    let g = entry.metrics.in_flight.clone();
-                    g.inc();
-                    g
-                });
-                Admit::Go(Box::new(TaskHold {
-                    _admitted: admitted,
-                    gauge,
-                }))
-            }
-            Err(Refusal::Concurrency { .. } | Refusal::Upstream { .. }) => Admit::Full,
-            // A bucket's wait is exact; a millisecond floor keeps the dispatcher from spinning.
-            Err(Refusal::Rate { wait_nanos, .. }) => {
-                Admit::Wait(Duration::from_nanos(wait_nanos.max(1_000_000)))
-            }
-            Err(Refusal::Unavailable | Refusal::Target { .. }) => Admit::Wait(Duration::from_secs(1)),
+    };
+    let expired = entry.expires_at().is_some_and(|at| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        now >= at
+    });
+    if entry.suspended() || expired {
+        return Err(Admit::Gone);
+    }
+    Ok(entry)
+}
+
+/// The limiter's decision as the dispatcher sees it.
+fn verdict(entry: &table::KeyView<'_>, result: Result<table::Admitted, Refusal>) -> Admit {
+    match result {
+        Ok(admitted) => {
+            let gauge = admitted.slot.as_ref().map(|_| {
+                let g = entry.metrics.in_flight.clone();
+                g.inc();
+                g
+            });
+            Admit::Go(Box::new(TaskHold {
+                _admitted: admitted,
+                gauge,
+            }))
         }
+        Err(Refusal::Concurrency { .. } | Refusal::Upstream { .. }) => Admit::Full,
+        // A bucket's wait is exact; a millisecond floor keeps the dispatcher from spinning.
+        Err(Refusal::Rate { wait_nanos, .. }) => Admit::Wait(Duration::from_nanos(wait_nanos.max(1_000_000))),
+        Err(Refusal::Unavailable | Refusal::Target { .. }) => Admit::Wait(Duration::from_secs(1)),
     }
 }

@@ -122,8 +122,8 @@ impl Tasks {
             .filter(|s| !s.is_empty());
         match (method, id_part) {
             (&Method::POST, None) => self.submit(caller, body).await,
-            (&Method::GET, None) => self.list(caller, query),
-            (&Method::GET, Some(id)) => self.read(caller, id),
+            (&Method::GET, None) => self.list(caller, query).await,
+            (&Method::GET, Some(id)) => self.read(caller, id).await,
             (&Method::DELETE, Some(id)) => self.cancel(caller, id).await,
             _ => Reply::error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -233,14 +233,9 @@ impl Tasks {
         };
 
         let digest = *caller.digest;
-        let reserved = self.queues.lock().expect("queues lock").reserve(
-            caller.key_id,
-            digest,
-            policy.max_queued as usize,
-        );
-        if let Err(unfinished) = reserved {
+        let queue_full = |unfinished: usize| {
             let q = self.queues.lock().expect("queues lock");
-            let excess = unfinished + 1 - policy.max_queued as usize;
+            let excess = (unfinished + 1).saturating_sub(policy.max_queued as usize).max(1);
             let slots = policy.max_concurrent.or(caller.slots).unwrap_or(1);
             let secs = q.retry_after_secs(excess, slots);
             drop(q);
@@ -253,8 +248,8 @@ impl Tasks {
                 ),
             );
             r.retry_after = Some(secs);
-            return r;
-        }
+            r
+        };
         let now = unix_ms_now();
         let task = Task {
             id: TaskId::new(now),
@@ -274,15 +269,33 @@ impl Tasks {
             expires_at: None,
         };
         let view = task.view();
-        let (id, task_type) = (task.id, task.task_type.clone());
-        let stored = self.store.put(vec![task]).await;
-        self.queues.lock().expect("queues lock").settle(
-            caller.key_id,
-            digest,
-            stored.is_ok().then_some((id, task_type.as_str())),
-        );
-        if let Err(e) = stored {
-            return unavailable(e);
+        let id = task.id;
+        if let Some(fleet) = &self.fleet {
+            // The queue's cap is checked in Redis with the write, so it holds across replicas.
+            match fleet.store.submit(&task, policy.max_queued).await {
+                Ok(Ok(())) => fleet.submitted(caller.key_id, digest),
+                Ok(Err(unfinished)) => return queue_full(unfinished as usize),
+                Err(e) => return unavailable(e),
+            }
+        } else {
+            let reserved = self.queues.lock().expect("queues lock").reserve(
+                caller.key_id,
+                digest,
+                policy.max_queued as usize,
+            );
+            if let Err(unfinished) = reserved {
+                return queue_full(unfinished);
+            }
+            let task_type = task.task_type.clone();
+            let stored = self.store.put(vec![task]).await;
+            self.queues.lock().expect("queues lock").settle(
+                caller.key_id,
+                digest,
+                stored.is_ok().then_some((id, task_type.as_str())),
+            );
+            if let Err(e) = stored {
+                return unavailable(e);
+            }
         }
         self.metrics.submitted.inc();
         self.wake.notify_one();
@@ -291,17 +304,17 @@ impl Tasks {
         r
     }
 
-    fn owned(&self, caller: Caller<'_>, id: &str) -> Result<Task, Reply> {
+    async fn owned(&self, caller: Caller<'_>, id: &str) -> Result<Task, Reply> {
         let id: TaskId = id.parse().map_err(|()| not_found())?;
-        match self.store.get(id) {
+        match self.store.get(caller.key_id, id).await {
             Ok(Some(t)) if t.key_id == caller.key_id => Ok(t),
             Ok(_) => Err(not_found()),
             Err(e) => Err(unavailable(e)),
         }
     }
 
-    fn read(&self, caller: Caller<'_>, id: &str) -> Reply {
-        match self.owned(caller, id) {
+    async fn read(&self, caller: Caller<'_>, id: &str) -> Reply {
+        match self.owned(caller, id).await {
             Ok(t) => {
                 let mut body = json!({ "task": t.view() });
                 if let Some(r) = &t.response {
@@ -313,7 +326,7 @@ impl Tasks {
         }
     }
 
-    fn list(&self, caller: Caller<'_>, query: Option<&str>) -> Reply {
+    async fn list(&self, caller: Caller<'_>, query: Option<&str>) -> Reply {
         let mut status = None;
         let mut limit = 100usize;
         let mut cursor = None;
@@ -344,7 +357,7 @@ impl Tasks {
                 }
             }
         }
-        match self.store.list(caller.key_id, cursor, status, limit) {
+        match self.store.list(caller.key_id, cursor, status, limit).await {
             Ok((tasks, next)) => {
                 let views: Vec<Value> = tasks.iter().map(Task::view).collect();
                 Reply::json(
@@ -357,7 +370,7 @@ impl Tasks {
     }
 
     async fn cancel(&self, caller: Caller<'_>, id: &str) -> Reply {
-        let mut task = match self.owned(caller, id) {
+        let mut task = match self.owned(caller, id).await {
             Ok(t) => t,
             Err(r) => return r,
         };
@@ -373,6 +386,22 @@ impl Tasks {
         };
         if task.status != TaskStatus::Queued {
             return conflict(task.status);
+        }
+        if let Some(fleet) = &self.fleet {
+            // A replica may be about to start it: whichever of the two swaps the status first wins.
+            let mut canceled = task.clone();
+            self.finish(&mut canceled, TaskStatus::Canceled, None);
+            if let Some(w) = canceled.webhook.as_mut() {
+                w.status = DeliveryStatus::Failed;
+            }
+            return match fleet.store.swap(&canceled, &[TaskStatus::Queued]).await {
+                Ok(Some(TaskStatus::Queued)) => {
+                    Reply::json(StatusCode::OK, &json!({ "task": canceled.view() }))
+                }
+                Ok(Some(other)) => conflict(other),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(e),
+            };
         }
         match self
             .queues

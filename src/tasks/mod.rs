@@ -2,7 +2,9 @@
 //! durably, runs them against the upstream within the key's concurrency slots and rate limits,
 //! and POSTs each result to the task's webhook, signed per the Standard Webhooks specification.
 //!
-//! - [`store`]: where tasks live ([`store::TaskStore`]; embedded [`store::RedbStore`]);
+//! - [`store`]: where tasks live ([`store::TaskStore`]; embedded [`store::RedbStore`], or
+//!   [`redis_store::RedisStore`] shared by several replicas);
+//! - [`fleet`]: how the replicas of a fleet share the work of the shared store;
 //! - [`scheduler`]: FIFO within a key, round robin across keys, a slot from the same pool as the
 //!   key's synchronous requests (through [`Limits`], which the gateway implements);
 //! - [`webhook`]: signing, SSRF-safe connections, the retry schedule;
@@ -12,8 +14,10 @@
 //! the requests of its task routes. Nothing here knows the gateway's types.
 
 pub mod api;
+pub mod fleet;
 mod metrics;
 pub mod model;
+pub mod redis_store;
 pub mod scheduler;
 pub mod store;
 pub mod webhook;
@@ -26,6 +30,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
 
 pub use metrics::TaskMetrics;
 pub use model::{Task, TaskId, TaskStatus};
@@ -73,6 +78,13 @@ impl std::fmt::Debug for Admit {
 pub trait Limits: Send + Sync + 'static {
     /// Takes a slot and a rate token for a task of `key` on the upstream `path`, never waiting.
     fn try_admit(&self, key: KeyRef<'_>, path: &str) -> Admit;
+
+    /// Takes a slot and a rate token as [`Limits::try_admit`] does, but may ask the shared state
+    /// (several replicas): what a fleet's dispatcher calls. Without shared state it is
+    /// `try_admit`.
+    fn admit<'a>(&'a self, key: KeyRef<'a>, path: &'a str) -> BoxFuture<'a, Admit> {
+        Box::pin(std::future::ready(self.try_admit(key, path)))
+    }
 
     /// The plan the key with this token digest is on now; `None`: no such key. The gateway's
     /// key table answers: the configuration the tasks see has no keys of its own.
@@ -141,6 +153,8 @@ pub struct Tasks {
     limits: OnceLock<Arc<dyn Limits>>,
     upstream: scheduler::UpstreamClient,
     hooks: scheduler::HookClient,
+    /// The fleet's side when the store is shared by several replicas.
+    fleet: Option<Arc<fleet::Fleet>>,
     /// The subsystem's metrics.
     pub metrics: TaskMetrics,
 }
@@ -160,10 +174,48 @@ impl Tasks {
         Self::with_store(options, store, metrics)
     }
 
-    /// The subsystem over any store, counting into `metrics`.
+    /// The subsystem on the Redis at `url`, its keys under `prefix` (the shared limiter's), with
+    /// this process as one consumer of the fleet.
+    pub fn open_shared(
+        options: TasksOptions,
+        url: &str,
+        prefix: &str,
+        claim_timeout: Duration,
+        metrics: TaskMetrics,
+    ) -> Result<Arc<Self>, TasksError> {
+        let store = redis_store::RedisStore::connect(url, prefix, Duration::from_secs(2))?;
+        let fleet = fleet::FleetOptions {
+            consumer: fleet::consumer_name(),
+            claim_timeout,
+        };
+        Self::shared(options, store, fleet, metrics)
+    }
+
+    /// The subsystem on the shared store in Redis: every replica of a fleet serves, runs and
+    /// delivers any task (see [`fleet`]).
+    pub fn shared(
+        options: TasksOptions,
+        store: redis_store::RedisStore,
+        fleet: fleet::FleetOptions,
+        metrics: TaskMetrics,
+    ) -> Result<Arc<Self>, TasksError> {
+        let fleet = Arc::new(fleet::Fleet::new(store.clone(), fleet));
+        Self::build(options, Arc::new(store), Some(fleet), metrics)
+    }
+
+    /// The subsystem over any store run by this process alone, counting into `metrics`.
     pub fn with_store(
         options: TasksOptions,
         store: Arc<dyn TaskStore>,
+        metrics: TaskMetrics,
+    ) -> Result<Arc<Self>, TasksError> {
+        Self::build(options, store, None, metrics)
+    }
+
+    fn build(
+        options: TasksOptions,
+        store: Arc<dyn TaskStore>,
+        fleet: Option<Arc<fleet::Fleet>>,
         metrics: TaskMetrics,
     ) -> Result<Arc<Self>, TasksError> {
         let upstream = scheduler::UpstreamClient::new(&options.upstream)
@@ -182,6 +234,7 @@ impl Tasks {
             limits: OnceLock::new(),
             upstream,
             hooks,
+            fleet,
             metrics,
             options,
         }))
@@ -193,9 +246,16 @@ impl Tasks {
     /// many tasks were picked up.
     pub fn start(self: &Arc<Self>, limits: Arc<dyn Limits>) -> Result<usize, TasksError> {
         let _ = self.limits.set(limits);
+        if let Some(fleet) = &self.fleet {
+            // A fleet picks up unfinished tasks by claims, not by loading them.
+            tokio::spawn(Arc::clone(self).fleet_loop(Arc::clone(fleet)));
+            tokio::spawn(Self::fleet_heartbeat(Arc::clone(fleet)));
+            tokio::spawn(Arc::clone(self).expiry_loop());
+            return Ok(0);
+        }
         let (n, deliveries) = self.recover()?;
-        for id in deliveries {
-            tokio::spawn(Arc::clone(self).deliver(id));
+        for (key, id) in deliveries {
+            tokio::spawn(Arc::clone(self).deliver(key, id));
         }
         tokio::spawn(Arc::clone(self).dispatch_loop());
         tokio::spawn(Arc::clone(self).expiry_loop());

