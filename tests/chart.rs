@@ -666,7 +666,7 @@ fn the_binary_accepts_the_arguments_the_chart_gives_it() {
 }
 
 #[test]
-fn tasks_run_on_one_gateway_with_its_store_on_a_claim_and_more_replicas_are_refused() {
+fn tasks_run_on_one_gateway_with_a_claim_or_on_many_with_redis_and_the_invalid_mixes_are_refused() {
     let objects = rendered(json!({"tasks": {"enabled": true, "storage": {"size": "5Gi"}}}));
     let gw = find(&objects, "Deployment", "slotgate-gateway");
     assert_eq!(gw["spec"]["replicas"], 1);
@@ -721,7 +721,35 @@ fn tasks_run_on_one_gateway_with_its_store_on_a_claim_and_more_replicas_are_refu
     assert_eq!(gw["spec"]["strategy"]["type"], "RollingUpdate");
     assert!(!args(gw).iter().any(|a| a.starts_with("--data-dir")));
 
-    // The mix that cannot work is refused, naming what to change.
+    // Tasks in Redis: any number of replicas, rolling updates, no claim; the signing secrets
+    // are mounted as before.
+    for values in [
+        json!({"tasks": {"enabled": true, "store": "redis", "claimTimeout": "45s"},
+               "gateway": {"replicas": 3}, "state": {"url": "redis://redis:6379"}}),
+        json!({"tasks": {"enabled": true, "store": "redis", "claimTimeout": "45s"},
+               "gateway": {"autoscaling": {"enabled": true}}, "state": {"url": "redis://redis:6379"}}),
+    ] {
+        let objects = rendered(values.clone());
+        assert!(!objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim"), "{values}");
+        let gw = find(&objects, "Deployment", "slotgate-gateway");
+        assert_eq!(gw["spec"]["strategy"]["type"], "RollingUpdate");
+        if values["gateway"]["replicas"] == 3 {
+            assert_eq!(gw["spec"]["replicas"], 3);
+        }
+        let a = args(gw);
+        for want in [
+            "--task-store=redis",
+            "--task-claim-timeout=45s",
+            "--webhook-secrets=/etc/slotgate/webhook-secrets",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+        }
+        assert!(!a.iter().any(|x| x.starts_with("--data-dir")), "{a:?}");
+        let volumes = gw["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        assert!(volumes.iter().any(|v| v["name"] == "webhook-secrets"));
+        assert!(!volumes.iter().any(|v| v["name"] == "tasks"));
+    }
+    // The mixes that cannot work are refused, naming what to change.
     for values in [
         json!({"tasks": {"enabled": true}, "gateway": {"replicas": 3}, "state": {"url": "redis://redis:6379"}}),
         json!({"tasks": {"enabled": true}, "gateway": {"autoscaling": {"enabled": true}},
@@ -729,10 +757,14 @@ fn tasks_run_on_one_gateway_with_its_store_on_a_claim_and_more_replicas_are_refu
     ] {
         let err = render(values.clone()).expect_err(&format!("{values} was accepted"));
         assert!(
-            err.contains("tasks.enabled needs gateway.replicas: 1"),
+            err.contains("tasks.store: embedded needs gateway.replicas: 1") && err.contains("tasks.store: redis"),
             "{values}: {err}"
         );
     }
+    let err = render(json!({"tasks": {"enabled": true, "store": "redis"}})).unwrap_err();
+    assert!(err.contains("set state.url or state.existingSecret.name"), "{err}");
+    let err = render(json!({"tasks": {"store": "disk"}})).unwrap_err();
+    assert!(err.contains("tasks/store"), "{err}");
     let err = render(json!({"tasks": {"storage": {"size": "lots"}}})).unwrap_err();
     assert!(err.contains("tasks/storage/size"), "{err}");
 }

@@ -109,8 +109,11 @@ podAntiAffinity:
 {{- if and (not (include "slotgate.shared" .)) (or (gt (int .Values.gateway.replicas) 1) .Values.gateway.autoscaling.enabled) }}
 {{- fail "gateway.replicas > 1 and gateway.autoscaling.enabled need state.url or state.existingSecret.name (Redis): without shared state every gateway replica would enforce a whole plan limit on its own" }}
 {{- end }}
-{{- if and .Values.tasks.enabled (or (gt (int .Values.gateway.replicas) 1) .Values.gateway.autoscaling.enabled) }}
-{{- fail "tasks.enabled needs gateway.replicas: 1 without gateway.autoscaling: the tasks live in an embedded store on one PersistentVolumeClaim, which one gateway pod at a time can open (a Redis task store for several replicas is not built yet)" }}
+{{- if and .Values.tasks.enabled (eq .Values.tasks.store "embedded") (or (gt (int .Values.gateway.replicas) 1) .Values.gateway.autoscaling.enabled) }}
+{{- fail "tasks.enabled with tasks.store: embedded needs gateway.replicas: 1 without gateway.autoscaling: the tasks live on one PersistentVolumeClaim, which one gateway pod at a time can open; for several replicas set tasks.store: redis (with state.url)" }}
+{{- end }}
+{{- if and .Values.tasks.enabled (eq .Values.tasks.store "redis") (not (include "slotgate.shared" .)) }}
+{{- fail "tasks.store: redis keeps the tasks in the gateways' shared Redis: set state.url or state.existingSecret.name" }}
 {{- end }}
 {{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas must not exceed gateway.autoscaling.maxReplicas" }}
