@@ -730,7 +730,10 @@ fn tasks_run_on_one_gateway_with_a_claim_or_on_many_with_redis_and_the_invalid_m
                "gateway": {"autoscaling": {"enabled": true}}, "state": {"url": "redis://redis:6379"}}),
     ] {
         let objects = rendered(values.clone());
-        assert!(!objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim"), "{values}");
+        assert!(
+            !objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim"),
+            "{values}"
+        );
         let gw = find(&objects, "Deployment", "slotgate-gateway");
         assert_eq!(gw["spec"]["strategy"]["type"], "RollingUpdate");
         if values["gateway"]["replicas"] == 3 {
@@ -757,12 +760,16 @@ fn tasks_run_on_one_gateway_with_a_claim_or_on_many_with_redis_and_the_invalid_m
     ] {
         let err = render(values.clone()).expect_err(&format!("{values} was accepted"));
         assert!(
-            err.contains("tasks.store: embedded needs gateway.replicas: 1") && err.contains("tasks.store: redis"),
+            err.contains("tasks.store: embedded needs gateway.replicas: 1")
+                && err.contains("tasks.store: redis"),
             "{values}: {err}"
         );
     }
     let err = render(json!({"tasks": {"enabled": true, "store": "redis"}})).unwrap_err();
-    assert!(err.contains("set state.url or state.existingSecret.name"), "{err}");
+    assert!(
+        err.contains("set state.url or state.existingSecret.name"),
+        "{err}"
+    );
     let err = render(json!({"tasks": {"store": "disk"}})).unwrap_err();
     assert!(err.contains("tasks/store"), "{err}");
     let err = render(json!({"tasks": {"storage": {"size": "lots"}}})).unwrap_err();

@@ -1470,6 +1470,10 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_overl
 /// `slotgate up` in front of `upstream` with its tasks in the Redis at `state`, shared with the
 /// other gateways there; claims lapse after 2 s without a heartbeat.
 fn fleet_member(dir: &Path, upstream: &str, state: &str) -> Proc {
+    fleet_member_with(dir, upstream, state, "2s")
+}
+
+fn fleet_member_with(dir: &Path, upstream: &str, state: &str, claim_timeout: &str) -> Proc {
     Proc::up(
         dir,
         &[
@@ -1482,7 +1486,7 @@ fn fleet_member(dir: &Path, upstream: &str, state: &str) -> Proc {
             "--task-store",
             "redis",
             "--task-claim-timeout",
-            "2s",
+            claim_timeout,
         ],
     )
 }
@@ -1672,4 +1676,50 @@ async fn a_task_submitted_to_one_replica_is_read_listed_and_canceled_through_ano
     assert_eq!(task(&a, "tok-alpha", last).await["task"]["status"], "canceled");
     assert!(!upstream.runs().contains_key(last), "a canceled task never runs");
     assert!(upstream.peak() <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_shutting_down_gives_the_tasks_it_had_not_started_back_at_once() {
+    let redis = Redis::start();
+    let state = redis.url();
+    let upstream = Upstream::start().await;
+    let (dir, _data) = folder(&format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 2, "{}"),
+        hook_key("alpha", "startup", Some(SECRET_A))
+    ));
+    // Claims lapse only after a minute: whatever the second replica runs within the test came
+    // back from the first at its shutdown, not by a takeover.
+    let mut a = fleet_member_with(dir.path(), &upstream.url(), &state, "60s");
+    a.wait_output("store shared in redis://", false).await;
+    let body = task_body(json!({"hold": true}), None);
+    let ids = submit_round_robin(&[&a], "tok-alpha", 4, 1, &body).await;
+    wait_until("2 tasks held upstream", || upstream.in_flight() == 2).await;
+    let running: HashSet<String> = upstream.runs().into_keys().collect();
+    let b = fleet_member_with(dir.path(), &upstream.url(), &state, "60s");
+    b.wait_output("store shared in redis://", false).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    a.child.wait().unwrap();
+    upstream.release();
+    let waiting: Vec<&String> = ids.iter().filter(|id| !running.contains(*id)).collect();
+    assert_eq!(waiting.len(), 2);
+    wait_for(
+        "the two tasks that had not started completed on the other replica",
+        20,
+        || async {
+            let done = list_all(&b, "tok-alpha", "completed").await;
+            waiting
+                .iter()
+                .all(|id| done.iter().any(|t| t["id"] == id.as_str()))
+        },
+    )
+    .await;
+    // The two that were running on the stopped replica wait for the claim timeout.
+    for id in &running {
+        assert_eq!(task(&b, "tok-alpha", id).await["task"]["status"], "running");
+    }
 }

@@ -131,6 +131,11 @@ pub async fn run(
     .await;
     // Requests in flight have finished: send their releases and leave the replica set, so the
     // other replicas' share of each limit grows at once if Redis goes away later.
+    // Tasks this replica claimed but has not started go back to the fleet at once, instead of
+    // after the claim timeout.
+    if let Some(tasks) = leaving.tasks() {
+        tasks.leave().await;
+    }
     if let Some(shared) = leaving.shared() {
         shared.leave().await;
     }

@@ -16,7 +16,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -136,6 +139,8 @@ pub struct Fleet {
     pub(super) store: RedisStore,
     options: FleetOptions,
     state: Mutex<FleetState>,
+    /// Set at shutdown: nothing more is claimed.
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -170,7 +175,13 @@ impl Fleet {
             store,
             options,
             state: Mutex::default(),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Claims nothing more from now on.
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FleetState> {
@@ -205,6 +216,35 @@ impl Fleet {
             tracing::warn!(key, error = %e, "could not acknowledge a finished task");
         }
         self.state().disown(key, entry);
+    }
+
+    /// Gives back the claims of tasks that have not started (a replica shutting down): the next
+    /// replica to look takes them at once. Running tasks keep theirs until they end or lapse.
+    pub(super) async fn leave(&self) {
+        let waiting: Vec<(Arc<str>, Vec<String>)> = {
+            let mut st = self.state();
+            let mut out = Vec::new();
+            for (key, w) in st.keys.iter_mut() {
+                let entries: Vec<String> = w.ready.drain(..).map(|(_, e)| e).collect();
+                if !entries.is_empty() {
+                    out.push((Arc::clone(key), entries));
+                }
+            }
+            for (key, entries) in &out {
+                if let Some(set) = st.owned.get_mut(key) {
+                    for e in entries {
+                        set.remove(e);
+                    }
+                }
+            }
+            out
+        };
+        for (key, entries) in waiting {
+            let ids: Vec<&str> = entries.iter().map(String::as_str).collect();
+            if let Err(e) = self.store.release(&key, &self.options.consumer, &ids).await {
+                tracing::warn!(key = %key, error = %e, "could not give claimed tasks back");
+            }
+        }
     }
 
     /// Keeps every claim of this replica alive; drops those another replica took over.
@@ -274,6 +314,9 @@ impl Tasks {
         let Some(limits) = self.limits.get().cloned() else {
             return GONE_POLL;
         };
+        if fleet.stopping.load(Ordering::Acquire) {
+            return REFRESH;
+        }
         let config = self.config.load_full();
         let keys: Vec<Arc<str>> = fleet.state().ring.drain(..).collect();
         let mut wait = REFRESH;
@@ -432,8 +475,11 @@ impl Tasks {
             fleet.store.idle(key).await?;
             return Ok(false);
         };
+        // Heartbeated only once sorted out: a claim whose record could not be read lapses and is
+        // taken again later.
+        let task = self.store.get(key, id).await?;
         fleet.state().own(key, &entry);
-        let Some(task) = self.store.get(key, id).await? else {
+        let Some(task) = task else {
             // Expired or never written whole: nothing to do.
             fleet.done(key, &entry).await;
             return Ok(true);

@@ -262,6 +262,15 @@ impl Tasks {
         Ok(n)
     }
 
+    /// The replica is shutting down: in a fleet, the tasks it claimed and has not started go
+    /// back to the other replicas at once (the dispatcher claims no more).
+    pub async fn leave(&self) {
+        if let Some(fleet) = &self.fleet {
+            fleet.stop();
+            fleet.leave().await;
+        }
+    }
+
     /// Takes a new configuration: plan policies and task types. Queued tasks see a plan upgrade
     /// at the next dispatch round, which this starts at once.
     pub fn configure(&self, config: Arc<GatewayConfig>) {
