@@ -1723,3 +1723,72 @@ async fn a_replica_shutting_down_gives_the_tasks_it_had_not_started_back_at_once
         assert_eq!(task(&b, "tok-alpha", id).await["task"]["status"], "running");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_a_key_with_a_backlog_does_not_delay_another_keys_first_task() {
+    let redis = Redis::start();
+    let state = redis.url();
+    let upstream = Upstream::start().await;
+    let (dir, _data) = folder(&format!(
+        "{}{}{}{WORK_TYPE}",
+        task_plan("startup", 25, "{maxQueued: 20000}"),
+        hook_key("alpha", "startup", Some(SECRET_A)),
+        hook_key("bravo", "startup", Some(SECRET_B))
+    ));
+    let a = fleet_member(dir.path(), &upstream.url(), &state);
+    let b = fleet_member(dir.path(), &upstream.url(), &state);
+    for gw in [&a, &b] {
+        gw.wait_output("store shared in redis://", false).await;
+    }
+    // Key A's tasks are held upstream: its 25 slots, across both replicas, stay taken.
+    let body = task_body(json!({"hold": true}), None);
+    let backlog = submit_round_robin(&[&a, &b], "tok-alpha", 2000, 8, &body).await;
+    assert_eq!(backlog.len(), 2000);
+    wait_until("A's 25 slots taken", || upstream.in_flight() == 25).await;
+    let first = submit_round_robin(&[&a], "tok-bravo", 1, 1, &task_body(json!({"prompt": "b"}), None)).await;
+    wait_for("B's task completed", 30, || async {
+        task(&b, "tok-bravo", &first[0]).await["task"]["status"] == "completed"
+    })
+    .await;
+    assert_eq!(upstream.peak(), 26, "A's 25 and B's one");
+    assert_eq!(list_all(&a, "tok-alpha", "queued").await.len(), 2000 - 25);
+    upstream.release();
+}
+
+#[test]
+fn the_redis_task_store_without_redis_state_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.yaml"), WORK_TYPE).unwrap();
+    for extra in [
+        &["--task-store", "redis"][..],
+        &["--task-store", "redis", "--state", "memory"],
+    ] {
+        let out = std::process::Command::new(SLOTGATE)
+            .args(["up", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args([
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "http://127.0.0.1:9",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--task-store redis") && err.contains("--state redis://"),
+            "{err}"
+        );
+    }
+    let out = std::process::Command::new(SLOTGATE)
+        .args(["up", dir.path().to_str().unwrap(), "--task-store", "disk"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--task-store") && err.contains("embedded") && err.contains("redis"),
+        "{err}"
+    );
+}
