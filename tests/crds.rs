@@ -204,6 +204,7 @@ fn crds_are_structural_with_cel_printer_columns_and_status() {
             "Burst",
             "Per",
             "Keys",
+            "Tasks",
             "Ready",
             "Age"
         ]

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Burst", "type":"integer", "jsonPath":".spec.rateLimit.burst"}"#,
     printcolumn = r#"{"name":"Per", "type":"string", "priority":1, "jsonPath":".spec.rateLimit.per"}"#,
     printcolumn = r#"{"name":"Keys", "type":"integer", "description":"ApiKeys on this plan", "jsonPath":".status.keys"}"#,
+    printcolumn = r#"{"name":"Tasks", "type":"string", "priority":1, "description":"Whether keys may submit async tasks", "jsonPath":".status.conditions[?(@.type==\"Tasks\")].status"}"#,
     printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]

@@ -47,6 +47,10 @@ pub mod reason {
     pub const DUPLICATE_TOKEN: &str = "DuplicateToken";
     /// The key is suspended.
     pub const SUSPENDED: &str = "Suspended";
+    /// Condition type (ApiPlan with `spec.tasks`): its keys may submit async tasks.
+    pub const TASKS: &str = "Tasks";
+    /// The plan's task policy is in force.
+    pub const ENABLED: &str = "Enabled";
 }
 
 /// Status of one ApiPlan as compile sees it.
@@ -54,7 +58,7 @@ pub mod reason {
 pub struct PlanReport {
     /// ApiKeys whose spec names the plan.
     pub keys: u32,
-    /// `Ready`.
+    /// `Ready`, and `Tasks` when the plan has a task policy.
     pub conditions: Vec<ConditionSpec>,
 }
 
@@ -138,19 +142,19 @@ pub fn compile_all<P: Borrow<ApiPlan>, K: Borrow<ApiKey>>(
     for plan in sorted_plans {
         let name = plan.name_any();
         let count = key_counts.get(name.as_str()).copied().unwrap_or(0);
-        let ready = match compile_plan(plan) {
+        let conditions = match compile_plan(plan) {
             Ok(compiled) => {
-                let ready = plan_ready(&compiled);
+                let conditions = plan_conditions(&compiled);
                 out_plans.insert(name.clone(), compiled);
-                ready
+                conditions
             }
-            Err(why) => ConditionSpec::fail(READY, INVALID_SPEC, why),
+            Err(why) => vec![ConditionSpec::fail(READY, INVALID_SPEC, why)],
         };
         plan_reports.insert(
             name,
             PlanReport {
                 keys: count,
-                conditions: vec![ready],
+                conditions,
             },
         );
     }
@@ -527,7 +531,27 @@ fn compile_abuse(spec: &crate::api::AbuseSpec) -> Result<super::AbusePolicy, Str
     })
 }
 
-pub(super) fn plan_ready(plan: &CompiledPlan) -> ConditionSpec {
+/// A compiled plan's conditions: `Ready`, and `Tasks` when it has a task policy.
+pub(super) fn plan_conditions(plan: &CompiledPlan) -> Vec<ConditionSpec> {
+    let mut out = vec![plan_ready(plan)];
+    if let Some(t) = &plan.tasks {
+        let slots = t.max_concurrent.map_or_else(
+            || "all of the key's slots".to_string(),
+            |n| format!("at most {n} of the key's slots"),
+        );
+        out.push(ConditionSpec::ok(
+            reason::TASKS,
+            reason::ENABLED,
+            format!(
+                "async tasks: up to {} unfinished per key, running in {slots}, {} attempts, results kept {} s",
+                t.max_queued, t.max_attempts, t.retention_secs
+            ),
+        ));
+    }
+    out
+}
+
+fn plan_ready(plan: &CompiledPlan) -> ConditionSpec {
     use reason::*;
     match (&plan.concurrency, &plan.rate_limit) {
         (Some(c), _) if c.max == 0 => ConditionSpec::ok(

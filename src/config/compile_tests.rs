@@ -446,3 +446,32 @@ fn an_abuse_policy_compiles_with_its_defaults_and_a_bad_one_names_its_field() {
         assert!(!out.keys["acme/a"].admitted);
     }
 }
+
+#[test]
+fn a_plan_with_tasks_says_so_in_a_condition_of_its_own() {
+    let mut with = plan("batch", Some(25), None);
+    with.spec.tasks = Some(crate::api::TasksSpec {
+        max_concurrent: Some(20),
+        ..Default::default()
+    });
+    let out = compile(
+        &[with, plan("plain", Some(5), None)],
+        &[] as &[ApiKey],
+        &tokens_for(&[]),
+        None,
+    );
+    let tasks = out.plans["batch"]
+        .conditions
+        .iter()
+        .find(|c| c.type_ == TASKS)
+        .expect("a Tasks condition");
+    assert!(tasks.status);
+    assert_eq!(tasks.reason, ENABLED);
+    assert!(
+        tasks.message.contains("at most 20 of the key's slots"),
+        "{}",
+        tasks.message
+    );
+    assert_eq!(out.plans["batch"].conditions[0].type_, READY);
+    assert!(!out.plans["plain"].conditions.iter().any(|c| c.type_ == TASKS));
+}

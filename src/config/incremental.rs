@@ -23,7 +23,7 @@ use kube::ResourceExt;
 use super::{
     CompiledKey, CompiledPlan, CompiledTaskType, GatewayConfig, KeyReport, PlanReport, SCHEMA_VERSION,
     TokenDigest, TokenHashes, TokenState,
-    compile::{Token, compile_plan, decide_key, plan_ready, plan_state, reason},
+    compile::{Token, compile_plan, decide_key, plan_conditions, plan_state, reason},
     pieces::{self, INDEX_ENTRY, Index, Piece, SHARD_ENTRY},
 };
 use crate::api::{ApiKey, ApiPlan, ConditionSpec, SecretKeyRef};
@@ -444,18 +444,16 @@ impl Incremental {
             .plans
             .iter()
             .map(|(name, p)| {
-                let ready = match p {
-                    Ok(p) => plan_ready(p),
-                    Err(why) => ConditionSpec::fail(reason::READY, reason::INVALID_SPEC, why.clone()),
+                let conditions = match p {
+                    Ok(p) => plan_conditions(p),
+                    Err(why) => vec![ConditionSpec::fail(
+                        reason::READY,
+                        reason::INVALID_SPEC,
+                        why.clone(),
+                    )],
                 };
                 let keys = self.by_plan.get(name).map_or(0, BTreeSet::len) as u32;
-                (
-                    name.clone(),
-                    PlanReport {
-                        keys,
-                        conditions: vec![ready],
-                    },
-                )
+                (name.clone(), PlanReport { keys, conditions })
             })
             .collect();
         let previous_plans = previous.as_ref().map(|h| &h.plans);
