@@ -719,3 +719,117 @@ async fn a_targets_slots_are_one_pool_across_replicas() {
 async fn as_key_token(gw: &Proc, path: &str, token: &str) -> Got {
     get(&gw.url(path), &[("x-api-key", token)]).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_many_slots_is_served_from_lease_blocks_and_three_replicas_still_never_exceed_it() {
+    let redis = Redis::start();
+    let stub = Stub::start().await;
+    // 128 slots and a burst of 100,000: big enough for blocks (4 slots and 128 tokens at a time).
+    let plan = plan_yaml(
+        "p",
+        "  concurrency:\n    maxConcurrentRequests: 128\n    paths: [\"/v1/*\"]\n  rateLimit:\n    requestsPerSecond: 100000\n    burst: 100000\n    per: Key\n    paths: [\"/v1/*\"]",
+    );
+    let cfg = ConfigDir::new(&(plan + &key_yaml("k", "p", "")));
+    let mut gws: Vec<Proc> = (0..3)
+        .map(|_| {
+            shared_gateway(
+                &cfg,
+                &stub,
+                &redis,
+                &["--state-timeout", "5s", "--state-lease-ttl", "2s"],
+            )
+        })
+        .collect();
+    for gw in &gws {
+        gw.wait_metric("slotgate_state_shared", |v| v == 1.0).await;
+    }
+    // Below the limit: 96 clients over the three replicas, 8 requests each holding the upstream
+    // 30 ms. Most requests come from blocks, so Redis runs far fewer scripts than requests.
+    let calls_before = redis.script_calls();
+    let (seen, peak) = burst_of(&gws, &stub, 96, 8).await;
+    let calls = redis.script_calls() - calls_before;
+    eprintln!(
+        "below the limit: statuses {seen:?}, upstream peak {peak}, {calls} script calls for 768 requests"
+    );
+    assert!(
+        peak <= 128,
+        "the upstream saw {peak} requests of a 128-slot key at once"
+    );
+    assert_eq!(seen.get(&200).copied(), Some(768), "{seen:?}");
+    assert!(
+        calls < 768 / 2,
+        "{calls} script calls for 768 requests: the blocks were not used"
+    );
+    // Over it: 300 clients. The fleet still never has more than 128 in flight.
+    let (seen, peak) = burst_of(&gws, &stub, 300, 4).await;
+    eprintln!("over the limit: statuses {seen:?}, upstream peak {peak}");
+    assert!(
+        peak <= 128,
+        "the upstream saw {peak} requests of a 128-slot key at once"
+    );
+    assert!(peak > 64, "peak {peak}: the replicas did not share one pool");
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        vec![200, 429],
+        "{seen:?}"
+    );
+    // Blocks go back once the key is idle: every lease is released.
+    wait_until("all leases released", || redis.leases(KEY_ID) == 0).await;
+
+    // A replica killed while its block holds slots: they expire within the lease TTL.
+    // Raw connections: the replica dies under them, which a client library would report as an
+    // error; these just end.
+    let addr = gws[0].url("").trim_start_matches("http://").to_string();
+    let hold: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let req = "GET /v1/work?delay_ms=10000 HTTP/1.1\r\nhost: gw\r\nx-api-key: tok-k\r\n\r\n";
+                c.write_all(req.as_bytes()).await.unwrap();
+                let mut sink = Vec::new();
+                let _ = c.read_to_end(&mut sink).await;
+            })
+        })
+        .collect();
+    wait_until("20 held upstream", || stub.in_flight() >= 20).await;
+    assert!(redis.leases(KEY_ID) >= 20);
+    gws[0].child.kill().unwrap();
+    gws[0].child.wait().unwrap();
+    wait_until("the killed replica's leases expired", || {
+        redis.leases(KEY_ID) == 0
+    })
+    .await;
+    for h in hold {
+        let _ = h.await;
+    }
+    let r = as_key(&gws[1], "/v1/work").await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+/// `clients` clients spread over `gws`, each sending `each` requests that hold the upstream 30 ms;
+/// the statuses, and the upstream's peak in flight (reset first).
+async fn burst_of(gws: &[Proc], stub: &Stub, clients: usize, each: usize) -> (BTreeMap<u16, u64>, usize) {
+    stub.reset_peak();
+    let tally = Arc::new(Tally::default());
+    let runs = (0..clients).map(|i| {
+        let url = gws[i % gws.len()].url("/v1/work?delay_ms=30");
+        let tally = Arc::clone(&tally);
+        tokio::spawn(async move {
+            let http = client_keep_alive();
+            for _ in 0..each {
+                let r = get_on(&http, &url, &[("x-api-key", "tok-k")]).await;
+                tally.add(r.status);
+                assert_eq!(r.num("x-concurrent-limit"), 128);
+                if r.status == StatusCode::TOO_MANY_REQUESTS {
+                    assert_eq!(r.code(), "concurrency_limit_exceeded");
+                }
+            }
+        })
+    });
+    for r in join_all(runs).await {
+        r.unwrap();
+    }
+    (tally.take(), stub.peak())
+}

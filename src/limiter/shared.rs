@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::RateParams;
 
+mod blocks;
+
 /// Admits a batch of requests of one API key, in order, as if each had come alone: `KEYS[1]` the
 /// key's slot leases, `KEYS[2..]` its rate buckets; `ARGV[1]` lease TTL (ms), then five values per
 /// request: slot limit (-1: none), lease member, rate per second (0: none), burst, and which of
@@ -324,6 +326,8 @@ struct Core {
     seq: AtomicU64,
     /// Leases held by this replica: sequence number to the slot set holding it.
     leases: Mutex<HashMap<u64, Arc<str>>>,
+    /// Lease blocks by slot set (see [`blocks`]).
+    blocks: Mutex<HashMap<Arc<str>, blocks::Block>>,
     healthy: AtomicBool,
     replicas: AtomicU32,
     observer: Arc<dyn SharedObserver>,
@@ -354,10 +358,13 @@ impl Drop for SharedLimiter {
     }
 }
 
-/// A slot lease held in Redis; dropping it queues its release.
+/// A slot lease held in Redis; dropping it queues its release (or gives it back to the block it
+/// came from).
 pub struct SharedLease {
     core: Arc<Core>,
     seq: u64,
+    /// The slot set whose block the lease came from.
+    block: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for SharedLease {
@@ -368,6 +375,11 @@ impl std::fmt::Debug for SharedLease {
 
 impl Drop for SharedLease {
     fn drop(&mut self) {
+        if let Some(block) = &self.block
+            && self.core.return_to_block(block, self.seq)
+        {
+            return;
+        }
         let key = self
             .core
             .leases
@@ -411,6 +423,7 @@ impl SharedLimiter {
             timeout: options.timeout,
             seq: AtomicU64::new(0),
             leases: Mutex::default(),
+            blocks: Mutex::default(),
             healthy: AtomicBool::new(false),
             replicas: AtomicU32::new(options.replicas_hint.max(1)),
             observer,
@@ -466,6 +479,9 @@ impl SharedLimiter {
             BucketName::Endpoint(path) => format!("{base}:rate:{path}"),
             BucketName::Key => format!("{base}:rate"),
         });
+        if let Some(decided) = core.admit_from_block(&req, &slots_key, rate_key.as_deref()).await {
+            return decided;
+        }
         let seq = core.seq.fetch_add(1, Ordering::Relaxed);
         let (per_second, burst) = req.rate.map_or((0, 0), |(_, p)| (p.per_second, p.burst));
         let (answer, verdict) = oneshot::channel();
@@ -514,6 +530,7 @@ impl SharedLimiter {
                     SharedLease {
                         core: Arc::clone(core),
                         seq,
+                        block: None,
                     }
                 }),
                 in_flight,
@@ -544,6 +561,7 @@ impl SharedLimiter {
         SharedLease {
             core: Arc::clone(core),
             seq,
+            block: None,
         }
     }
 
@@ -727,6 +745,7 @@ impl Core {
 
     /// Releases, heartbeat (which doubles as the probe that ends fallback mode), renewals.
     async fn tick(&self, pending: &mut Vec<(Arc<str>, u64)>) {
+        self.return_blocks(pending, false).await;
         self.flush(pending).await;
         let mut conn = self.conn.clone();
         let mut beat = HEARTBEAT.prepare_invoke();
@@ -794,6 +813,9 @@ async fn maintain(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                         Msg::Leave(done) => leave = Some(done),
                     }
                     next = rx.try_recv().ok();
+                }
+                if leave.is_some() {
+                    core.return_blocks(&mut pending, true).await;
                 }
                 if core.healthy.load(Ordering::Acquire) || leave.is_some() {
                     core.flush(&mut pending).await;

@@ -150,6 +150,11 @@ impl Stub {
         self.peak.load(Ordering::SeqCst)
     }
 
+    /// Starts counting the peak again from the requests in flight now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.in_flight(), Ordering::SeqCst);
+    }
+
     pub async fn wait_in_flight(&self, n: usize) {
         wait_until("stub in-flight count", || self.in_flight() == n).await;
     }
