@@ -70,11 +70,14 @@ if rate > 0 then
   end
   tat = math.max(bk.tat, now)
   local avail = math.floor((now + tau - tat) / interval)
-  if avail <= 0 then
-    free = 0
-    retry = math.ceil(tat + interval - tau - now)
-  elseif want_s == 0 or free > 0 then
-    gt = math.min(want_t, avail)
+  -- Only a refill that wants tokens depends on the bucket: one for slots alone holds tokens.
+  if want_t > 0 then
+    if avail <= 0 then
+      free = 0
+      retry = math.ceil(tat + interval - tau - now)
+    elseif want_s == 0 or free > 0 then
+      gt = math.min(want_t, avail)
+    end
   end
 end
 if gt > 0 then
@@ -167,6 +170,15 @@ impl Core {
         if !self.healthy.load(Ordering::Acquire) {
             return None;
         }
+        // A key's requests outside its concurrency paths take tokens only: a block of their own,
+        // so they do not make the slot block's terms flip.
+        let own;
+        let block_key = if req.slots.is_some() {
+            slots_key
+        } else {
+            own = Arc::<str>::from(format!("{slots_key}|tokens"));
+            &own
+        };
         let terms = Terms {
             limit: req.slots,
             rate: req
@@ -176,7 +188,7 @@ impl Core {
         };
         let (want_slots, want_tokens) = {
             let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-            let b = blocks.entry(Arc::clone(slots_key)).or_insert_with(|| Block {
+            let b = blocks.entry(Arc::clone(block_key)).or_insert_with(|| Block {
                 terms: terms.clone(),
                 free: Vec::new(),
                 in_use: 0,
@@ -193,7 +205,7 @@ impl Core {
             if b.stale {
                 return None;
             }
-            if let Some(d) = self.take(slots_key, b) {
+            if let Some(d) = self.take(block_key, b) {
                 return Some(Ok(d));
             }
             if b.refilling {
@@ -212,7 +224,7 @@ impl Core {
             .collect();
         let answer = self.refill(&terms, slots_key, &seqs, want_tokens).await;
         let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        let b = blocks.get_mut(slots_key)?;
+        let b = blocks.get_mut(block_key)?;
         b.refilling = false;
         let [granted, in_flight, tokens, left, retry_us] = match answer {
             Ok(v) => v,
@@ -234,9 +246,13 @@ impl Core {
         }
         b.free.extend_from_slice(&seqs[..granted]);
         b.tokens += u32::try_from(tokens).unwrap_or(0);
-        b.fleet_in_flight = u32::try_from(in_flight).unwrap_or(0);
-        b.bucket_left = u32::try_from(left).ok();
-        if let Some(d) = self.take(slots_key, b) {
+        if want_slots > 0 {
+            b.fleet_in_flight = u32::try_from(in_flight).unwrap_or(0);
+        }
+        if let Ok(left) = u32::try_from(left) {
+            b.bucket_left = Some(left);
+        }
+        if let Some(d) = self.take(block_key, b) {
             return Some(Ok(d));
         }
         let in_flight = b.fleet_in_flight;
@@ -265,7 +281,9 @@ impl Core {
         if need_token {
             b.tokens -= 1;
         }
-        b.in_use += 1;
+        if seq.is_some() {
+            b.in_use += 1;
+        }
         b.last_used = Instant::now();
         // The fleet's count at the refill had every slot of the block as taken.
         let in_flight = b
