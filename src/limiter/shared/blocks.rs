@@ -142,6 +142,24 @@ pub(super) struct Block {
     stale: bool,
 }
 
+/// What a refill of `b` asks for: a block of slots and of tokens where it has none, or (`early`)
+/// fewer than a quarter of a block.
+fn wants(b: &Block, slot_block: u32, token_block: u32, early: bool) -> (u32, u32) {
+    let low = |have: usize, block: u32| {
+        if early {
+            have < (block / 4).max(1) as usize
+        } else {
+            have == 0
+        }
+    };
+    let slots = b.terms.limit.is_some() && low(b.free.len(), slot_block);
+    let tokens = b.terms.rate.is_some() && low(b.tokens as usize, token_block);
+    (
+        if slots { slot_block } else { 0 },
+        if tokens { token_block } else { 0 },
+    )
+}
+
 /// The slots and tokens a block of this request's key is made of; `None`: the request is decided
 /// in Redis alone.
 fn sizes(req: &SharedRequest<'_>) -> Option<(u32, u32)> {
@@ -206,52 +224,34 @@ impl Core {
                 return None;
             }
             if let Some(d) = self.take(block_key, b) {
+                // Running low: refill in the background, so that requests seldom find it dry.
+                let (slots, tokens) = wants(b, slot_block, token_block, true);
+                if !b.refilling && slots + tokens > 0 {
+                    b.refilling = true;
+                    tokio::spawn(Arc::clone(self).refill_later(
+                        Arc::clone(block_key),
+                        Arc::clone(slots_key),
+                        terms,
+                        slots,
+                        tokens,
+                    ));
+                }
                 return Some(Ok(d));
             }
             if b.refilling {
                 return None;
             }
             b.refilling = true;
-            let need_slot = terms.limit.is_some() && b.free.is_empty();
-            let need_token = terms.rate.is_some() && b.tokens == 0;
-            (
-                if need_slot { slot_block } else { 0 },
-                if need_token { token_block } else { 0 },
-            )
+            wants(b, slot_block, token_block, false)
         };
-        let seqs: Vec<u64> = (0..want_slots)
-            .map(|_| self.seq.fetch_add(1, Ordering::Relaxed))
-            .collect();
+        let seqs = self.seqs(want_slots);
         let answer = self.refill(&terms, slots_key, &seqs, want_tokens).await;
         let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
         let b = blocks.get_mut(block_key)?;
-        b.refilling = false;
-        let [granted, in_flight, tokens, left, retry_us] = match answer {
-            Ok(v) => v,
-            Err(e) => {
-                // Perhaps taken: give the slots back (after the call on the same connection).
-                for s in &seqs {
-                    let _ = self.queue.send(Msg::Release(Arc::clone(slots_key), *s));
-                }
-                self.set_healthy(false);
-                return Some(Err(e));
-            }
+        let retry_us = match self.merge(b, slots_key, &seqs, answer) {
+            Ok(retry_us) => retry_us,
+            Err(e) => return Some(Err(e)),
         };
-        let granted = usize::try_from(granted).unwrap_or(0).min(seqs.len());
-        {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            for s in &seqs[..granted] {
-                leases.insert(*s, Arc::clone(slots_key));
-            }
-        }
-        b.free.extend_from_slice(&seqs[..granted]);
-        b.tokens += u32::try_from(tokens).unwrap_or(0);
-        if want_slots > 0 {
-            b.fleet_in_flight = u32::try_from(in_flight).unwrap_or(0);
-        }
-        if let Ok(left) = u32::try_from(left) {
-            b.bucket_left = Some(left);
-        }
         if let Some(d) = self.take(block_key, b) {
             return Some(Ok(d));
         }
@@ -268,6 +268,73 @@ impl Core {
                 rate_remaining: b.bucket_left.map(|l| l + b.tokens),
             }
         }))
+    }
+
+    fn seqs(&self, n: u32) -> Vec<u64> {
+        (0..n).map(|_| self.seq.fetch_add(1, Ordering::Relaxed)).collect()
+    }
+
+    /// A refill made while the block still serves.
+    async fn refill_later(
+        self: Arc<Self>,
+        block_key: Arc<str>,
+        slots_key: Arc<str>,
+        terms: Terms,
+        slots: u32,
+        tokens: u32,
+    ) {
+        let seqs = self.seqs(slots);
+        let answer = self.refill(&terms, &slots_key, &seqs, tokens).await;
+        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        match blocks.get_mut(&block_key) {
+            Some(b) => {
+                let _ = self.merge(b, &slots_key, &seqs, answer);
+            }
+            // Cannot happen (a refilling block is kept), but leased slots must not leak.
+            None => {
+                for s in seqs {
+                    let _ = self.queue.send(Msg::Release(Arc::clone(&slots_key), s));
+                }
+            }
+        }
+    }
+
+    /// Adds what a refill got to the block; the microseconds until a token when it got none.
+    fn merge(
+        &self,
+        b: &mut Block,
+        slots_key: &Arc<str>,
+        seqs: &[u64],
+        answer: Result<[i64; 5], SharedError>,
+    ) -> Result<i64, SharedError> {
+        b.refilling = false;
+        let [granted, in_flight, tokens, left, retry_us] = match answer {
+            Ok(v) => v,
+            Err(e) => {
+                // Perhaps taken: give the slots back (after the call on the same connection).
+                for s in seqs {
+                    let _ = self.queue.send(Msg::Release(Arc::clone(slots_key), *s));
+                }
+                self.set_healthy(false);
+                return Err(e);
+            }
+        };
+        let granted = usize::try_from(granted).unwrap_or(0).min(seqs.len());
+        {
+            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            for s in &seqs[..granted] {
+                leases.insert(*s, Arc::clone(slots_key));
+            }
+        }
+        b.free.extend_from_slice(&seqs[..granted]);
+        b.tokens += u32::try_from(tokens).unwrap_or(0);
+        if !seqs.is_empty() {
+            b.fleet_in_flight = u32::try_from(in_flight).unwrap_or(0);
+        }
+        if let Ok(left) = u32::try_from(left) {
+            b.bucket_left = Some(left);
+        }
+        Ok(retry_us)
     }
 
     /// One request from the block, if it holds what the request needs.
