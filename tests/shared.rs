@@ -724,7 +724,7 @@ async fn as_key_token(gw: &Proc, path: &str, token: &str) -> Got {
 async fn a_key_with_many_slots_is_served_from_lease_blocks_and_three_replicas_still_never_exceed_it() {
     let redis = Redis::start();
     let stub = Stub::start().await;
-    // 128 slots and a burst of 100,000: big enough for blocks (4 slots and 128 tokens at a time).
+    // 128 slots and a burst of 100,000: big enough for blocks (4 slots and 1,024 tokens at a time).
     let plan = plan_yaml(
         "p",
         "  concurrency:\n    maxConcurrentRequests: 128\n    paths: [\"/v1/*\"]\n  rateLimit:\n    requestsPerSecond: 100000\n    burst: 100000\n    per: Key\n    paths: [\"/v1/*\"]",

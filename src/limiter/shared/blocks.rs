@@ -29,7 +29,10 @@ pub(super) const MIN_BURST: u32 = 64;
 const SHARE: u32 = 32;
 /// ... and at most this many slots or tokens.
 const MAX_SLOTS: u32 = 32;
-const MAX_TOKENS: u32 = 128;
+const MAX_TOKENS: u32 = 1024;
+/// A block holding this many blocks' worth of free slots gives the excess back (down to half of
+/// it): other replicas may need them, and the hysteresis keeps a busy key from churning.
+const MOST_FREE: usize = 4;
 /// A replica's block is given back once the key has been idle on it this long.
 pub(super) const IDLE: Duration = Duration::from_secs(1);
 
@@ -405,22 +408,31 @@ impl Core {
     }
 
     /// A request admitted from a block ended: its slot goes back to the block, unless the block
-    /// is gone or stale, or holds more than two blocks' worth free (the excess is released so
-    /// other replicas can have it).
+    /// is gone or stale. A block with [`MOST_FREE`] blocks' worth free gives half of them back,
+    /// so other replicas can have them.
     pub(super) fn return_to_block(&self, key: &Arc<str>, seq: u64) -> bool {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(b) = blocks.get_mut(key) else {
-            return false;
+        let excess: Vec<u64> = {
+            let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(b) = blocks.get_mut(key) else {
+                return false;
+            };
+            b.in_use = b.in_use.saturating_sub(1);
+            if b.stale {
+                return false;
+            }
+            b.free.push(seq);
+            let block = b.terms.limit.map_or(0, |l| (l / SHARE).clamp(1, MAX_SLOTS)) as usize;
+            if b.free.len() < MOST_FREE * block {
+                return true;
+            }
+            let keep = MOST_FREE * block / 2;
+            b.free.drain(keep..).collect()
         };
-        b.in_use = b.in_use.saturating_sub(1);
-        if b.stale {
-            return false;
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for s in excess {
+            leases.remove(&s);
+            let _ = self.queue.send(Msg::Release(Arc::clone(key), s));
         }
-        let cap = b.terms.limit.map_or(0, |l| 2 * (l / SHARE).clamp(1, MAX_SLOTS)) as usize;
-        if b.free.len() >= cap {
-            return false;
-        }
-        b.free.push(seq);
         true
     }
 
