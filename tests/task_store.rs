@@ -14,23 +14,14 @@ use slotgate::tasks::{
 };
 
 fn task(key: &str, at: u64) -> Task {
-    Task {
-        id: TaskId::new(at),
-        key_id: key.into(),
-        key_digest: "00".repeat(32),
-        task_type: "CHATGPT".into(),
-        payload: serde_json::json!({"prompt": "hi"}),
-        webhook: None,
-        status: TaskStatus::Queued,
-        attempts: 0,
-        not_before: None,
-        started_at: None,
-        finished_at: None,
-        upstream_status: None,
-        response: None,
-        error: None,
-        expires_at: None,
-    }
+    Task::queued(
+        TaskId::new(at),
+        key,
+        &[0; 32],
+        "CHATGPT".into(),
+        serde_json::json!({"prompt": "hi"}),
+        None,
+    )
 }
 
 fn ids(tasks: &[Task]) -> Vec<TaskId> {

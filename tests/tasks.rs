@@ -492,6 +492,40 @@ async fn list_all(gw: &Proc, key: &str, status: &str) -> Vec<Value> {
     }
 }
 
+/// The tasks that ran twice, after checking none ran more often and each had reached the
+/// upstream before the kill (`seen_at_kill`): a task that had not started runs once.
+fn reruns_only_of_started<'a>(
+    runs: &'a HashMap<String, usize>,
+    seen_at_kill: &HashSet<String>,
+) -> Vec<&'a String> {
+    let twice: Vec<&String> = runs.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
+    assert!(
+        runs.values().all(|&n| n <= 2),
+        "a task ran more than twice: {twice:?}"
+    );
+    for id in &twice {
+        assert!(
+            seen_at_kill.contains(*id),
+            "task {id} had not started at the kill and ran twice"
+        );
+    }
+    twice
+}
+
+/// Waits until webhooks with `n` distinct ids have arrived.
+async fn wait_for_webhooks(receiver: &Receiver, n: usize) {
+    wait_for("a webhook for every task", 60, || async {
+        receiver
+            .hooks()
+            .iter()
+            .map(|h| h.id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == n
+    })
+    .await;
+}
+
 /// Polls until `cond` holds, up to `secs` (a hang guard, not a timing assertion).
 async fn wait_for<F, Fut>(what: &str, secs: u64, mut cond: F)
 where
@@ -690,29 +724,10 @@ async fn kill_9_mid_run_loses_no_task_and_runs_none_that_had_not_started_twice()
     for id in &ids {
         assert!(runs.contains_key(id), "task {id} never ran");
     }
-    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        runs.values().all(|&n| n <= 2),
-        "a task ran more than twice: {twice:?}"
-    );
     // Only a task that had reached the upstream before the kill, and whose result was not yet
     // on disk, may run again; one that had not started runs exactly once.
-    for (id, _) in &twice {
-        assert!(
-            seen_at_kill.contains(*id),
-            "task {id} had not started at the kill and ran twice"
-        );
-    }
-    wait_for("a webhook for every task", 60, || async {
-        receiver
-            .hooks()
-            .iter()
-            .map(|h| h.id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-            == 1000
-    })
-    .await;
+    let twice = reruns_only_of_started(&runs, &seen_at_kill);
+    wait_for_webhooks(&receiver, 1000).await;
     eprintln!(
         "kill -9 after {started_at_kill} started, {in_flight_at_kill} in flight: {} ran twice",
         twice.len()
@@ -1579,26 +1594,9 @@ async fn three_replicas_on_redis_run_2000_tasks_within_25_slots_through_a_kill_9
     }
     // A task runs again only if it had reached the upstream before the kill (it was running on
     // the killed replica, whose result never got stored): at most that replica's share of 25.
-    let twice: Vec<&String> = runs.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
-    assert!(runs.values().all(|&n| n <= 2), "a task ran more than twice");
+    let twice = reruns_only_of_started(&runs, &seen_at_kill);
     assert!(twice.len() <= 25, "{} tasks ran twice", twice.len());
-    for id in &twice {
-        assert!(
-            seen_at_kill.contains(*id),
-            "task {id} had not started at the kill and ran twice"
-        );
-    }
-
-    wait_for("a webhook for every task", 60, || async {
-        receiver
-            .hooks()
-            .iter()
-            .map(|h| h.id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-            == 2000
-    })
-    .await;
+    wait_for_webhooks(&receiver, 2000).await;
     let hooks = receiver.hooks();
     assert_eq!(verify_with_reference(SECRET_A, &hooks), hooks.len());
     for h in &hooks {

@@ -251,23 +251,14 @@ impl Tasks {
             r
         };
         let now = unix_ms_now();
-        let task = Task {
-            id: TaskId::new(now),
-            key_id: caller.key_id.to_string(),
-            key_digest: hex::encode(digest),
+        let task = Task::queued(
+            TaskId::new(now),
+            caller.key_id,
+            &digest,
             task_type,
             payload,
             webhook,
-            status: TaskStatus::Queued,
-            attempts: 0,
-            not_before: None,
-            started_at: None,
-            finished_at: None,
-            upstream_status: None,
-            response: None,
-            error: None,
-            expires_at: None,
-        };
+        );
         let view = task.view();
         let id = task.id;
         if let Some(fleet) = &self.fleet {

@@ -227,6 +227,34 @@ pub struct Task {
 }
 
 impl Task {
+    /// A task just submitted: queued, never attempted.
+    pub fn queued(
+        id: TaskId,
+        key_id: &str,
+        key_digest: &[u8; 32],
+        task_type: String,
+        payload: Value,
+        webhook: Option<Webhook>,
+    ) -> Self {
+        Self {
+            id,
+            key_id: key_id.to_string(),
+            key_digest: hex::encode(key_digest),
+            task_type,
+            payload,
+            webhook,
+            status: TaskStatus::Queued,
+            attempts: 0,
+            not_before: None,
+            started_at: None,
+            finished_at: None,
+            upstream_status: None,
+            response: None,
+            error: None,
+            expires_at: None,
+        }
+    }
+
     /// Whether the store must find this task again after a restart: it has yet to run, or its
     /// webhook has yet to be delivered.
     pub fn is_open(&self) -> bool {

@@ -23,7 +23,7 @@
 use std::{sync::LazyLock, time::Duration};
 
 use futures::future::BoxFuture;
-use redis::{Script, Value, aio::ConnectionManager};
+use redis::{Script, ScriptInvocation, Value, aio::ConnectionManager};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -250,6 +250,30 @@ impl RedisStore {
         self.key(key_id, &format!("task:{id}"))
     }
 
+    /// A call of `script` on `task`: its record's key, then the key's Redis keys named by
+    /// `keys`; then the task's id and JSON, and (`with_status`) its status, whether it is final
+    /// and its end of retention (0: none), as the scripts take them.
+    fn on_task<'s>(
+        &self,
+        script: &'s Script,
+        task: &Task,
+        keys: &[&str],
+        with_status: bool,
+    ) -> ScriptInvocation<'s> {
+        let mut call = script.prepare_invoke();
+        call.key(self.record(&task.key_id, task.id));
+        for k in keys {
+            call.key(self.key(&task.key_id, k));
+        }
+        call.arg(task.id.to_string()).arg(encode(task));
+        if with_status {
+            call.arg(task.status.as_str())
+                .arg(u8::from(task.status.is_final()))
+                .arg(task.expires_at.unwrap_or(0));
+        }
+        call
+    }
+
     fn active_set(&self) -> String {
         format!("{}:active", self.prefix)
     }
@@ -268,14 +292,8 @@ impl RedisStore {
     /// Stores a new task and queues it for the fleet if its key has fewer than `max` unfinished
     /// tasks; `Ok(Err(n))`: it has `n`, and nothing was stored.
     pub async fn submit(&self, task: &Task, max: u32) -> Result<Result<(), u64>, StoreError> {
-        let mut call = SUBMIT.prepare_invoke();
-        call.key(self.record(&task.key_id, task.id))
-            .key(self.key(&task.key_id, "index"))
-            .key(self.key(&task.key_id, "open"))
-            .key(self.key(&task.key_id, "queue"))
-            .arg(task.id.to_string())
-            .arg(encode(task))
-            .arg(max);
+        let mut call = self.on_task(&SUBMIT, task, &["index", "open", "queue"], false);
+        call.arg(max);
         let mut conn = self.conn.clone();
         let n: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
         if n >= 0 {
@@ -295,15 +313,7 @@ impl RedisStore {
     /// Writes `task` only if its stored status is one of `from`; returns the stored status
     /// (`None`: no such task). The write happened when the status returned is in `from`.
     pub async fn swap(&self, task: &Task, from: &[TaskStatus]) -> Result<Option<TaskStatus>, StoreError> {
-        let mut call = SWAP.prepare_invoke();
-        call.key(self.record(&task.key_id, task.id))
-            .key(self.key(&task.key_id, "open"))
-            .key(self.key(&task.key_id, "expiry"))
-            .arg(task.id.to_string())
-            .arg(encode(task))
-            .arg(task.status.as_str())
-            .arg(u8::from(task.status.is_final()))
-            .arg(task.expires_at.unwrap_or(0));
+        let mut call = self.on_task(&SWAP, task, &["open", "expiry"], true);
         for s in from {
             call.arg(s.as_str());
         }
@@ -444,16 +454,7 @@ impl RedisStore {
         pipe.load_script(&PUT).ignore();
         let mut sweep = Vec::new();
         for task in &tasks {
-            let mut call = PUT.prepare_invoke();
-            call.key(self.record(&task.key_id, task.id))
-                .key(self.key(&task.key_id, "index"))
-                .key(self.key(&task.key_id, "open"))
-                .key(self.key(&task.key_id, "expiry"))
-                .arg(task.id.to_string())
-                .arg(encode(task))
-                .arg(task.status.as_str())
-                .arg(u8::from(task.status.is_final()))
-                .arg(task.expires_at.unwrap_or(0));
+            let call = self.on_task(&PUT, task, &["index", "open", "expiry"], true);
             pipe.invoke_script(&call).ignore();
             if let Some(at) = task.expires_at {
                 sweep.push((task.key_id.as_str(), at));
