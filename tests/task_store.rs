@@ -218,4 +218,24 @@ async fn claims_are_fleet_wide_kept_by_their_holder_and_taken_over_when_it_stops
     assert_eq!(again.map(|c| c.task), Some(tasks[2].id));
     store.done(key, &third.entry).await.unwrap();
     assert!(store.active_keys().await.unwrap().is_empty());
+
+    // A replica gone for good leaves its consumer in the group: once it holds nothing and has
+    // been idle long enough, the others forget it (never themselves, never one holding work).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.prune(key, "a", Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(
+        store.prune(key, "a", Duration::from_millis(100)).await.unwrap(),
+        1
+    );
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(format!("claims:t:{{{key}}}:queue"))
+        .arg("fleet")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(consumers.len(), 1, "only a is left: {consumers:?}");
 }

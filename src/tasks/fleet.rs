@@ -37,6 +37,13 @@ const REFRESH: Duration = Duration::from_millis(250);
 const FULL_POLL: Duration = Duration::from_millis(10);
 /// How long the tasks of a key that is not admitted (deleted, suspended) wait.
 const GONE_POLL: Duration = Duration::from_secs(1);
+/// How often a replica forgets the stream consumers of replicas that are gone...
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// ... those holding nothing and idle this long (a live replica reads its keys' streams far
+/// more often).
+const GONE_AFTER: Duration = Duration::from_secs(3600);
+/// Keys looked at per pruning pass.
+const PRUNE_KEYS: usize = 1000;
 /// Most tasks one key starts in one round, so a round visits every key soon.
 const ROUND_BUDGET: usize = 64;
 
@@ -247,6 +254,27 @@ impl Fleet {
         }
     }
 
+    /// Forgets the consumers gone replicas left in the streams of the keys with work.
+    async fn prune(&self) {
+        let keys = match self.store.active_keys().await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the keys with tasks");
+                return;
+            }
+        };
+        let mut gone = 0;
+        for key in keys.iter().take(PRUNE_KEYS) {
+            match self.store.prune(key, &self.options.consumer, GONE_AFTER).await {
+                Ok(n) => gone += n,
+                Err(e) => tracing::warn!(error = %e, "could not prune the consumers of gone replicas"),
+            }
+        }
+        if gone > 0 {
+            tracing::debug!(consumers = gone, "forgot the stream consumers of gone replicas");
+        }
+    }
+
     /// Keeps every claim of this replica alive; drops those another replica took over.
     async fn heartbeat(&self) {
         let owned: Vec<(Arc<str>, Vec<String>)> = self
@@ -299,13 +327,19 @@ impl Tasks {
         }
     }
 
-    /// Renews this replica's claims every third of the claim timeout.
+    /// Renews this replica's claims every third of the claim timeout, and every
+    /// [`PRUNE_EVERY`] forgets the consumers of replicas that are gone.
     pub(super) async fn fleet_heartbeat(fleet: Arc<Fleet>) {
         let mut tick = tokio::time::interval(fleet.options.claim_timeout / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pruned = Instant::now();
         loop {
             tick.tick().await;
             fleet.heartbeat().await;
+            if pruned.elapsed() >= PRUNE_EVERY {
+                pruned = Instant::now();
+                fleet.prune().await;
+            }
         }
     }
 

@@ -134,12 +134,29 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return redis.call('XLEN', KEYS[1])
 ";
 
+/// Removes the group's consumers that hold nothing and have been idle longer than `ARGV[2]` ms
+/// (replicas gone), except `ARGV[1]` (the caller). KEYS: queue. Returns how many went.
+const PRUNE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local gone = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], 'fleet')) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[1] and tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], 'fleet', f['name'])
+    gone = gone + 1
+  end
+end
+return gone
+";
+
 static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(PUT_LUA));
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| Script::new(SUBMIT_LUA));
 static SWAP: LazyLock<Script> = LazyLock::new(|| Script::new(SWAP_LUA));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_LUA));
 static KEEP: LazyLock<Script> = LazyLock::new(|| Script::new(KEEP_LUA));
 static DONE: LazyLock<Script> = LazyLock::new(|| Script::new(DONE_LUA));
+static PRUNE: LazyLock<Script> = LazyLock::new(|| Script::new(PRUNE_LUA));
 
 /// An entry of a key's work stream, claimed by this replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -433,6 +450,17 @@ impl RedisStore {
             self.mark_active(key_id).await?;
         }
         Ok(())
+    }
+
+    /// Forgets the consumers of `key_id`'s stream that hold nothing and have been idle for
+    /// `idle` (replicas that are gone), keeping `consumer`; returns how many went.
+    pub async fn prune(&self, key_id: &str, consumer: &str, idle: Duration) -> Result<u64, StoreError> {
+        let mut call = PRUNE.prepare_invoke();
+        call.key(self.key(key_id, "queue"))
+            .arg(consumer)
+            .arg(idle.as_millis() as u64);
+        let mut conn = self.conn.clone();
+        self.bounded(call.invoke_async(&mut conn)).await
     }
 
     /// A key whose stream was found empty: it leaves the active set (unless work arrived).
