@@ -980,3 +980,58 @@ async fn a_keys_queued_and_running_tasks_show_in_its_status() {
     .await;
     assert_calls_declared(&api);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleets_queued_and_running_tasks_show_in_its_status_counted_once() {
+    let api = FakeApi::start().await;
+    let redis = Redis::start();
+    let upstream = silent_upstream().await;
+    let mut tasks_plan = plan("async", 2);
+    tasks_plan["spec"]["tasks"] = json!({});
+    api.apply("apiplans", tasks_plan);
+    api.apply("secrets", secret("acme-token", "tok-acme"));
+    api.apply("apikeys", key("acme", "async", Some("acme-token")));
+    api.apply("apitasktypes", task_type("work", "WORK", "/v1/work"));
+    let _ctl = start_controller(&api, "ctl-0");
+    wait_for("the task type in the configuration", || {
+        api.get("configmaps", NS, "slotgate-config")
+            .and_then(|c| c["data"]["index.json"].as_str().map(|t| t.contains("\"WORK\"")))
+            .unwrap_or(false)
+    })
+    .await;
+    // Two replicas sharing their tasks in one Redis.
+    let state = redis.url();
+    let fleet = ["--state", state.as_str(), "--task-store", "redis"];
+    let gws: Vec<_> = ["gw-0", "gw-1"]
+        .into_iter()
+        .map(|name| api.start_gateway_with(NS, name, &format!("http://{upstream}"), &fleet))
+        .collect();
+    for name in ["gw-0", "gw-1"] {
+        wait_for("the gateways' reports", || {
+            api.reported_version(NS, name) >= config_version(&api)
+        })
+        .await;
+    }
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    for i in 0..7 {
+        let req = http::Request::post(gws[i % 2].url("/v1/tasks"))
+            .header("x-api-key", "tok-acme")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"taskType": "WORK", "payload": {}}).to_string(),
+            )))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    // Two slots across the fleet: two running, five queued, whichever replica holds what; the
+    // fleet-wide count is reported by both and counted once.
+    wait_for("the fleet's task counts in the key's status", || {
+        api.get("apikeys", "default", "acme").is_some_and(|k| {
+            k["status"]["usage"]["tasksRunning"] == 2 && k["status"]["usage"]["tasksQueued"] == 5
+        })
+    })
+    .await;
+    assert_calls_declared(&api);
+}

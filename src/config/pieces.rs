@@ -42,6 +42,11 @@ pub struct Activity {
     /// the targets whose last handshake failed.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub target_tls: std::collections::BTreeMap<String, String>,
+    /// Key id to its unfinished (queued or running) async tasks across the fleet, when tasks
+    /// live in the shared store: every replica on it sees the same figure, so the controller
+    /// takes the largest, and counts as queued what no replica reports running.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub open_tasks: std::collections::BTreeMap<String, u64>,
 }
 /// Annotation of a report: the content hash enforced.
 pub const HASH_ANNOTATION: &str = "slotgate.dev/hash";

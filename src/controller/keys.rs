@@ -92,7 +92,14 @@ fn rest_digest(
         effective
             .as_ref()
             .map(|e| (e.max_concurrent_requests, e.requests_per_second, e.burst, e.per)),
-        usage.map(|u| (u.requests_last_minute, u.refused_last_minute)),
+        usage.map(|u| {
+            (
+                u.requests_last_minute,
+                u.refused_last_minute,
+                u.tasks_queued,
+                u.tasks_running,
+            )
+        }),
     ))
 }
 

@@ -397,6 +397,7 @@ impl Shell {
     pub(super) async fn refresh_activity(&mut self) {
         let now = Timestamp::now();
         let mut next = KeyActivity::default();
+        let mut open: HashMap<String, u64> = HashMap::new();
         for (_, a) in self.live_activity() {
             for (id, [req, refused]) in a.usage {
                 let u = next.usage.entry(id).or_default();
@@ -412,6 +413,15 @@ impl Shell {
                 let b = next.bans.entry(id).or_insert([0, 0]);
                 *b = [b[0].max(until), b[1].max(strike)];
             }
+            for (id, n) in a.open_tasks {
+                let o = open.entry(id).or_insert(0u64);
+                *o = (*o).max(n);
+            }
+        }
+        // Tasks in the shared store: unfinished across the fleet, less those reported running.
+        for (id, n) in open {
+            let u = next.usage.entry(id).or_default();
+            u.tasks_queued += n.saturating_sub(u.tasks_running);
         }
         let unix = now.as_second().max(0) as u64;
         next.bans.retain(|_, b| b[0] > unix);

@@ -22,6 +22,7 @@ pub(super) type UsageSnapshot = (
     Option<Instant>,
     std::collections::BTreeMap<String, [u64; 2]>,
     std::collections::BTreeMap<String, [u64; 2]>,
+    std::collections::BTreeMap<String, u64>,
 );
 
 /// The access-log line of an admitted request, finished when its hold ends.
@@ -121,7 +122,9 @@ impl Gateway {
         let stale = snapshot
             .0
             .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(30));
-        if stale || snapshot.1.is_empty() {
+        let open_now = self.tasks.get().map(|t| t.open_by_key()).unwrap_or_default();
+        // The fleet's task counts are read every few seconds: the first ones go out at once too.
+        if stale || snapshot.1.is_empty() || (snapshot.3.is_empty() && !open_now.is_empty()) {
             let mut active: Vec<(Arc<str>, KeyUsage)> = self
                 .usage
                 .all(now)
@@ -139,6 +142,10 @@ impl Gateway {
             tasks.sort_by_key(|(_, [q, r])| std::cmp::Reverse(q + r));
             tasks.truncate(limit);
             snapshot.2 = tasks.into_iter().map(|(id, c)| (id.to_string(), c)).collect();
+            let mut open = open_now;
+            open.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+            open.truncate(limit);
+            snapshot.3 = open.into_iter().map(|(id, n)| (id.to_string(), n)).collect();
             snapshot.0 = Some(Instant::now());
         }
         let unix = unix_ms() / 1_000;
@@ -171,6 +178,7 @@ impl Gateway {
             bans,
             tasks: snapshot.2.clone(),
             target_tls,
+            open_tasks: snapshot.3.clone(),
         }
     }
 

@@ -37,6 +37,10 @@ const REFRESH: Duration = Duration::from_millis(250);
 const FULL_POLL: Duration = Duration::from_millis(10);
 /// How long the tasks of a key that is not admitted (deleted, suspended) wait.
 const GONE_POLL: Duration = Duration::from_secs(1);
+/// How often the fleet-wide task counts of the keys with work are read, for the report...
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// ... of at most this many keys.
+const OPEN_KEYS: usize = 2000;
 /// How often a replica forgets the stream consumers of replicas that are gone...
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// ... those holding nothing and idle this long (a live replica reads its keys' streams far
@@ -148,6 +152,8 @@ pub struct Fleet {
     state: Mutex<FleetState>,
     /// Set at shutdown: nothing more is claimed.
     stopping: AtomicBool,
+    /// Unfinished tasks across the fleet of the keys with work, as last read.
+    open: Mutex<Vec<(Arc<str>, u64)>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -183,6 +189,7 @@ impl Fleet {
             options,
             state: Mutex::default(),
             stopping: AtomicBool::new(false),
+            open: Mutex::default(),
         }
     }
 
@@ -200,20 +207,37 @@ impl Fleet {
         self.state().visit(key_id, Some(digest));
     }
 
-    /// Tasks this replica holds, queued (claimed, waiting for a slot or a retry) and running,
-    /// by key.
+    /// Tasks this replica runs, by key (as `[0, running]`: what is queued is the fleet's, counted
+    /// from [`Fleet::open_by_key`]).
     pub(super) fn counts_by_key(&self) -> Vec<(Arc<str>, [u64; 2])> {
         self.state()
             .keys
             .iter()
-            .map(|(k, w)| {
-                (
-                    Arc::clone(k),
-                    [w.ready.len() as u64 + u64::from(w.delayed), u64::from(w.running)],
-                )
-            })
-            .filter(|(_, [q, r])| q + r > 0)
+            .filter(|(_, w)| w.running > 0)
+            .map(|(k, w)| (Arc::clone(k), [0, u64::from(w.running)]))
             .collect()
+    }
+
+    /// Unfinished tasks across the fleet by key, for the keys with work (as last read).
+    pub(super) fn open_by_key(&self) -> Vec<(Arc<str>, u64)> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the unfinished counts of (up to [`OPEN_KEYS`] of) `keys`.
+    async fn read_open(&self, keys: &[String]) {
+        let keys = &keys[..keys.len().min(OPEN_KEYS)];
+        match self.store.open_counts(keys).await {
+            Ok(counts) => {
+                let open = keys
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| (Arc::from(k.as_str()), n))
+                    .collect();
+                *self.open.lock().unwrap_or_else(|e| e.into_inner()) = open;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the keys' task counts"),
+        }
     }
 
     /// The entry has no work left: acknowledged, and no longer heartbeated.
@@ -309,13 +333,20 @@ impl Tasks {
     /// The dispatcher of a replica in a fleet.
     pub(super) async fn fleet_loop(self: Arc<Self>, fleet: Arc<Fleet>) {
         let mut refreshed: Option<Instant> = None;
+        let mut counted: Option<Instant> = None;
         loop {
             if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
                 match fleet.store.active_keys().await {
                     Ok(keys) => {
-                        let mut st = fleet.state();
-                        for k in keys {
-                            st.visit(&k, None);
+                        {
+                            let mut st = fleet.state();
+                            for k in &keys {
+                                st.visit(k, None);
+                            }
+                        }
+                        if counted.is_none_or(|t| t.elapsed() >= COUNT_EVERY) {
+                            counted = Some(Instant::now());
+                            fleet.read_open(&keys).await;
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "could not read the keys with tasks"),

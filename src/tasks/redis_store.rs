@@ -351,6 +351,17 @@ impl RedisStore {
         self.bounded(cmd.query_async::<()>(&mut conn)).await
     }
 
+    /// The unfinished tasks (queued or running) of each of `keys`, across the fleet.
+    pub async fn open_counts(&self, keys: &[String]) -> Result<Vec<u64>, StoreError> {
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("GET").arg(self.key(k, "open"));
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<Option<i64>> = self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(counts.into_iter().map(|c| c.unwrap_or(0).max(0) as u64).collect())
+    }
+
     /// The keys whose work streams may hold entries.
     pub async fn active_keys(&self) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn.clone();

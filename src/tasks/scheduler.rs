@@ -354,6 +354,12 @@ impl Tasks {
         Ok((n, deliveries))
     }
 
+    /// Unfinished tasks across the fleet by key, when tasks live in the shared store (empty
+    /// otherwise): reported beside [`Tasks::counts_by_key`].
+    pub fn open_by_key(&self) -> Vec<(Arc<str>, u64)> {
+        self.fleet.as_ref().map(|f| f.open_by_key()).unwrap_or_default()
+    }
+
     /// Tasks queued (ready or waiting for a retry) and running, by key id, for the keys that have
     /// any: what a report to the controller shows in each key's status.
     pub fn counts_by_key(&self) -> Vec<(Arc<str>, [u64; 2])> {
