@@ -930,23 +930,47 @@ async fn silent_upstream() -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keys_queued_and_running_tasks_show_in_its_status() {
-    let api = FakeApi::start().await;
-    let upstream = silent_upstream().await;
+/// Plan `async` (2 slots, tasks), key `acme` (token `tok-acme`) and task type `WORK`, with a
+/// controller that has published them; returns the controller.
+async fn tasks_on_two_slots(api: &FakeApi) -> Controller {
     let mut tasks_plan = plan("async", 2);
     tasks_plan["spec"]["tasks"] = json!({});
     api.apply("apiplans", tasks_plan);
     api.apply("secrets", secret("acme-token", "tok-acme"));
     api.apply("apikeys", key("acme", "async", Some("acme-token")));
     api.apply("apitasktypes", task_type("work", "WORK", "/v1/work"));
-    let _ctl = start_controller(&api, "ctl-0");
+    let ctl = start_controller(api, "ctl-0");
     wait_for("the task type in the configuration", || {
         api.get("configmaps", NS, "slotgate-config")
             .and_then(|c| c["data"]["index.json"].as_str().map(|t| t.contains("\"WORK\"")))
             .unwrap_or(false)
     })
     .await;
+    ctl
+}
+
+/// Submits `n` WORK tasks as `acme`, task `i` to gateway `i % gws.len()`; each must be accepted.
+async fn submit_work(gws: &[&Proc], n: usize) {
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    for i in 0..n {
+        let req = http::Request::post(gws[i % gws.len()].url("/v1/tasks"))
+            .header("x-api-key", "tok-acme")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"taskType": "WORK", "payload": {}}).to_string(),
+            )))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_queued_and_running_tasks_show_in_its_status() {
+    let api = FakeApi::start().await;
+    let upstream = silent_upstream().await;
+    let _ctl = tasks_on_two_slots(&api).await;
     let data = tempfile::tempdir().unwrap();
     let gw = api.start_gateway_with(
         NS,
@@ -958,19 +982,7 @@ async fn a_keys_queued_and_running_tasks_show_in_its_status() {
         api.reported_version(NS, "gw-0") >= config_version(&api)
     })
     .await;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    for _ in 0..5 {
-        let req = http::Request::post(gw.url("/v1/tasks"))
-            .header("x-api-key", "tok-acme")
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                json!({"taskType": "WORK", "payload": {}}).to_string(),
-            )))
-            .unwrap();
-        let res = client.request(req).await.unwrap();
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-    }
+    submit_work(&[&gw], 5).await;
     // Two slots: two running, three waiting; summed from the gateways' reports.
     wait_for("the task counts in the key's status", || {
         api.get("apikeys", "default", "acme").is_some_and(|k| {
@@ -986,19 +998,7 @@ async fn a_fleets_queued_and_running_tasks_show_in_its_status_counted_once() {
     let api = FakeApi::start().await;
     let redis = Redis::start();
     let upstream = silent_upstream().await;
-    let mut tasks_plan = plan("async", 2);
-    tasks_plan["spec"]["tasks"] = json!({});
-    api.apply("apiplans", tasks_plan);
-    api.apply("secrets", secret("acme-token", "tok-acme"));
-    api.apply("apikeys", key("acme", "async", Some("acme-token")));
-    api.apply("apitasktypes", task_type("work", "WORK", "/v1/work"));
-    let _ctl = start_controller(&api, "ctl-0");
-    wait_for("the task type in the configuration", || {
-        api.get("configmaps", NS, "slotgate-config")
-            .and_then(|c| c["data"]["index.json"].as_str().map(|t| t.contains("\"WORK\"")))
-            .unwrap_or(false)
-    })
-    .await;
+    let _ctl = tasks_on_two_slots(&api).await;
     // Two replicas sharing their tasks in one Redis.
     let state = redis.url();
     let fleet = ["--state", state.as_str(), "--task-store", "redis"];
@@ -1012,19 +1012,7 @@ async fn a_fleets_queued_and_running_tasks_show_in_its_status_counted_once() {
         })
         .await;
     }
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    for i in 0..7 {
-        let req = http::Request::post(gws[i % 2].url("/v1/tasks"))
-            .header("x-api-key", "tok-acme")
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                json!({"taskType": "WORK", "payload": {}}).to_string(),
-            )))
-            .unwrap();
-        let res = client.request(req).await.unwrap();
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-    }
+    submit_work(&gws.iter().collect::<Vec<_>>(), 7).await;
     // Two slots across the fleet: two running, five queued, whichever replica holds what; the
     // fleet-wide count is reported by both and counted once.
     wait_for("the fleet's task counts in the key's status", || {

@@ -1482,6 +1482,23 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_overl
     assert!(!gw.stderr().contains(SECRET_B.trim_start_matches("whsec_")));
 }
 
+/// A Redis, a counting upstream and a folder with plan `startup` (`slots`, task policy `tasks`),
+/// key `alpha` (signing secret A) and task type `WORK`: what every fleet test starts from.
+async fn fleet_setup(slots: u32, tasks: &str) -> (Redis, Upstream, tempfile::TempDir) {
+    let redis = Redis::start();
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", slots, tasks),
+            hook_key("alpha", "startup", Some(SECRET_A))
+        ),
+    );
+    (redis, upstream, dir)
+}
+
 /// `slotgate up` in front of `upstream` with its tasks in the Redis at `state`, shared with the
 /// other gateways there; claims lapse after 2 s without a heartbeat.
 fn fleet_member(dir: &Path, upstream: &str, state: &str) -> Proc {
@@ -1543,15 +1560,9 @@ async fn submit_round_robin(gws: &[&Proc], key: &str, n: usize, parallel: usize,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_redis_run_2000_tasks_within_25_slots_through_a_kill_9() {
-    let redis = Redis::start();
+    let (redis, upstream, dir) = fleet_setup(25, "{maxQueued: 5000}").await;
     let state = redis.url();
-    let upstream = Upstream::start().await;
     let receiver = Receiver::start("127.0.0.1").await;
-    let (dir, _data) = folder(&format!(
-        "{}{}{WORK_TYPE}",
-        task_plan("startup", 25, "{maxQueued: 5000}"),
-        hook_key("alpha", "startup", Some(SECRET_A))
-    ));
     let mut gws: Vec<Proc> = (0..3)
         .map(|_| fleet_member(dir.path(), &upstream.url(), &state))
         .collect();
@@ -1620,14 +1631,8 @@ async fn three_replicas_on_redis_run_2000_tasks_within_25_slots_through_a_kill_9
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_submitted_to_one_replica_is_read_listed_and_canceled_through_another() {
-    let redis = Redis::start();
+    let (redis, upstream, dir) = fleet_setup(2, "{maxQueued: 5}").await;
     let state = redis.url();
-    let upstream = Upstream::start().await;
-    let (dir, _data) = folder(&format!(
-        "{}{}{WORK_TYPE}",
-        task_plan("startup", 2, "{maxQueued: 5}"),
-        hook_key("alpha", "startup", Some(SECRET_A))
-    ));
     let a = fleet_member(dir.path(), &upstream.url(), &state);
     let b = fleet_member(dir.path(), &upstream.url(), &state);
     for gw in [&a, &b] {
@@ -1678,14 +1683,8 @@ async fn a_task_submitted_to_one_replica_is_read_listed_and_canceled_through_ano
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_shutting_down_gives_the_tasks_it_had_not_started_back_at_once() {
-    let redis = Redis::start();
+    let (redis, upstream, dir) = fleet_setup(2, "{}").await;
     let state = redis.url();
-    let upstream = Upstream::start().await;
-    let (dir, _data) = folder(&format!(
-        "{}{}{WORK_TYPE}",
-        task_plan("startup", 2, "{}"),
-        hook_key("alpha", "startup", Some(SECRET_A))
-    ));
     // Claims lapse only after a minute: whatever the second replica runs within the test came
     // back from the first at its shutdown, not by a takeover.
     let mut a = fleet_member_with(dir.path(), &upstream.url(), &state, "60s");
