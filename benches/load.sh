@@ -20,6 +20,10 @@
 #
 # For the redis modes the script also reads redis-server's CPU time around each run and prints
 # it per request: what a request costs Redis, which shares CPU 0 with the proxy.
+# For every target it reads the user and kernel CPU time of the process serving it (the proxy, or
+# the upstream for `direct`) and prints both per request, and from them the best a proxy could do
+# on this layout with nginx's kernel time and no user-space work at all: where the time goes that
+# no user-space change can win back.
 #
 # The proxy under test and the upstream share CPU 0 and wrk has CPU 1; every proxy and the
 # upstream get one worker, so the added CPU per request, 1/rps(proxy) - 1/rps(direct), compares.
@@ -109,23 +113,30 @@ $(nginx_limited_server $NGINX_TLS_P https://tlsup "      proxy_ssl_trusted_certi
 }
 EOF
 
+# The process that does each target's work, by name: its CPU time is read around each run.
+declare -A PID
 taskset -c 0 "$SG" demo-upstream --listen 127.0.0.1:$UP --worker-threads 1 >/dev/null 2>&1 & PIDS+=($!)
+PID[direct]=$!
 taskset -c 0 "$BARE" 127.0.0.1:$BARE_P http://127.0.0.1:$UP 1 >/dev/null 2>&1 & PIDS+=($!)
+PID[bare]=$!
 taskset -c 0 nginx -c "$WORK/nginx.conf" >/dev/null 2>&1 & PIDS+=($!)
 SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
   --listen 127.0.0.1:$SG_P --admin-listen 127.0.0.1:$SG_ADMIN --worker-threads 1 >/dev/null 2>&1 & PIDS+=($!)
+PID[slotgate]=$! PID[refusal]=$!
 taskset -c 0 redis-server --port $REDIS_P --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null 2>&1 & PIDS+=($!)
 REDIS_PID=$!
 wait_port $REDIS_P
 SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
   --listen 127.0.0.1:$SGR_P --admin-listen 127.0.0.1:$SGR_ADMIN --worker-threads 1 \
   --state redis://127.0.0.1:$REDIS_P >/dev/null 2>&1 & PIDS+=($!)
+PID[redis]=$!
 taskset -c 0 nginx -c "$WORK/tls-up.conf" >/dev/null 2>&1 & PIDS+=($!)
 for mode in target:$SGT_P:$SGT_ADMIN https:$SGS_P:$SGS_ADMIN; do
   IFS=: read -r m port admin <<<"$mode"
   SLOTGATE_LOG=warn taskset -c 0 "$SG" gateway --config "$WORK/gateway-$m.json" --upstream http://127.0.0.1:$UP \
     --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --worker-threads 1 \
     --target-credentials "$WORK/credentials" >/dev/null 2>&1 & PIDS+=($!)
+  PID[$m]=$!
 done
 TARGETS="direct:$UP:$KEY bare:$BARE_P:$KEY nginx:$NGINX_P:$KEY slotgate:$SG_P:$KEY redis:$SGR_P:$KEY"
 TARGETS+=" refusal:$SG_P:$ZERO_KEY nginx-refusal:$NGINX_REF_P:$ZERO_KEY"
@@ -134,20 +145,30 @@ if [ -n "$BASE" ]; then
   SLOTGATE_LOG=warn taskset -c 0 "$BASE" gateway --config "$WORK/gateway.json" --upstream http://127.0.0.1:$UP \
     --listen 127.0.0.1:$BASE_P --admin-listen 127.0.0.1:$BASE_ADMIN --worker-threads 1 \
     --state redis://127.0.0.1:$REDIS_P --state-prefix base >/dev/null 2>&1 & PIDS+=($!)
+  PID[redis-base]=$!
   TARGETS+=" redis-base:$BASE_P:$KEY"
 fi
 for t in $TARGETS; do IFS=: read -r _ port _ <<<"$t"; wait_port "$port"; done
+# nginx's requests are served by its one worker, not by the master started above.
+PID[nginx]=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
+PID[nginx-refusal]=${PID[nginx]} PID[nginx-https]=${PID[nginx]}
 
 # redis-server's CPU time so far, in clock ticks.
 redis_ticks() { awk '{print $14 + $15}' "/proc/$REDIS_PID/stat"; }
+# A process's user and system CPU time so far, in clock ticks.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 
-# One run: prints "rps p50_ms p99_ms non2xx redis_us_per_request".
+# One run of target $3: prints "rps p50_ms p99_ms non2xx redis_us_per_request user_us sys_us",
+# the last two the CPU time a request of the process that serves the target (the proxy; the
+# upstream itself for `direct`), in user space and in the kernel.
 run() {
-  local port=$1 key=$2 out t0 t1
+  local port=$1 key=$2 name=$3 out t0 t1 u0 s0 u1 s1
   t0=$(redis_ticks)
+  read -r u0 s0 < <(cpu_ticks "${PID[$name]}")
   out=$(taskset -c 1 wrk -t1 -c$CONNS -d"${SECS}s" --latency -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/bench")
+  read -r u1 s1 < <(cpu_ticks "${PID[$name]}")
   t1=$(redis_ticks)
-  awk -v o="$out" -v ticks=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {
+  awk -v o="$out" -v ticks=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v user=$((u1 - u0)) -v sys=$((s1 - s0)) 'BEGIN {
     n = split(o, L, "\n"); rps = 0; p50 = ""; p99 = ""; bad = 0; total = 0
     for (i = 1; i <= n; i++) {
       split(L[i], f, " ")
@@ -157,7 +178,8 @@ run() {
       if (L[i] ~ /Non-2xx/) bad = f[5]
       if (L[i] ~ / requests in /) total = f[1]
     }
-    printf "%s %s %s %s %.2f\n", rps, ms(p50), ms(p99), bad, (total > 0 ? ticks / hz / total * 1e6 : 0)
+    per = total > 0 ? 1e6 / hz / total : 0
+    printf "%s %s %s %s %.2f %.2f %.2f\n", rps, ms(p50), ms(p99), bad, ticks * per, user * per, sys * per
   }
   function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }'
 }
@@ -172,7 +194,7 @@ RESULTS="$WORK/results"
 for rep in $(seq "$REPEATS"); do
   for t in $TARGETS; do
     IFS=: read -r name port key <<<"$t"
-    line=$(run "$port" "$key")
+    line=$(run "$port" "$key" "$name")
     echo "$rep $name $line" | tee -a "$RESULTS" >&2
   done
 done
@@ -199,32 +221,42 @@ python3 - "$RESULTS" "$SECS" "$REPEATS" "$CONNS" "$PACED" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 by = {}
-for rep, name, rps, p50, p99, bad, redis_us in rows:
-    by.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad), float(redis_us)))
+for rep, name, rps, p50, p99, bad, redis_us, user_us, sys_us in rows:
+    by.setdefault(name, []).append((float(rps), float(p50), float(p99), int(bad), float(redis_us),
+                                    float(user_us), float(sys_us)))
 med = {n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
            statistics.median(r[2] for r in v), sum(r[3] for r in v),
-           statistics.median(r[4] for r in v)) for n, v in by.items()}
+           statistics.median(r[4] for r in v), statistics.median(r[5] for r in v),
+           statistics.median(r[6] for r in v)) for n, v in by.items()}
 d = med["direct"][0]
 print(f"\n{sys.argv[3]} interleaved repeats of {sys.argv[2]} s, {sys.argv[4]} connections, medians:\n")
-print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | redis CPU/request (us) | vs nginx | vs bare | vs memory |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| target | req/s | p50 ms | p99 ms | non-2xx | added CPU/request (us) | proxy user/request (us) | proxy kernel/request (us) | redis CPU/request (us) | vs nginx | vs bare | vs memory |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 order = ["direct", "bare", "nginx", "slotgate", "redis", "redis-base", "refusal", "nginx-refusal",
          "target", "https", "nginx-https"]
 for n in (n for n in order if n in med):
-    rps, p50, p99, bad, redis_us = med[n]
+    rps, p50, p99, bad, redis_us, user_us, sys_us = med[n]
     added = "" if n == "direct" else f"{(1/rps - 1/d) * 1e6:.1f}"
     peer = {"refusal": "nginx-refusal", "https": "nginx-https"}.get(n, "nginx")
     vn = f"{rps / med[peer][0]:.2f}x" if n not in ("nginx", "nginx-refusal", "nginx-https") else ""
     vb = f"{rps / med['bare'][0]:.2f}x" if n not in ("bare", "refusal", "nginx-refusal", "https", "nginx-https") else ""
     vm = f"{rps / med['slotgate'][0]:.2f}x" if n.startswith("redis") or n == "target" else ""
     ru = f"{redis_us:.2f}" if n.startswith("redis") else ""
-    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {ru} | {vn} | {vb} | {vm} |")
+    print(f"| {n} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {bad} | {added} | {user_us:.2f} | {sys_us:.2f} | {ru} | {vn} | {vb} | {vm} |")
 m, r = med["slotgate"], med["redis"]
 print(f"\nredis mode: {r[0] / m[0]:.2f}x memory mode's throughput, p99 {r[2] - m[2]:+.2f} ms over memory mode (saturated)")
 if "redis-base" in med:
     b = med["redis-base"]
     print(f"redis mode, baseline build: {b[0] / m[0]:.2f}x memory mode; this build {r[0] / b[0]:.2f}x the baseline, redis CPU {r[4]:.2f} against {b[4]:.2f} us a request")
 print(f"memory mode: {m[0] / med['nginx'][0]:.2f}x nginx's throughput, p99 {m[2]:.2f} against nginx's {med['nginx'][2]:.2f} ms")
+# CPU 0 runs the proxy and the upstream: a request costs the proxy's user and kernel time plus the
+# upstream's own (the direct run's). A proxy with no user-space work at all, and nginx's kernel
+# time, could do no better than this ceiling on this layout.
+n, dct = med["nginx"], med["direct"]
+up_us = dct[5] + dct[6]
+ceiling = 1e6 / (n[6] + up_us)
+print(f"ceiling on this layout for a proxy of nginx's kernel time ({n[6]:.2f} us a request) and no user-space work, "
+      f"the upstream's {up_us:.2f} us included: {ceiling:,.0f} req/s, {ceiling / n[0]:.2f}x nginx")
 print(f"refusals: {med['refusal'][0] / med['nginx-refusal'][0]:.2f}x nginx's refusal rate")
 t, h, nh = med["target"], med["https"], med["nginx-https"]
 print(f"http target: {t[0] / m[0]:.2f}x memory mode without targets; https target: {h[0]:,.0f} req/s, {h[0] / nh[0]:.2f}x nginx's https upstream, p99 {h[2]:.2f} against {nh[2]:.2f} ms")

@@ -308,13 +308,30 @@ type Verdict = [i64; 4];
 /// An admission waiting for its batch.
 struct Pending {
     slots_key: Arc<str>,
-    rate_key: Option<String>,
+    rate_key: Option<Arc<str>>,
     limit: i64,
     seq: u64,
     per_second: u64,
     burst: u64,
     answer: oneshot::Sender<Result<Verdict, SharedError>>,
 }
+
+/// The Redis names of one key's slot set and buckets. Each is under the key's hash tag, so one
+/// script touches one Redis Cluster slot.
+pub(super) struct KeyNames {
+    /// `{prefix}:{<key id>}`: the stem of the names below and of endpoint buckets.
+    base: Box<str>,
+    /// The slot set (a sorted set of leases).
+    pub(super) slots: Arc<str>,
+    /// The key-wide bucket.
+    rate: Arc<str>,
+    /// The lease block of the key's requests that take tokens only (see [`blocks`]).
+    pub(super) tokens: Arc<str>,
+}
+
+/// How many keys' names are kept; past it they are formatted afresh (the set starts over), so a
+/// gateway with more active keys than this costs what every request cost before the cache.
+const NAMED_KEYS: usize = 16_384;
 
 struct Core {
     conn: ConnectionManager,
@@ -328,6 +345,8 @@ struct Core {
     leases: Mutex<HashMap<u64, Arc<str>>>,
     /// Lease blocks by slot set (see [`blocks`]).
     blocks: Mutex<HashMap<Arc<str>, blocks::Block>>,
+    /// The Redis names of the keys seen lately, so that a request does not format them.
+    names: Mutex<HashMap<Box<str>, Arc<KeyNames>, foldhash::quality::RandomState>>,
     healthy: AtomicBool,
     replicas: AtomicU32,
     observer: Arc<dyn SharedObserver>,
@@ -424,6 +443,7 @@ impl SharedLimiter {
             seq: AtomicU64::new(0),
             leases: Mutex::default(),
             blocks: Mutex::default(),
+            names: Mutex::default(),
             healthy: AtomicBool::new(false),
             replicas: AtomicU32::new(options.replicas_hint.max(1)),
             observer,
@@ -464,22 +484,20 @@ impl SharedLimiter {
     /// limiter to fallback mode until Redis answers a probe again.
     pub async fn admit(&self, req: SharedRequest<'_>) -> Result<SharedDecision, SharedError> {
         let core = &self.core;
-        let base = format!("{}:{{{}}}", core.prefix, req.scope);
-        let slots_key: Arc<str> = format!("{base}:slots").into();
+        let names = core.names(req.scope);
+        let slots_key = Arc::clone(&names.slots);
         let rate_key = req.rate.map(|(name, _)| match name {
             // A long path (a client walking random paths) is named by its digest, so a Redis key
             // stays small whatever the request.
             BucketName::Endpoint(path) if path.len() > MAX_PATH_IN_KEY => {
                 use sha2::Digest;
-                format!(
-                    "{base}:rate:#{}",
-                    hex::encode(sha2::Sha256::digest(path.as_bytes()))
-                )
+                let digest = hex::encode(sha2::Sha256::digest(path.as_bytes()));
+                format!("{}:rate:#{digest}", names.base).into()
             }
-            BucketName::Endpoint(path) => format!("{base}:rate:{path}"),
-            BucketName::Key => format!("{base}:rate"),
+            BucketName::Endpoint(path) => format!("{}:rate:{path}", names.base).into(),
+            BucketName::Key => Arc::clone(&names.rate),
         });
-        if let Some(decided) = core.admit_from_block(&req, &slots_key, rate_key.as_deref()).await {
+        if let Some(decided) = core.admit_from_block(&req, &names, rate_key.as_ref()).await {
             return decided;
         }
         let seq = core.seq.fetch_add(1, Ordering::Relaxed);
@@ -553,7 +571,7 @@ impl SharedLimiter {
     pub fn lease_unconfirmed(&self, scope: &str) -> SharedLease {
         let core = &self.core;
         let seq = core.seq.fetch_add(1, Ordering::Relaxed);
-        let slots_key: Arc<str> = format!("{}:{{{scope}}}:slots", core.prefix).into();
+        let slots_key = Arc::clone(&core.names(scope).slots);
         core.leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -681,6 +699,27 @@ fn replica_id() -> String {
 }
 
 impl Core {
+    /// The names of key `scope`, formatted once while the key stays among the recent ones.
+    fn names(&self, scope: &str) -> Arc<KeyNames> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = names.get(scope) {
+            return Arc::clone(n);
+        }
+        if names.len() >= NAMED_KEYS {
+            names.clear();
+        }
+        let base = format!("{}:{{{scope}}}", self.prefix);
+        let slots: Arc<str> = format!("{base}:slots").into();
+        let n = Arc::new(KeyNames {
+            rate: format!("{base}:rate").into(),
+            tokens: format!("{slots}|tokens").into(),
+            slots,
+            base: base.into(),
+        });
+        names.insert(scope.into(), Arc::clone(&n));
+        n
+    }
+
     fn member(&self, seq: u64) -> String {
         format!("{}:{seq}", self.replica)
     }

@@ -18,7 +18,9 @@ use std::{
 
 use redis::Script;
 
-use super::{BucketName, Core, Msg, SharedDecision, SharedError, SharedLease, SharedOp, SharedRequest};
+use super::{
+    BucketName, Core, KeyNames, Msg, SharedDecision, SharedError, SharedLease, SharedOp, SharedRequest,
+};
 
 /// Fewest slots, and smallest burst, of a key whose requests may come from blocks: below, one
 /// replica's idle block would be a noticeable share of the limit.
@@ -124,7 +126,7 @@ static RETURN: LazyLock<Script> = LazyLock::new(|| Script::new(RETURN_LUA));
 struct Terms {
     limit: Option<u32>,
     /// Bucket key, per second, burst.
-    rate: Option<(String, u64, u64)>,
+    rate: Option<(Arc<str>, u64, u64)>,
 }
 
 /// One key's block on this replica.
@@ -184,28 +186,27 @@ impl Core {
     pub(super) async fn admit_from_block(
         self: &Arc<Self>,
         req: &SharedRequest<'_>,
-        slots_key: &Arc<str>,
-        rate_key: Option<&str>,
+        names: &KeyNames,
+        rate_key: Option<&Arc<str>>,
     ) -> Option<Result<SharedDecision, SharedError>> {
         let (slot_block, token_block) = sizes(req)?;
         if !self.healthy.load(Ordering::Acquire) {
             return None;
         }
+        let slots_key = &names.slots;
         // A key's requests outside its concurrency paths take tokens only: a block of their own,
         // so they do not make the slot block's terms flip.
-        let own;
         let block_key = if req.slots.is_some() {
             slots_key
         } else {
-            own = Arc::<str>::from(format!("{slots_key}|tokens"));
-            &own
+            &names.tokens
         };
         let terms = Terms {
             limit: req.slots,
             rate: req
                 .rate
                 .zip(rate_key)
-                .map(|((_, p), k)| (k.to_string(), u64::from(p.per_second), u64::from(p.burst))),
+                .map(|((_, p), k)| (Arc::clone(k), u64::from(p.per_second), u64::from(p.burst))),
         };
         let (want_slots, want_tokens) = {
             let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
@@ -379,12 +380,11 @@ impl Core {
     ) -> Result<[i64; 5], SharedError> {
         let mut call = BLOCK.prepare_invoke();
         call.key(slots_key);
-        let (rate_key, per_second, burst) = terms.rate.clone().unwrap_or_default();
-        call.key(if rate_key.is_empty() {
-            slots_key
-        } else {
-            rate_key.as_str()
-        });
+        let (rate_key, per_second, burst) = match &terms.rate {
+            Some((key, per_second, burst)) => (&**key, *per_second, *burst),
+            None => (slots_key, 0, 0),
+        };
+        call.key(rate_key);
         call.arg(self.ttl_ms)
             .arg(terms.limit.map_or(-1, i64::from))
             .arg(per_second)
@@ -460,13 +460,13 @@ impl Core {
                 b.in_use > 0 && !all && !b.stale
             });
         }
-        let mut by_key: HashMap<String, (u64, u64, u64)> = HashMap::new();
+        let mut by_key: HashMap<Arc<str>, (u64, u64, u64)> = HashMap::new();
         for ((key, per_second, burst), n) in tokens {
             by_key.entry(key).or_insert((0, per_second, burst)).0 += u64::from(n);
         }
         for (key, (n, per_second, burst)) in by_key {
             let mut call = RETURN.prepare_invoke();
-            call.key(&key).arg(n).arg(per_second).arg(burst);
+            call.key(&*key).arg(n).arg(per_second).arg(burst);
             let mut conn = self.conn.clone();
             // Lost tokens only make the bucket stricter for a moment: no retry.
             let _ = self
