@@ -117,6 +117,7 @@ impl Upstream {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0u64);
         let path = req.uri().path().to_string();
+        let (authorization, host) = (header("authorization"), header("host"));
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let payload: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let attempt = match &idem {
@@ -156,6 +157,8 @@ impl Upstream {
                 "path": path,
                 "attempt": attempt,
                 "key": key,
+                "authorization": authorization,
+                "host": host,
             }),
         )
     }
@@ -1482,6 +1485,92 @@ async fn a_mounted_folder_of_signing_secrets_signs_webhooks_and_a_rotation_overl
     assert!(!gw.stderr().contains(SECRET_B.trim_start_matches("whsec_")));
 }
 
+/// Task type `GEN` on `/v1/gen/run`, and an ApiUpstream at `url` serving `/v1/gen/*` with
+/// `spec` (more of its spec, indented by two).
+fn gen_on_target(url: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: slotgate.dev/v1alpha1\nkind: ApiTaskType\nmetadata:\n  name: gen\nspec:\n  taskType: GEN\n  request:\n    path: /v1/gen/run\n---\n\
+apiVersion: slotgate.dev/v1alpha1\nkind: ApiUpstream\nmetadata:\n  name: provider\nspec:\n  url: {url}\n  paths: [\"/v1/gen/*\"]\n{spec}---\n"
+    )
+}
+
+/// A `GEN` task its upstream answers after 150 ms.
+const GEN_TASK: &str = r#"{"taskType": "GEN", "payload": {"delay_ms": 150}}"#;
+
+/// A task type whose path an `ApiUpstream` serves goes there, as a synchronous request on that
+/// path would: over HTTPS (a test CA), with the target's base path, `Host` and provider key in
+/// place of the customer's, within the target's slots; other task types stay on the default
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_on_a_targets_path_go_to_the_target_with_its_key_and_within_its_slots() {
+    let (default, provider) = (Upstream::start().await, Upstream::start().await);
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(pki.path());
+    let front = tls_front(provider.addr, &cert, &key).await;
+    let ca_pem = std::fs::read_to_string(&ca).unwrap();
+    let ca_map = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: provider-ca\n  namespace: default\ndata:\n  ca.crt: |\n{}---\n",
+        ca_pem.lines().map(|l| format!("    {l}\n")).collect::<String>()
+    );
+    let provider_key = "sk-provider-for-tasks-42";
+    let (dir, data) = folder(&format!(
+        "{}{}{WORK_TYPE}{ca_map}{}\
+apiVersion: v1\nkind: Secret\nmetadata:\n  name: provider\n  namespace: default\nstringData:\n  api-key: {provider_key}\n---\n",
+        task_plan("startup", 8, "{}"),
+        hook_key("alpha", "startup", None),
+        gen_on_target(
+            &format!("https://127.0.0.1:{}/base", front.port()),
+            "  credentialRef: {namespace: default, name: provider, key: api-key}
+  tls:
+    caBundleRef: {namespace: default, name: provider-ca, key: ca.crt}
+  concurrency: {maxConcurrentRequests: 2}
+"
+        ),
+    ));
+    let gw = up(dir.path(), &default.url(), data.path(), &[]);
+    let gen_ids = submit_round_robin(&[&gw], "tok-alpha", 8, 8, GEN_TASK).await;
+    let work_ids = submit_all(&gw, "tok-alpha", 2, 1, |_| task_body(json!({}), None)).await;
+    wait_for("every task completed", 30, || async {
+        list_all(&gw, "tok-alpha", "completed").await.len() == 10
+    })
+    .await;
+
+    for id in &gen_ids {
+        let t = task(&gw, "tok-alpha", id).await;
+        let answer = &t["response"];
+        assert_eq!(answer["path"], "/base/v1/gen/run", "{t}");
+        assert_eq!(answer["authorization"], format!("Bearer {provider_key}"), "{t}");
+        assert_eq!(answer["host"], format!("127.0.0.1:{}", front.port()), "{t}");
+        assert_eq!(answer["key"], "default/alpha", "{t}");
+    }
+    for id in &work_ids {
+        let t = task(&gw, "tok-alpha", id).await;
+        let answer = &t["response"];
+        assert_eq!(answer["path"], "/v1/work", "{t}");
+        assert_eq!(answer["authorization"], Value::Null, "{t}");
+    }
+    // Each ran once, at the upstream its path routes to.
+    let (at_provider, at_default) = (provider.runs(), default.runs());
+    assert_eq!(at_provider.len(), 8, "{at_provider:?}");
+    assert!(
+        gen_ids.iter().all(|id| at_provider.get(id) == Some(&1)),
+        "{at_provider:?}"
+    );
+    assert_eq!(at_default.len(), 2, "{at_default:?}");
+    assert!(
+        work_ids.iter().all(|id| at_default.get(id) == Some(&1)),
+        "{at_default:?}"
+    );
+    // 8 key slots, but the target takes 2 at once.
+    assert!(
+        provider.peak() <= 2,
+        "the target had {} tasks in flight",
+        provider.peak()
+    );
+    assert_eq!(provider.peak(), 2, "the target's slots were used");
+    assert!(!gw.stdout().contains(provider_key) && !gw.stderr().contains(provider_key));
+}
+
 /// A Redis, a counting upstream and a folder with plan `startup` (`slots`, task policy `tasks`),
 /// key `alpha` (signing secret A) and task type `WORK`: what every fleet test starts from.
 async fn fleet_setup(slots: u32, tasks: &str) -> (Redis, Upstream, tempfile::TempDir) {
@@ -1750,6 +1839,42 @@ async fn in_a_fleet_a_key_with_a_backlog_does_not_delay_another_keys_first_task(
     assert_eq!(upstream.peak(), 26, "A's 25 and B's one");
     assert_eq!(list_all(&a, "tok-alpha", "queued").await.len(), 2000 - 25);
     upstream.release();
+}
+
+/// In a fleet a target's slots are one pool: tasks of one key taken by two replicas never have
+/// more in flight at the target than its limit, though the key has more slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_tasks_on_a_target_share_its_slots_across_replicas() {
+    let (redis, upstream, dir) = fleet_setup(8, "{}").await;
+    let provider = Upstream::start().await;
+    manifests(
+        dir.path(),
+        &format!(
+            "{}{}{WORK_TYPE}{}",
+            task_plan("startup", 8, "{}"),
+            hook_key("alpha", "startup", Some(SECRET_A)),
+            gen_on_target(&provider.url(), "  concurrency: {maxConcurrentRequests: 3}\n")
+        ),
+    );
+    let state = redis.url();
+    let a = fleet_member(dir.path(), &upstream.url(), &state);
+    let b = fleet_member(dir.path(), &upstream.url(), &state);
+    for gw in [&a, &b] {
+        gw.wait_output("store shared in redis://", false).await;
+    }
+    let ids = submit_round_robin(&[&a, &b], "tok-alpha", 12, 4, GEN_TASK).await;
+    wait_for("every task completed", 60, || async {
+        list_all(&a, "tok-alpha", "completed").await.len() == 12
+    })
+    .await;
+    let runs = provider.runs();
+    assert!(ids.iter().all(|id| runs.get(id) == Some(&1)), "{runs:?}");
+    assert!(upstream.runs().is_empty(), "no task went to the default upstream");
+    assert!(
+        provider.peak() <= 3,
+        "the target had {} tasks in flight",
+        provider.peak()
+    );
 }
 
 #[test]

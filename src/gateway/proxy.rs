@@ -100,7 +100,7 @@ impl Upstream {
 
 /// Starts the upstream request: its target is the base path, the request's path, and the query
 /// without its `apikey` parameter.
-fn request_head(base_path: &str, method: &Method, uri: &Uri) -> RequestHead {
+pub(super) fn request_head(base_path: &str, method: &Method, uri: &Uri) -> RequestHead {
     {
         let path = match uri.path() {
             "" => "/",
@@ -360,7 +360,7 @@ impl Gateway {
     /// gives the key's slot back at once (the key's rate token stays spent, as for any request
     /// the key sent), and a request the key refuses never touches the target's capacity. `share`
     /// divides the target's limits as it does the key's (see [`table::admit`]).
-    fn admit_target(
+    pub(super) fn admit_target(
         &self,
         result: Result<table::Admitted, Refusal>,
         target: Option<&Target>,
@@ -381,7 +381,7 @@ impl Gateway {
 
     /// [`Gateway::admit_target`] through the shared state: the target's slots and bucket are one
     /// across every replica. While Redis does not answer, each replica takes its share locally.
-    async fn admit_target_shared(
+    pub(super) async fn admit_target_shared(
         &self,
         result: Result<table::Admitted, Refusal>,
         target: Option<&Target>,

@@ -174,6 +174,14 @@ impl Target {
             .clone()
     }
 
+    /// Whether every slot of the target is taken on this replica, without taking anything: a
+    /// task waits on this before its key's admission spends a rate token for nothing.
+    pub fn is_full(&self) -> bool {
+        self.compiled
+            .concurrency
+            .is_some_and(|limit| self.slots.in_flight() >= limit)
+    }
+
     /// Requests in flight to the target now.
     pub fn in_flight(&self) -> u32 {
         self.slots.in_flight()

@@ -3,23 +3,26 @@
 //! synchronous request of one key draw from one pool.
 
 use std::{
+    any::Any,
     sync::{Arc, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures::future::BoxFuture;
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
     Gateway,
     body::{ProxyBody, full},
-    headers::{limit_headers, retry_after},
-    proxy::refused,
+    headers::{Added, forward_fields, limit_headers, retry_after},
+    proxy::{refused, request_head},
     table::{self, Refusal},
+    targets::Target,
+    upstream::{Prepared, SendError},
 };
-use crate::tasks::{Admit, KeyRef, Limits, Tasks, TasksError, api::Caller};
+use crate::tasks::{Admit, Answer, KeyRef, Limits, Tasks, TasksError, UpstreamCall, answer_of, api::Caller};
 
 impl Gateway {
     /// Turns on the task endpoints with `tasks`, picks up the tasks its store left unfinished and
@@ -91,11 +94,14 @@ impl Gateway {
     }
 }
 
-/// What a running task holds: its admission (slot, upstream cap) and its share of the plan's
-/// in-flight gauge, both given back when the task's upstream exchange ends.
+/// What a running task holds: its admission (slot, upstream cap, the target's slot) and its
+/// share of the plan's in-flight gauge, all given back when the task's upstream exchange ends.
 struct TaskHold {
     _admitted: table::Admitted,
     gauge: Option<Gauge>,
+    /// The target the task's path routes to, whose slot the admission took: the request goes
+    /// there even if a reload routes the path elsewhere meanwhile.
+    target: Option<Arc<Target>>,
 }
 
 impl Drop for TaskHold {
@@ -126,7 +132,13 @@ impl Limits for GatewayLimits {
             Ok(e) => e,
             Err(answer) => return answer,
         };
-        verdict(&entry, table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1))
+        let target = gw.targets.load().route(path).cloned();
+        if target.as_deref().is_some_and(Target::is_full) {
+            return Admit::Full;
+        }
+        let result = table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1);
+        let result = gw.admit_target(result, target.as_deref(), 1);
+        verdict(&entry, result, target)
     }
 
     fn admit<'a>(&'a self, key: KeyRef<'a>, path: &'a str) -> BoxFuture<'a, Admit> {
@@ -143,12 +155,60 @@ impl Limits for GatewayLimits {
                 Ok(e) => e,
                 Err(answer) => return answer,
             };
+            // This replica's count of the target only: the fleet's is asked with the admission.
+            let target = gw.targets.load().route(path).cloned();
+            if target.as_deref().is_some_and(Target::is_full) {
+                return Admit::Full;
+            }
             let result = match table::admit_shared(&entry, path, &shared, gw.cap.as_ref()).await {
                 Ok(result) => result,
                 Err(_) => gw.fallback(&entry, path, &shared),
             };
-            verdict(&entry, result)
+            let result = gw.admit_target_shared(result, target.as_deref(), &shared).await;
+            verdict(&entry, result, target)
         })
+    }
+
+    fn send<'a>(
+        &'a self,
+        held: &'a (dyn Any + Send + Sync),
+        call: &'a UpstreamCall<'a>,
+    ) -> Option<BoxFuture<'a, Answer>> {
+        let target = held.downcast_ref::<TaskHold>()?.target.as_ref()?;
+        let gw = self.0.upgrade()?;
+        Some(Box::pin(async move { gw.send_task(target, call).await }))
+    }
+}
+
+impl Gateway {
+    /// Sends a task's request to its target as a synchronous request of the key would go: the
+    /// target's base path, `Host` and provider credential, through its connection pool (TLS
+    /// included), with the target's health recorded for the controller.
+    async fn send_task(&self, target: &Target, call: &UpstreamCall<'_>) -> Answer {
+        let uri = Uri::try_from(call.path).map_err(|e| format!("the task type's path: {e}"))?;
+        let mut head = request_head(&target.compiled.base_path, call.method, &uri);
+        let added = Added {
+            host: &target.host,
+            authority: None,
+            client_ip: None,
+            key: Some(call.key),
+            credential: target.credential.as_ref().map(|(n, v)| (n, v)),
+        };
+        forward_fields(&call.headers, &mut head, added);
+        match target.pool.send(Prepared::whole(head, call.body.clone())).await {
+            Ok(res) => {
+                if target.answered() {
+                    self.report_soon.notify_one();
+                }
+                answer_of(res, call.max_bytes).await
+            }
+            Err(e) => {
+                if matches!(e, SendError::Tls { .. }) && target.tls_failed(e.to_string()) {
+                    self.report_soon.notify_one();
+                }
+                Err(format!("target {}: {e}", target.name))
+            }
+        }
     }
 }
 
@@ -178,7 +238,11 @@ fn admissible<'t>(table: &'t table::KeyTable, key: KeyRef<'_>) -> Result<table::
 }
 
 /// The limiter's decision as the dispatcher sees it.
-fn verdict(entry: &table::KeyView<'_>, result: Result<table::Admitted, Refusal>) -> Admit {
+fn verdict(
+    entry: &table::KeyView<'_>,
+    result: Result<table::Admitted, Refusal>,
+    target: Option<Arc<Target>>,
+) -> Admit {
     match result {
         Ok(admitted) => {
             let gauge = admitted.slot.as_ref().map(|_| {
@@ -189,11 +253,17 @@ fn verdict(entry: &table::KeyView<'_>, result: Result<table::Admitted, Refusal>)
             Admit::Go(Box::new(TaskHold {
                 _admitted: admitted,
                 gauge,
+                target,
             }))
         }
         Err(Refusal::Concurrency { .. } | Refusal::Upstream { .. }) => Admit::Full,
         // A bucket's wait is exact; a millisecond floor keeps the dispatcher from spinning.
         Err(Refusal::Rate { wait_nanos, .. }) => Admit::Wait(Duration::from_nanos(wait_nanos.max(1_000_000))),
-        Err(Refusal::Unavailable | Refusal::Target { .. }) => Admit::Wait(Duration::from_secs(1)),
+        // The target's own wait: a second for a slot (taken elsewhere in the fleet, or since
+        // `Target::is_full` looked), the bucket's refill, a few seconds for one that is unavailable
+        // (its credential or TLS settings are missing). Each such refusal spent a rate token of
+        // the key, as a synchronous request refused by a target does.
+        Err(Refusal::Target { retry_after, .. }) => Admit::Wait(Duration::from_secs(retry_after.max(1))),
+        Err(Refusal::Unavailable) => Admit::Wait(Duration::from_secs(1)),
     }
 }

@@ -121,20 +121,39 @@ pub(super) struct Prepared {
     framing: RequestFraming,
     is_head: bool,
     idempotent: bool,
-    body: Incoming,
+    /// A client's body, streamed.
+    body: Option<Incoming>,
+    /// A body the gateway holds whole (a task's payload): sent with the head, and again if the
+    /// request is retried on a new connection.
+    whole: Option<Bytes>,
 }
 
 impl Prepared {
     /// Ends the head with the framing of `body` (origin-form target, `Host` and the rest of the
     /// fields already written).
     pub(super) fn new(head: RequestHead, body: Incoming) -> Self {
+        let framing = RequestFraming::of(head.says_length, &body);
+        Self::framed(head, framing, Some(body), None)
+    }
+
+    /// [`Prepared::new`] for a body the gateway holds whole.
+    pub(super) fn whole(head: RequestHead, body: Bytes) -> Self {
+        let framing = RequestFraming::Length(body.len() as u64);
+        Self::framed(head, framing, None, Some(body).filter(|b| !b.is_empty()))
+    }
+
+    fn framed(
+        head: RequestHead,
+        framing: RequestFraming,
+        body: Option<Incoming>,
+        whole: Option<Bytes>,
+    ) -> Self {
         let RequestHead {
             mut buf,
             is_head,
             idempotent,
-            says_length,
+            says_length: _,
         } = head;
-        let framing = RequestFraming::of(says_length, &body);
         match framing {
             RequestFraming::None => {}
             RequestFraming::Length(n) => {
@@ -151,6 +170,7 @@ impl Prepared {
             is_head,
             idempotent,
             body,
+            whole,
         }
     }
 }
@@ -272,9 +292,10 @@ impl Pool {
             is_head,
             idempotent,
             body,
+            whole,
         } = req;
-        let replayable = framing.is_empty();
-        let mut body = (!replayable).then_some(body);
+        let replayable = framing.is_empty() || whole.is_some();
+        let mut body = body.filter(|_| !replayable);
         loop {
             let (mut conn, reused) = match self.take_idle() {
                 Some(c) => (c, true),
@@ -285,7 +306,7 @@ impl Pool {
             let mut exchange = Exchange {
                 conn: &mut conn,
                 head: &head,
-                out: VecDeque::new(),
+                out: whole.iter().cloned().collect(),
                 body: body.take(),
                 chunked: framing == RequestFraming::Chunked,
                 written: 0,

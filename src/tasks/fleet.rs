@@ -616,7 +616,7 @@ impl Tasks {
         mut task: Task,
         task_type: crate::config::CompiledTaskType,
         plan: Option<Arc<str>>,
-        permit: Box<dyn std::any::Any + Send>,
+        permit: Box<dyn std::any::Any + Send + Sync>,
     ) {
         task.status = TaskStatus::Running;
         task.attempts += 1;
@@ -656,7 +656,9 @@ impl Tasks {
             .queue_wait
             .observe(started.saturating_sub(task.id.unix_ms()) as f64 / 1e3);
         let t = Instant::now();
-        let answer = self.call_upstream(&task, &task_type, plan.as_deref()).await;
+        let answer = self
+            .call_upstream(&task, &task_type, plan.as_deref(), &*permit)
+            .await;
         let took = t.elapsed();
         drop(permit);
         ended(&fleet);

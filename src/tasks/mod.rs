@@ -6,7 +6,8 @@
 //!   [`redis_store::RedisStore`] shared by several replicas);
 //! - [`fleet`]: how the replicas of a fleet share the work of the shared store;
 //! - [`scheduler`]: FIFO within a key, round robin across keys, a slot from the same pool as the
-//!   key's synchronous requests (through [`Limits`], which the gateway implements);
+//!   key's synchronous requests (through [`Limits`], which the gateway implements), and the
+//!   request to the upstream, or to the `ApiUpstream` target the gateway routes its path to;
 //! - [`webhook`]: signing, SSRF-safe connections, the retry schedule;
 //! - [`api`]: the HTTP endpoints, answered as [`api::Reply`] values the gateway sends.
 //!
@@ -50,7 +51,7 @@ pub struct KeyRef<'a> {
 /// What the limiter says to a task that wants to start now.
 pub enum Admit {
     /// Admitted: the value holds the slot (and anything else admission took) until dropped.
-    Go(Box<dyn std::any::Any + Send>),
+    Go(Box<dyn std::any::Any + Send + Sync>),
     /// Every slot of the key is taken: try again when one frees.
     Full,
     /// The rate bucket is empty: try again after this long.
@@ -73,6 +74,49 @@ impl std::fmt::Debug for Admit {
     }
 }
 
+/// A task's request to the upstream, as the gateway sends it to a target (see [`Limits::send`]).
+#[derive(Debug)]
+pub struct UpstreamCall<'a> {
+    /// The task type's method.
+    pub method: &'a http::Method,
+    /// The task type's path.
+    pub path: &'a str,
+    /// The key's id and plan, which the gateway writes as it does for synchronous requests.
+    pub key: (&'a str, &'a str),
+    /// The task's own fields (`Content-Type`, `Idempotency-Key`, `X-Slotgate-Task-Id`).
+    pub headers: http::HeaderMap,
+    /// The payload, as JSON.
+    pub body: bytes::Bytes,
+    /// Largest answer kept as the result, in bytes.
+    pub max_bytes: usize,
+}
+
+/// The answer to one attempt: status, `Retry-After` seconds and the body (or why it was not
+/// kept); or why there was no answer.
+pub type Answer = Result<(http::StatusCode, Option<u64>, Result<bytes::Bytes, String>), String>;
+
+/// Reads an upstream's response as an attempt's [`Answer`]: its status, its `Retry-After` (in
+/// seconds) and its body, kept up to `max_bytes`.
+pub async fn answer_of<B>(res: http::Response<B>, max_bytes: usize) -> Answer
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let status = res.status();
+    let retry_after = res
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let body = http_body_util::Limited::new(res.into_body(), max_bytes)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string());
+    Ok((status, retry_after, body))
+}
+
 /// The limiter as tasks see it: the gateway's slots and rate buckets, shared with synchronous
 /// requests, so invariant 1 holds for their sum.
 pub trait Limits: Send + Sync + 'static {
@@ -89,6 +133,19 @@ pub trait Limits: Send + Sync + 'static {
     /// The plan the key with this token digest is on now; `None`: no such key. The gateway's
     /// key table answers: the configuration the tasks see has no keys of its own.
     fn plan_of(&self, digest: &[u8; 32]) -> Option<Arc<str>>;
+
+    /// Sends a task's request where the gateway routes its path when that is not the default
+    /// upstream: an `ApiUpstream` target, with its TLS, its `Host` and its provider credential.
+    /// `held` is what [`Admit::Go`] carried, which names the target the admission took a slot
+    /// of. `None`: the default upstream, which the task subsystem's own client sends it to.
+    fn send<'a>(
+        &'a self,
+        held: &'a (dyn std::any::Any + Send + Sync),
+        call: &'a UpstreamCall<'a>,
+    ) -> Option<BoxFuture<'a, Answer>> {
+        let _ = (held, call);
+        None
+    }
 }
 
 /// How the task subsystem runs.

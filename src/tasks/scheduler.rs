@@ -21,7 +21,7 @@ use hyper_util::{
 use serde_json::Value;
 
 use super::{
-    Admit, KeyRef, Tasks,
+    Admit, Answer, KeyRef, Tasks, UpstreamCall, answer_of,
     model::{DeliveryAttempt, DeliveryStatus, Task, TaskError, TaskId, TaskStatus, unix_ms_now},
     webhook,
 };
@@ -210,10 +210,6 @@ fn digest_of(hex_digest: &str) -> [u8; 32] {
     d
 }
 
-/// The upstream's answer to one attempt: status, `Retry-After` seconds and the body (or why it
-/// was not kept), or why there was no answer.
-type Answer = Result<(StatusCode, Option<u64>, Result<Bytes, String>), String>;
-
 /// How a webhook delivery ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Delivered {
@@ -250,6 +246,37 @@ impl UpstreamClient {
                     .build(c),
             }
         })
+    }
+}
+
+impl UpstreamClient {
+    /// Sends a task's request to the default upstream.
+    async fn call(&self, call: &UpstreamCall<'_>) -> Answer {
+        let mut req = Request::builder()
+            .method(call.method.clone())
+            .uri(format!("{}{}", self.base, call.path))
+            .body(Full::new(call.body.clone()))
+            .map_err(|e| e.to_string())?;
+        let h = req.headers_mut();
+        h.extend(call.headers.clone());
+        let (id, plan) = call.key;
+        if let Ok(v) = HeaderValue::from_str(id) {
+            h.insert("x-slotgate-key-id", v);
+        }
+        if let Some(p) = Some(plan)
+            .filter(|p| !p.is_empty())
+            .and_then(|p| HeaderValue::from_str(p).ok())
+        {
+            h.insert("x-slotgate-plan", p);
+        }
+        let res = self.client.request(req).await.map_err(|e| {
+            let mut msg = e.to_string();
+            if let Some(src) = std::error::Error::source(&e) {
+                msg = format!("{msg}: {src}");
+            }
+            msg
+        })?;
+        answer_of(res, call.max_bytes).await
     }
 }
 
@@ -556,7 +583,7 @@ impl Tasks {
         key: Arc<str>,
         task_type: crate::config::CompiledTaskType,
         plan: Option<Arc<str>>,
-        permit: Box<dyn std::any::Any + Send>,
+        permit: Box<dyn std::any::Any + Send + Sync>,
     ) {
         let outcome = match self.store.get(&key, id).await {
             Ok(Some(mut task)) if task.status == TaskStatus::Queued || task.status == TaskStatus::Running => {
@@ -575,8 +602,10 @@ impl Tasks {
                 // as for any task running at a crash (the attempt may then go uncounted).
                 let marked = self.store.put(vec![task.clone()]);
                 let t = Instant::now();
-                let (answer, marked) =
-                    tokio::join!(self.call_upstream(&task, &task_type, plan.as_deref()), marked);
+                let (answer, marked) = tokio::join!(
+                    self.call_upstream(&task, &task_type, plan.as_deref(), &*permit),
+                    marked
+                );
                 let took = t.elapsed();
                 drop(permit);
                 if let Err(e) = marked {
@@ -622,53 +651,37 @@ impl Tasks {
         }
     }
 
+    /// One attempt of `task`: to the `ApiUpstream` target the gateway routes its type's path
+    /// to, or to the default upstream. `held` is the task's admission (see [`super::Limits`]).
     pub(super) async fn call_upstream(
         &self,
         task: &Task,
         task_type: &crate::config::CompiledTaskType,
         plan: Option<&str>,
+        held: &(dyn std::any::Any + Send + Sync),
     ) -> Answer {
-        let uri = format!("{}{}", self.upstream.base, task_type.path);
-        let body = serde_json::to_vec(&task.payload).expect("a payload serialises");
-        let mut req = Request::builder()
-            .method(Method::from_bytes(task_type.method.as_str().as_bytes()).expect("a valid method"))
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("idempotency-key", task.id.to_string())
-            .header("x-slotgate-task-id", task.id.to_string());
-        if let Ok(v) = HeaderValue::from_str(&task.key_id) {
-            req = req.header("x-slotgate-key-id", v);
-        }
-        if let Some(p) = plan.and_then(|p| HeaderValue::from_str(p).ok()) {
-            req = req.header("x-slotgate-plan", p);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
+        let method = Method::from_bytes(task_type.method.as_str().as_bytes()).expect("a valid method");
+        let mut headers = http::HeaderMap::with_capacity(3);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let id = HeaderValue::try_from(task.id.to_string()).expect("a task id is a header value");
+        headers.insert("idempotency-key", id.clone());
+        headers.insert("x-slotgate-task-id", id);
+        let call = UpstreamCall {
+            method: &method,
+            path: &task_type.path,
+            key: (&task.key_id, plan.unwrap_or_default()),
+            headers,
+            body: Bytes::from(serde_json::to_vec(&task.payload).expect("a payload serialises")),
+            max_bytes: self.options.max_result_bytes,
+        };
         let timeout = task_type
             .timeout_ms
             .map_or(self.options.upstream_timeout, Duration::from_millis);
-        let cap = self.options.max_result_bytes;
         let exchange = async {
-            let res = self.upstream.client.request(req).await.map_err(|e| {
-                let mut msg = e.to_string();
-                if let Some(src) = std::error::Error::source(&e) {
-                    msg = format!("{msg}: {src}");
-                }
-                msg
-            })?;
-            let status = res.status();
-            let retry_after = res
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            let body = Limited::new(res.into_body(), cap)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| e.to_string());
-            Ok((status, retry_after, body))
+            match self.limits().and_then(|l| l.send(held, &call)) {
+                Some(routed) => routed.await,
+                None => self.upstream.call(&call).await,
+            }
         };
         tokio::time::timeout(timeout, exchange)
             .await
