@@ -1841,6 +1841,53 @@ async fn in_a_fleet_a_key_with_a_backlog_does_not_delay_another_keys_first_task(
     upstream.release();
 }
 
+/// A claimed task whose key has every slot taken (by long tasks) asks the shared limiter again
+/// with a growing wait, not every 10 ms, and still starts once a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_a_key_kept_full_backs_off_its_admissions_and_starts_once_a_slot_frees() {
+    let (redis, upstream, dir) = fleet_setup(2, "{}").await;
+    let state = redis.url();
+    let a = fleet_member(dir.path(), &upstream.url(), &state);
+    let b = fleet_member(dir.path(), &upstream.url(), &state);
+    for gw in [&a, &b] {
+        gw.wait_output("store shared in redis://", false).await;
+    }
+    let held = submit_round_robin(
+        &[&a, &b],
+        "tok-alpha",
+        2,
+        1,
+        &task_body(json!({"hold": true}), None),
+    )
+    .await;
+    wait_until("both slots taken", || upstream.in_flight() == 2).await;
+    let waiting = submit_round_robin(&[&a, &b], "tok-alpha", 2, 1, &task_body(json!({}), None)).await;
+    // Within a refresh (250 ms) each replica holds a claimed task that finds the key full.
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let before = redis.script_calls();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = redis.script_calls() - before;
+    eprintln!("script calls in 2 s with the key full: {calls}");
+    // Polling every 10 ms would be about 200 admissions a replica in 2 s; the backoff is 80 ms at
+    // most, about 25 a replica, beside the leases' renewals and the claims' heartbeats.
+    assert!(
+        calls < 150,
+        "{calls} script calls in 2 s while the key stayed full"
+    );
+    assert_eq!(upstream.in_flight(), 2, "nothing beyond the key's 2 slots");
+    upstream.release();
+    wait_for("every task completed", 30, || async {
+        list_all(&a, "tok-alpha", "completed").await.len() == 4
+    })
+    .await;
+    let runs = upstream.runs();
+    assert!(
+        held.iter().chain(&waiting).all(|id| runs.get(id) == Some(&1)),
+        "{runs:?}"
+    );
+    assert!(upstream.peak() <= 2, "peak {}", upstream.peak());
+}
+
 /// In a fleet a target's slots are one pool: tasks of one key taken by two replicas never have
 /// more in flight at the target than its limit, though the key has more slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
