@@ -308,6 +308,11 @@ struct TaskArgs {
     /// customer cannot point the gateway at the cluster's internals). `slotgate up` sets it.
     #[arg(long)]
     allow_private_webhooks: bool,
+    /// Private address ranges webhooks may reach without --allow-private-webhooks, as
+    /// comma-separated CIDRs (an in-cluster receiver's, e.g. 10.96.0.0/12); every other private,
+    /// loopback and link-local address stays refused, the cloud's metadata address included.
+    #[arg(long, default_value = "", env = "SLOTGATE_WEBHOOK_ALLOW_CIDRS")]
+    webhook_allow_cidrs: String,
     /// Largest task payload accepted, in bytes (413 `payload_too_large` beyond).
     #[arg(long, default_value_t = 1 << 20)]
     max_task_payload_bytes: usize,
@@ -357,13 +362,24 @@ impl TaskArgs {
         Ok(Some(self.task_claim_timeout))
     }
 
-    fn options(&self, dir: PathBuf, upstream: &Upstream, timeout: Duration) -> slotgate::tasks::TasksOptions {
+    fn options(
+        &self,
+        dir: PathBuf,
+        upstream: &Upstream,
+        timeout: Duration,
+    ) -> anyhow::Result<slotgate::tasks::TasksOptions> {
         let mut o = slotgate::tasks::TasksOptions::new(dir, upstream.to_string(), timeout);
-        o.allow_private_webhooks = self.allow_private_webhooks;
+        o.webhook_reach = slotgate::tasks::webhook::Reach {
+            all_private: self.allow_private_webhooks,
+            ranges: self
+                .webhook_allow_cidrs
+                .parse()
+                .context("--webhook-allow-cidrs")?,
+        };
         o.max_payload_bytes = self.max_task_payload_bytes;
         o.webhook_ca = self.webhook_ca.clone();
         o.webhook_rotation_overlap = self.webhook_rotation_overlap;
-        o
+        Ok(o)
     }
 }
 
@@ -582,7 +598,9 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             None => Default::default(),
         };
         let dir = args.tasks.data_dir.clone().unwrap_or_default();
-        let options = args.tasks.options(dir.clone(), &upstream, args.upstream_timeout);
+        let options = args
+            .tasks
+            .options(dir.clone(), &upstream, args.upstream_timeout)?;
         let tasks = match &shared_tasks {
             Some((url, prefix, claim)) => {
                 slotgate::tasks::Tasks::open_shared(options, url, prefix, *claim, gw.metrics.tasks.clone())?

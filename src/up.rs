@@ -155,7 +155,7 @@ pub async fn run(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<
         ),
     };
     let mut task_opts = TasksOptions::new(data_dir.clone(), upstream.to_string(), opts.upstream_timeout);
-    task_opts.allow_private_webhooks = true;
+    task_opts.webhook_reach.all_private = true;
     task_opts.max_payload_bytes = opts.max_task_payload_bytes;
     task_opts.webhook_ca = opts.webhook_ca.clone();
     let tasks = match (opts.shared_tasks, &opts.state.shared) {

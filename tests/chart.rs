@@ -680,6 +680,15 @@ fn tasks_run_on_one_gateway_with_a_claim_or_on_many_with_redis_and_the_invalid_m
         assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
     }
     assert!(!a.iter().any(|x| x == "--allow-private-webhooks"));
+    assert!(!a.iter().any(|x| x.starts_with("--webhook-allow-cidrs")));
+    let objects = rendered(json!({"tasks": {"enabled": true, "webhookAllowCidrs": "10.96.0.0/12"}}));
+    let a = args(find(&objects, "Deployment", "slotgate-gateway"));
+    assert!(
+        a.iter().any(|x| x == "--webhook-allow-cidrs=10.96.0.0/12"),
+        "{a:?}"
+    );
+    let objects = rendered(json!({"tasks": {"enabled": true, "storage": {"size": "5Gi"}}}));
+    let gw = find(&objects, "Deployment", "slotgate-gateway");
     let pvc = find(&objects, "PersistentVolumeClaim", "slotgate-gateway-tasks");
     assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
     assert_eq!(pvc["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");

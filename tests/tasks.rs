@@ -1031,6 +1031,86 @@ async fn private_webhook_urls_are_refused_without_the_flag() {
     assert_eq!(r.json()["tasks"], json!([]), "nothing stored");
 }
 
+/// `--webhook-allow-cidrs` opens the listed private range (an in-cluster receiver's) and no other
+/// private address; a range that does not parse stops the gateway, naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_private_range_gets_webhooks_and_every_other_private_address_is_still_refused() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start("127.0.0.2").await;
+    let manifests = format!(
+        "{}{}{WORK_TYPE}",
+        task_plan("startup", 5, "{}"),
+        hook_key("alpha", "startup", None)
+    );
+    let mut cfg = ConfigDir::new(&manifests);
+    cfg.write(&manifests);
+    let secrets = cfg.dir.path().join("secrets.yaml");
+    std::fs::write(&secrets, format!("default/alpha: {SECRET_A}\n")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let args = |cidrs: &'static str| {
+        vec![
+            "--data-dir".to_string(),
+            data.path().to_str().unwrap().to_string(),
+            "--webhook-secrets".to_string(),
+            secrets.to_str().unwrap().to_string(),
+            "--webhook-allow-cidrs".to_string(),
+            cidrs.to_string(),
+        ]
+    };
+    let allowed = args("127.0.0.2/32, 10.96.0.0/12");
+    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    let gw = Proc::gateway(&cfg.config, &upstream.url(), &allowed);
+    let client = body_client();
+    let hook = receiver.url("/in-cluster");
+    let r = send(
+        &client,
+        Method::POST,
+        &gw.url("/v1/tasks"),
+        "tok-alpha",
+        &task_body(json!({}), Some(&hook)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    wait_for("the webhook to the allowed range", 30, || async {
+        receiver.count() >= 1
+    })
+    .await;
+    assert_eq!(verify_with_reference(SECRET_A, &receiver.hooks()), 1);
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://10.112.0.1/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://localhost/hook",
+    ] {
+        let body = json!({"taskType": "WORK", "webhook": {"url": url}}).to_string();
+        let r = send(&client, Method::POST, &gw.url("/v1/tasks"), "tok-alpha", &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url}: {}", r.body);
+        assert_eq!(r.code(), "invalid_webhook_url", "{url}: {}", r.body);
+        assert!(r.body.contains("--webhook-allow-cidrs"), "{url}: {}", r.body);
+    }
+    drop(gw);
+
+    let bad = args("10.0.0.0/33");
+    let out = std::process::Command::new(SLOTGATE)
+        .args([
+            "gateway",
+            "--config",
+            cfg.config.to_str().unwrap(),
+            "--upstream",
+            &upstream.url(),
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--webhook-allow-cidrs") && err.contains("10.0.0.0/33"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_retry_4xx_fails_and_webhooks_retry_until_delivered_or_gone() {
     let upstream = Upstream::start().await;

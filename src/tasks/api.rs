@@ -212,7 +212,7 @@ impl Tasks {
                 let Some(Value::String(url)) = w.remove("url") else {
                     return invalid("webhook.url is required and must be a string");
                 };
-                if let Err(e) = webhook::check_url(&url, self.options.allow_private_webhooks) {
+                if let Err(e) = webhook::check_url(&url, &self.options.webhook_reach) {
                     return Reply::error(StatusCode::BAD_REQUEST, "invalid_webhook_url", e.to_string());
                 }
                 if !self.secrets.load().contains_key(caller.key_id) {

@@ -11,8 +11,8 @@
 //! - [`webhook`]: signing, SSRF-safe connections, the retry schedule;
 //! - [`api`]: the HTTP endpoints, answered as [`api::Reply`] values the gateway sends.
 //!
-//! Imports point one way: this module uses `config`; the gateway uses this module and hands it
-//! the requests of its task routes. Nothing here knows the gateway's types.
+//! Imports point one way: this module uses `config` (and `abuse::Cidrs`); the gateway uses this
+//! module and hands it the requests of its task routes. Nothing here knows the gateway's types.
 
 pub mod api;
 pub mod fleet;
@@ -157,8 +157,8 @@ pub struct TasksOptions {
     pub upstream: String,
     /// Longest wait for one attempt when the task type sets no timeout.
     pub upstream_timeout: Duration,
-    /// Webhooks may reach private, loopback and link-local addresses.
-    pub allow_private_webhooks: bool,
+    /// The private, loopback and link-local addresses webhooks may reach (none by default).
+    pub webhook_reach: webhook::Reach,
     /// Largest `payload` accepted, in bytes.
     pub max_payload_bytes: usize,
     /// Largest upstream answer kept as a result, in bytes.
@@ -176,7 +176,7 @@ impl TasksOptions {
             data_dir,
             upstream,
             upstream_timeout,
-            allow_private_webhooks: false,
+            webhook_reach: webhook::Reach::default(),
             max_payload_bytes: 1 << 20,
             max_result_bytes: 10 << 20,
             webhook_ca: None,
@@ -281,7 +281,7 @@ impl Tasks {
             Some(path) => webhook::load_ca(path)?,
             None => Vec::new(),
         };
-        let hooks = scheduler::HookClient::new(options.allow_private_webhooks, &roots);
+        let hooks = scheduler::HookClient::new(options.webhook_reach.clone(), &roots);
         Ok(Arc::new(Self {
             store,
             config: ArcSwap::from_pointee(GatewayConfig::empty()),

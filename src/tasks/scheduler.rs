@@ -284,7 +284,7 @@ impl UpstreamClient {
 #[derive(Clone, Debug)]
 pub struct HookClient {
     client: Client<webhook::HookConnector, Full<Bytes>>,
-    allow_private: bool,
+    reach: Arc<webhook::Reach>,
     slots: Arc<tokio::sync::Semaphore>,
     /// Deliveries in flight per key, so one key's slow or dead receiver holds at most
     /// [`MAX_KEY_DELIVERIES`] of the shared slots and other keys' webhooks keep going.
@@ -292,14 +292,15 @@ pub struct HookClient {
 }
 
 impl HookClient {
-    /// A client that refuses private addresses unless `allow_private`, and trusts the system's
-    /// CAs and `extra_roots` for https receivers.
-    pub fn new(allow_private: bool, extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> Self {
+    /// A client that reaches the private addresses `reach` allows and no others, and trusts the
+    /// system's CAs and `extra_roots` for https receivers.
+    pub fn new(reach: webhook::Reach, extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> Self {
+        let reach = Arc::new(reach);
         Self {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
-                .build(webhook::connector(allow_private, extra_roots)),
-            allow_private,
+                .build(webhook::connector(Arc::clone(&reach), extra_roots)),
+            reach,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_DELIVERIES)),
             per_key: Arc::default(),
         }
@@ -892,7 +893,7 @@ impl Tasks {
 
     /// One delivery attempt: the receiver's status, or why there was none.
     async fn send_hook(&self, task: &Task, url: &str) -> Result<u16, String> {
-        let uri = webhook::check_url(url, self.hooks.allow_private).map_err(|e| e.to_string())?;
+        let uri = webhook::check_url(url, &self.hooks.reach).map_err(|e| e.to_string())?;
         let secrets = self.secrets.load();
         let Some(secret) = secrets.get(&task.key_id) else {
             return Err(format!(

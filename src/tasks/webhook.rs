@@ -22,6 +22,8 @@ use hyper_util::client::legacy::connect::{HttpConnector, dns::Name};
 use rustls::pki_types::CertificateDer;
 use sha2::Sha256;
 
+use crate::abuse::Cidrs;
+
 /// Delays between delivery attempts after the first (the Standard Webhooks suggestion); each is
 /// jittered by up to ±10%. Seven attempts in all over about 18 hours.
 pub const SCHEDULE: [Duration; 6] = [
@@ -57,7 +59,7 @@ pub enum WebhookError {
     },
     /// The address is private, loopback, link-local or a metadata address.
     #[error(
-        "webhook.url {url:?} points at {addr}, a private, loopback or link-local address; the gateway refuses those unless started with --allow-private-webhooks"
+        "webhook.url {url:?} points at {addr}, a private, loopback or link-local address; the gateway refuses those unless started with --allow-private-webhooks, or with --webhook-allow-cidrs naming a range that holds it"
     )]
     Private {
         /// The URL.
@@ -199,9 +201,28 @@ pub fn is_private(ip: IpAddr) -> bool {
     }
 }
 
-/// Checks a webhook URL as submitted: an absolute http URL with a host, and not a private address
-/// literal (names are checked when they are resolved, at every connect).
-pub fn check_url(url: &str, allow_private: bool) -> Result<http::Uri, WebhookError> {
+/// Which addresses webhooks may reach: every public one, and of the private ones (see
+/// [`is_private`]) none by default, all with `--allow-private-webhooks`, or those in the ranges
+/// of `--webhook-allow-cidrs` (an in-cluster receiver's range, say, while the cloud's metadata
+/// address and the rest of the cluster stay out of reach).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Every private address.
+    pub all_private: bool,
+    /// Private ranges allowed one by one.
+    pub ranges: Cidrs,
+}
+
+impl Reach {
+    /// Whether a webhook may connect to `ip`.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.all_private || !is_private(ip) || self.ranges.contains(ip)
+    }
+}
+
+/// Checks a webhook URL as submitted: an absolute http URL with a host, and not an address
+/// literal `reach` refuses (names are checked when they are resolved, at every connect).
+pub fn check_url(url: &str, reach: &Reach) -> Result<http::Uri, WebhookError> {
     let bad = || WebhookError::Url(url.to_string());
     if url.len() > 2048 {
         return Err(bad());
@@ -212,22 +233,22 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<http::Uri, WebhookErr
         _ => return Err(bad()),
     }
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad)?;
-    if !allow_private {
-        let literal = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(addr) = literal.parse::<IpAddr>()
-            && is_private(addr)
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = match literal.parse::<IpAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_)
+            if host.eq_ignore_ascii_case("localhost")
+                || host.to_ascii_lowercase().ends_with(".localhost") =>
         {
-            return Err(WebhookError::Private {
-                url: url.to_string(),
-                addr,
-            });
+            Some(IpAddr::from([127, 0, 0, 1]))
         }
-        if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
-            return Err(WebhookError::Private {
-                url: url.to_string(),
-                addr: IpAddr::from([127, 0, 0, 1]),
-            });
-        }
+        Err(_) => None,
+    };
+    if let Some(addr) = addr.filter(|a| !reach.allows(*a)) {
+        return Err(WebhookError::Private {
+            url: url.to_string(),
+            addr,
+        });
     }
     Ok(uri)
 }
@@ -236,7 +257,7 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<http::Uri, WebhookErr
 /// allowed ones, whatever the name resolves to at that moment.
 #[derive(Clone, Debug)]
 pub struct GuardedResolver {
-    allow_private: bool,
+    reach: Arc<Reach>,
 }
 
 impl tower::Service<Name> for GuardedResolver {
@@ -249,14 +270,10 @@ impl tower::Service<Name> for GuardedResolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let allow_private = self.allow_private;
+        let reach = Arc::clone(&self.reach);
         Box::pin(async move {
             let all: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = all
-                .iter()
-                .copied()
-                .filter(|a| allow_private || !is_private(a.ip()))
-                .collect();
+            let allowed: Vec<SocketAddr> = all.iter().copied().filter(|a| reach.allows(a.ip())).collect();
             if allowed.is_empty() {
                 return Err(std::io::Error::other(format!(
                     "{} resolves only to private or loopback addresses ({}); refused",
@@ -277,8 +294,8 @@ impl tower::Service<Name> for GuardedResolver {
 pub type HookConnector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
 
 /// Builds the webhook connector.
-pub fn connector(allow_private: bool, extra_roots: &[CertificateDer<'static>]) -> HookConnector {
-    let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
+pub fn connector(reach: Arc<Reach>, extra_roots: &[CertificateDer<'static>]) -> HookConnector {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver { reach });
     http.set_connect_timeout(Some(TIMEOUT));
     http.set_nodelay(true);
     http.enforce_http(false);
@@ -371,6 +388,13 @@ mod tests {
 
     #[test]
     fn private_and_metadata_addresses_are_refused_and_public_ones_pass() {
+        let (none, all) = (
+            Reach::default(),
+            Reach {
+                all_private: true,
+                ..Reach::default()
+            },
+        );
         for url in [
             "http://127.0.0.1:9000/hook",
             "http://10.1.2.3/",
@@ -381,15 +405,43 @@ mod tests {
             "http://100.64.0.1/",
         ] {
             assert!(
-                matches!(check_url(url, false), Err(WebhookError::Private { .. })),
+                matches!(check_url(url, &none), Err(WebhookError::Private { .. })),
                 "{url}"
             );
-            assert!(check_url(url, true).is_ok(), "{url} with the flag");
+            assert!(check_url(url, &all).is_ok(), "{url} with the flag");
         }
-        assert!(check_url("http://hooks.example.com/x", false).is_ok());
-        assert!(check_url("http://93.184.216.34/x", false).is_ok());
+        assert!(check_url("http://hooks.example.com/x", &none).is_ok());
+        assert!(check_url("http://93.184.216.34/x", &none).is_ok());
         for bad in ["ftp://example.com/", "/relative", "http://", "not a url"] {
-            assert!(matches!(check_url(bad, true), Err(WebhookError::Url(_))), "{bad}");
+            assert!(matches!(check_url(bad, &all), Err(WebhookError::Url(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listed_ranges_open_those_private_addresses_and_no_others() {
+        let reach = Reach {
+            all_private: false,
+            ranges: "10.96.0.0/12, fd00:10::/32, 127.0.0.2".parse().unwrap(),
+        };
+        for url in [
+            "http://10.96.0.10/hook",
+            "http://10.111.255.1/hook",
+            "http://[fd00:10::7]/hook",
+            "http://127.0.0.2:8080/hook",
+            "http://[::ffff:10.100.0.1]/hook",
+            "http://93.184.216.34/x",
+        ] {
+            assert!(check_url(url, &reach).is_ok(), "{url}");
+        }
+        for url in [
+            "http://10.112.0.1/hook",
+            "http://169.254.169.254/latest/meta-data",
+            "http://127.0.0.1/hook",
+            "http://localhost/hook",
+            "http://[fd00:11::1]/hook",
+        ] {
+            let e = check_url(url, &reach).unwrap_err();
+            assert!(e.to_string().contains("--webhook-allow-cidrs"), "{url}: {e}");
         }
     }
 
