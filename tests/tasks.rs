@@ -985,32 +985,53 @@ async fn a_queued_task_can_be_canceled_and_never_runs() {
     assert_eq!(upstream.runs().len(), 1, "the canceled task never ran");
 }
 
+/// A task config with key `alpha` (5 slots) for `slotgate gateway`, the key's signing secret in
+/// a `--webhook-secrets` file and an empty store folder.
+struct SecretFileGateway {
+    cfg: ConfigDir,
+    secrets: std::path::PathBuf,
+    data: tempfile::TempDir,
+}
+
+impl SecretFileGateway {
+    fn new() -> Self {
+        let manifests = format!(
+            "{}{}{WORK_TYPE}",
+            task_plan("startup", 5, "{}"),
+            hook_key("alpha", "startup", None)
+        );
+        let mut cfg = ConfigDir::new(&manifests);
+        cfg.write(&manifests);
+        let secrets = cfg.dir.path().join("secrets.yaml");
+        std::fs::write(&secrets, format!("default/alpha: {SECRET_A}\n")).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        Self { cfg, secrets, data }
+    }
+
+    /// The store and secrets flags, then `extra`.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let base = [
+            "--data-dir",
+            self.data.path().to_str().unwrap(),
+            "--webhook-secrets",
+            self.secrets.to_str().unwrap(),
+        ];
+        base.iter().chain(extra).map(|a| a.to_string()).collect()
+    }
+
+    /// The gateway in front of `upstream`, with `extra` flags.
+    fn start(&self, upstream: &Upstream, extra: &[&str]) -> Proc {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::gateway(&self.cfg.config, &upstream.url(), &args)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_webhook_urls_are_refused_without_the_flag() {
     let upstream = Upstream::start().await;
-    let mut cfg = ConfigDir::new(&format!(
-        "{}{}{WORK_TYPE}",
-        task_plan("startup", 5, "{}"),
-        hook_key("alpha", "startup", None)
-    ));
-    cfg.write(&format!(
-        "{}{}{WORK_TYPE}",
-        task_plan("startup", 5, "{}"),
-        hook_key("alpha", "startup", None)
-    ));
-    let secrets = cfg.dir.path().join("secrets.yaml");
-    std::fs::write(&secrets, format!("default/alpha: {SECRET_A}\n")).unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let gw = Proc::gateway(
-        &cfg.config,
-        &upstream.url(),
-        &[
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--webhook-secrets",
-            secrets.to_str().unwrap(),
-        ],
-    );
+    let setup = SecretFileGateway::new();
+    let gw = setup.start(&upstream, &[]);
     let client = body_client();
     for url in [
         "http://127.0.0.1:9/hook",
@@ -1037,29 +1058,11 @@ async fn private_webhook_urls_are_refused_without_the_flag() {
 async fn an_allowed_private_range_gets_webhooks_and_every_other_private_address_is_still_refused() {
     let upstream = Upstream::start().await;
     let receiver = Receiver::start("127.0.0.2").await;
-    let manifests = format!(
-        "{}{}{WORK_TYPE}",
-        task_plan("startup", 5, "{}"),
-        hook_key("alpha", "startup", None)
+    let setup = SecretFileGateway::new();
+    let gw = setup.start(
+        &upstream,
+        &["--webhook-allow-cidrs", "127.0.0.2/32, 10.96.0.0/12"],
     );
-    let mut cfg = ConfigDir::new(&manifests);
-    cfg.write(&manifests);
-    let secrets = cfg.dir.path().join("secrets.yaml");
-    std::fs::write(&secrets, format!("default/alpha: {SECRET_A}\n")).unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let args = |cidrs: &'static str| {
-        vec![
-            "--data-dir".to_string(),
-            data.path().to_str().unwrap().to_string(),
-            "--webhook-secrets".to_string(),
-            secrets.to_str().unwrap().to_string(),
-            "--webhook-allow-cidrs".to_string(),
-            cidrs.to_string(),
-        ]
-    };
-    let allowed = args("127.0.0.2/32, 10.96.0.0/12");
-    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
-    let gw = Proc::gateway(&cfg.config, &upstream.url(), &allowed);
     let client = body_client();
     let hook = receiver.url("/in-cluster");
     let r = send(
@@ -1090,17 +1093,16 @@ async fn an_allowed_private_range_gets_webhooks_and_every_other_private_address_
     }
     drop(gw);
 
-    let bad = args("10.0.0.0/33");
     let out = std::process::Command::new(SLOTGATE)
         .args([
             "gateway",
             "--config",
-            cfg.config.to_str().unwrap(),
+            setup.cfg.config.to_str().unwrap(),
             "--upstream",
             &upstream.url(),
         ])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(&bad)
+        .args(setup.args(&["--webhook-allow-cidrs", "10.0.0.0/33"]))
         .output()
         .unwrap();
     assert!(!out.status.success());

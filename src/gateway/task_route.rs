@@ -132,10 +132,10 @@ impl Limits for GatewayLimits {
             Ok(e) => e,
             Err(answer) => return answer,
         };
-        let target = gw.targets.load().route(path).cloned();
-        if target.as_deref().is_some_and(Target::is_full) {
-            return Admit::Full;
-        }
+        let target = match target_with_room(&gw, path) {
+            Ok(t) => t,
+            Err(full) => return full,
+        };
         let result = table::admit(&entry, path, gw.now(), gw.cap.as_ref(), 1);
         let result = gw.admit_target(result, target.as_deref(), 1);
         verdict(&entry, result, target)
@@ -155,11 +155,10 @@ impl Limits for GatewayLimits {
                 Ok(e) => e,
                 Err(answer) => return answer,
             };
-            // This replica's count of the target only: the fleet's is asked with the admission.
-            let target = gw.targets.load().route(path).cloned();
-            if target.as_deref().is_some_and(Target::is_full) {
-                return Admit::Full;
-            }
+            let target = match target_with_room(&gw, path) {
+                Ok(t) => t,
+                Err(full) => return full,
+            };
             let result = match table::admit_shared(&entry, path, &shared, gw.cap.as_ref()).await {
                 Ok(result) => result,
                 Err(_) => gw.fallback(&entry, path, &shared),
@@ -209,6 +208,16 @@ impl Gateway {
                 Err(format!("target {}: {e}", target.name))
             }
         }
+    }
+}
+
+/// The target `path` routes to, unless this replica has every one of its slots in use: then the
+/// task waits as for a full key, before the key's admission spends a rate token for nothing. In a
+/// fleet this is the replica's own count only; the fleet's is asked with the admission.
+fn target_with_room(gw: &Gateway, path: &str) -> Result<Option<Arc<Target>>, Admit> {
+    match gw.targets.load().route(path) {
+        Some(t) if t.is_full() => Err(Admit::Full),
+        t => Ok(t.cloned()),
     }
 }
 
