@@ -1862,7 +1862,11 @@ async fn a_replica_shutting_down_gives_the_tasks_it_had_not_started_back_at_once
     a.wait_output("store shared in redis://", false).await;
     let body = task_body(json!({"hold": true}), None);
     let ids = submit_round_robin(&[&a], "tok-alpha", 4, 1, &body).await;
-    wait_until("2 tasks held upstream", || upstream.in_flight() == 2).await;
+    // A request counts in flight as it arrives and in `runs` once its body is read: wait for both.
+    wait_until("2 tasks held upstream", || {
+        upstream.in_flight() == 2 && upstream.runs().len() == 2
+    })
+    .await;
     let running: HashSet<String> = upstream.runs().into_keys().collect();
     let b = fleet_member_with(dir.path(), &upstream.url(), &state, "60s");
     b.wait_output("store shared in redis://", false).await;
